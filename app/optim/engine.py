@@ -1,0 +1,386 @@
+"""Apply Keras 2.2.4 optimizer steps to named numpy parameters, in place.
+
+:class:`KerasOptimizer` is bound to a configuration (``client.optimizers``) and to the names,
+shapes and dtypes of a model's parameters. It owns the optimizer's state (per-parameter slots,
+the iteration counter, Nadam's ``m_schedule``) and applies one step at a time:
+
+1. check the gradients (names, shapes, supported float dtypes) and take the sum of squares of
+   every gradient in float64: a non-finite sum means a NaN or inf element, and the step is
+   refused before anything changes; the same sums give Keras 2.2's global ``clipnorm`` norm;
+2. compute the step's coefficients in the compute dtype (:mod:`app.optim.rules`);
+3. run the update kernel over each parameter, in place: the fused numba kernel where it is
+   available, else the chunked numpy kernel with fixed-size scratch buffers;
+4. count the step.
+
+Nothing here knows about HTTP, storage or threads; callers serialise access.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from client.optimizers import Optimizer as OptimizerConfig
+from client.optimizers import TFOptimizer
+
+from .rules import RULES, Scratch, UpdateRule
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "FLOAT_DTYPES",
+    "GradientError",
+    "KerasOptimizer",
+    "KernelBackend",
+    "NumpyBackend",
+    "OptimizerState",
+    "StateError",
+    "default_backend",
+]
+
+#: The float dtypes a parameter, gradient or slot may have.
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+#: Elements per block of the numpy kernels: small enough for the scratch to stay in L2.
+CHUNK_ELEMENTS = 1 << 14
+
+
+class GradientError(ValueError):
+    """The gradients do not fit the parameters, or hold NaN or inf. Nothing was changed."""
+
+    def __init__(self, message: str, *, code: str = "parameter_mismatch") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StateError(ValueError):
+    """An optimizer state does not fit this optimizer. Nothing was changed."""
+
+
+@dataclass
+class OptimizerState:
+    """Everything an optimizer carries between steps (Keras's ``get_weights`` and more).
+
+    ``slots[slot][param]`` are arrays of the parameter's shape and dtype; ``scalars`` holds
+    scalar state such as Nadam's ``m_schedule``.
+    """
+
+    iterations: int
+    slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+class KernelBackend(Protocol):
+    """A way to run the elementwise part of a step (numpy chunks, fused numba loops)."""
+
+    name: str
+
+    def supports(self, rule: str, dtype: np.dtype) -> bool: ...
+
+    def sum_squares(self, g: np.ndarray) -> float:
+        """Sum of ``g*g`` over a 1-D array, accumulated in float64."""
+        ...
+
+    def update(
+        self,
+        rule: UpdateRule,
+        p: np.ndarray,
+        g: np.ndarray,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        grad_scale: Any,
+        grad_clip: Any,
+    ) -> None:
+        """One step over 1-D contiguous arrays of one dtype.
+
+        The gradient used is ``clip(g * grad_scale, -grad_clip, grad_clip)`` when clipping is
+        on (``grad_scale`` is None when clipnorm does not apply, ``grad_clip`` None without
+        clipvalue).
+        """
+        ...
+
+
+class NumpyBackend:
+    """Chunked in-place numpy kernels: no allocation proportional to the parameter size."""
+
+    name = "numpy"
+
+    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        self.chunk = chunk_elements
+        self._scratch: dict[np.dtype, tuple[Scratch, np.ndarray]] = {}
+
+    def supports(self, rule: str, dtype: np.dtype) -> bool:
+        return rule in RULES and dtype in FLOAT_DTYPES
+
+    def _buffers(self, dtype: np.dtype) -> tuple[Scratch, np.ndarray]:
+        buffers = self._scratch.get(dtype)
+        if buffers is None:
+            n = self.chunk
+            buffers = (
+                Scratch(np.empty(n, dtype), np.empty(n, dtype)),
+                np.empty(n, dtype),
+            )
+            self._scratch[dtype] = buffers
+        return buffers
+
+    def sum_squares(self, g: np.ndarray) -> float:
+        total = 0.0
+        for start in range(0, g.size, self.chunk):
+            block = g[start : start + self.chunk].astype(np.float64, copy=False)
+            total += float(np.dot(block, block))
+        return total
+
+    def update(self, rule, p, g, slots, coeffs, grad_scale, grad_clip):  # type: ignore[no-untyped-def]
+        scratch, gbuf = self._buffers(p.dtype)
+        n = p.size
+        step = self.chunk
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            k = stop - start
+            if k == step:
+                sc = scratch
+            else:
+                sc = Scratch(scratch.a[:k], scratch.b[:k])
+            gc = g[start:stop]
+            if grad_scale is not None or grad_clip is not None:
+                gb = gbuf[:k]
+                if grad_scale is not None:
+                    np.multiply(gc, grad_scale, out=gb)
+                else:
+                    gb[...] = gc
+                if grad_clip is not None:
+                    np.clip(gb, -grad_clip, grad_clip, out=gb)
+                gc = gb
+            rule.numpy_kernel(
+                p[start:stop], gc, tuple(s[start:stop] for s in slots), coeffs, sc
+            )
+
+
+_DEFAULT_BACKEND: KernelBackend | None = None
+
+
+def default_backend() -> KernelBackend:
+    """The fused numba backend when numba is importable, else the numpy one (made once)."""
+    global _DEFAULT_BACKEND
+    if _DEFAULT_BACKEND is None:
+        try:
+            from .numba_kernels import NumbaBackend
+        except ImportError:
+            _DEFAULT_BACKEND = NumpyBackend()
+        else:
+            _DEFAULT_BACKEND = NumbaBackend(fallback=NumpyBackend())
+    return _DEFAULT_BACKEND
+
+
+class KerasOptimizer:
+    """A Keras 2.2.4 optimizer bound to a model's parameters; it owns the optimizer state.
+
+    ``params`` gives the names, shapes and dtypes the optimizer serves (its values are not
+    kept). :meth:`step` updates a mapping of parameters in place with one optimizer step.
+    """
+
+    def __init__(
+        self,
+        config: OptimizerConfig,
+        params: Mapping[str, np.ndarray],
+        *,
+        backend: KernelBackend | None = None,
+    ) -> None:
+        if isinstance(config, TFOptimizer) or config.class_name not in RULES:
+            raise ValueError(f"{config.class_name} is not a Keras update rule")
+        if not params:
+            raise ValueError("an optimizer needs at least one parameter")
+        self.config = config
+        self.rule = RULES[config.class_name]
+        self._cfg = config.get_config()
+        self.backend = backend if backend is not None else default_backend()
+        self.specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for name, value in params.items():
+            dtype = np.dtype(value.dtype)
+            if dtype not in FLOAT_DTYPES:
+                raise GradientError(
+                    f"parameter {name!r} has dtype {dtype}; supported: float16, float32, float64"
+                )
+            self.specs[name] = (tuple(value.shape), dtype)
+        # Keras computes its scalars in floatx; a model of one dtype computes in that dtype,
+        # a mixed one in the widest of its dtypes.
+        self.compute_dtype = np.result_type(*(d for _, d in self.specs.values()))
+        self.slot_names = self.rule.slots(self._cfg)
+        self.iterations = 0
+        self.slots: dict[str, dict[str, np.ndarray]] = {
+            slot: {name: np.zeros(shape, dtype) for name, (shape, dtype) in self.specs.items()}
+            for slot in self.slot_names
+        }
+        self.scalars: dict[str, Any] = {
+            k: self.compute_dtype.type(v) for k, v in self.rule.initial_scalars.items()
+        }
+        self._cast_buffers: dict[str, np.ndarray] = {}
+
+    # --- stepping ----------------------------------------------------------------------------
+
+    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> float:
+        """Validate ``grads`` against the parameters; return the global sum of squares.
+
+        Raises :class:`GradientError` for a missing or extra name, a shape or dtype that does
+        not fit, or a NaN/inf element. Reads the gradients once; changes nothing.
+        """
+        missing = [n for n in self.specs if n not in grads]
+        extra = [n for n in grads if n not in self.specs]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing gradient(s) for {', '.join(map(repr, missing))}")
+            if extra:
+                parts.append(f"gradient(s) for unknown parameter(s) {', '.join(map(repr, extra))}")
+            raise GradientError("; ".join(parts))
+        total = 0.0
+        for name, (shape, _dtype) in self.specs.items():
+            g = grads[name]
+            if np.dtype(g.dtype) not in FLOAT_DTYPES:
+                raise GradientError(
+                    f"gradient {name!r} has dtype {g.dtype}; supported: float16, float32, float64"
+                )
+            if tuple(g.shape) != shape:
+                raise GradientError(
+                    f"gradient {name!r} has shape {list(g.shape)}, parameter has {list(shape)}"
+                )
+            sq = self.backend.sum_squares(_flat(g))
+            if not math.isfinite(sq):
+                raise GradientError(
+                    f"gradient {name!r} contains NaN or infinite values", code="non_finite_gradient"
+                )
+            total += sq
+        if not math.isfinite(total):  # finite parts whose float64 sum overflows
+            raise GradientError(
+                "gradients are too large: their global norm overflows float64",
+                code="non_finite_gradient",
+            )
+        return total
+
+    def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+        """Apply one optimizer step to ``params`` in place (Keras's ``get_updates``, once).
+
+        Validates first: on :class:`GradientError` neither the parameters nor the state change.
+        """
+        for name, (shape, dtype) in self.specs.items():
+            p = params.get(name)
+            if p is None or p.shape != shape or p.dtype != dtype or not p.flags.c_contiguous:
+                raise GradientError(f"parameter {name!r} does not match this optimizer")
+        sum_sq = self.check_gradients(grads)
+        cfg = self._cfg
+        dt = self.compute_dtype.type
+        coeffs, new_scalars = self.rule.coefficients(
+            cfg, self.iterations, self.scalars, self.compute_dtype
+        )
+        grad_scale_c: Any = None
+        clipnorm = cfg.get("clipnorm")
+        if clipnorm is not None:
+            norm = dt(math.sqrt(sum_sq))
+            c = dt(clipnorm)
+            if norm >= c:
+                grad_scale_c = c / norm
+        clipvalue = cfg.get("clipvalue")
+        for name, (_shape, dtype) in self.specs.items():
+            ty = dtype.type
+            p = _flat(params[name])
+            g = self._as_dtype(name, _flat(grads[name]), dtype)
+            kcoeffs = coeffs if dtype == self.compute_dtype else _cast_coeffs(coeffs, ty)
+            self.backend.update(
+                self.rule,
+                p,
+                g,
+                tuple(_flat(self.slots[s][name]) for s in self.slot_names),
+                kcoeffs,
+                None if grad_scale_c is None else ty(grad_scale_c),
+                None if clipvalue is None else ty(clipvalue),
+            )
+        self.iterations += 1
+        self.scalars.update(new_scalars)
+
+    def _as_dtype(self, name: str, g: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """``g`` in ``dtype``: itself when it already is, else cast into a reused buffer."""
+        if g.dtype == dtype:
+            return g
+        buf = self._cast_buffers.get(name)
+        if buf is None or buf.dtype != dtype:
+            buf = np.empty(g.size, dtype)
+            self._cast_buffers[name] = buf
+        np.copyto(buf, g, casting="unsafe")
+        return buf
+
+    # --- state -------------------------------------------------------------------------------
+
+    def get_state(self) -> OptimizerState:
+        """A copy of the whole state: restoring it continues bit-for-bit."""
+        return OptimizerState(
+            iterations=self.iterations,
+            slots={s: {n: a.copy() for n, a in per.items()} for s, per in self.slots.items()},
+            scalars={k: float(v) for k, v in self.scalars.items()},
+        )
+
+    def set_state(self, state: OptimizerState) -> None:
+        """Load a state exported by :meth:`get_state`; shapes, dtypes and names are checked.
+
+        Raises :class:`StateError` and changes nothing when the state does not fit.
+        """
+        self.check_state(state)
+        for slot in self.slot_names:
+            for name in self.specs:
+                np.copyto(self.slots[slot][name], state.slots[slot][name])
+        self.iterations = int(state.iterations)
+        self.scalars = {k: self.compute_dtype.type(state.scalars[k]) for k in self.scalars}
+
+    def check_state(self, state: OptimizerState) -> None:
+        """Raise :class:`StateError` unless ``state`` fits this optimizer exactly."""
+        it = state.iterations
+        if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
+            raise StateError(f"iterations must be an integer >= 0, got {it!r}")
+        if set(state.slots) != set(self.slot_names):
+            raise StateError(
+                f"{self.config.class_name} has slots {sorted(self.slot_names)}, "
+                f"the state has {sorted(state.slots)}"
+            )
+        for slot in self.slot_names:
+            per = state.slots[slot]
+            if set(per) != set(self.specs):
+                raise StateError(
+                    f"slot {slot!r} must hold exactly the parameters {sorted(self.specs)}"
+                )
+            for name, (shape, dtype) in self.specs.items():
+                arr = per[name]
+                if not isinstance(arr, np.ndarray):
+                    raise StateError(f"slot {slot!r} of {name!r} is not an array")
+                if tuple(arr.shape) != shape or arr.dtype != dtype:
+                    raise StateError(
+                        f"slot {slot!r} of {name!r} has shape {list(arr.shape)} and dtype "
+                        f"{arr.dtype}; expected {list(shape)} and {dtype}"
+                    )
+        if set(state.scalars) != set(self.scalars):
+            raise StateError(
+                f"{self.config.class_name} has scalar state {sorted(self.scalars)}, "
+                f"the state has {sorted(state.scalars)}"
+            )
+        for key, value in state.scalars.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float, np.floating))
+                or not math.isfinite(float(value))
+            ):
+                raise StateError(f"scalar {key!r} must be a finite number, got {value!r}")
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes held by the slots."""
+        return sum(a.nbytes for per in self.slots.values() for a in per.values())
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A 1-D view of a C-contiguous array (a copy only if it is not contiguous)."""
+    return a.reshape(-1)
+
+
+def _cast_coeffs(coeffs: tuple[Any, ...], ty: Any) -> tuple[Any, ...]:
+    return tuple(c if isinstance(c, bool) else ty(c) for c in coeffs)

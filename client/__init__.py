@@ -1,0 +1,1 @@
+"""paramserver's client library (filled in by the client issue)."""
