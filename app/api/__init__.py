@@ -1,0 +1,1 @@
+"""The HTTP layer: thin routes that read bodies and hand them to :mod:`app.service`."""

@@ -1,0 +1,45 @@
+"""Reading request bodies with a size limit enforced while they stream in."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from ..errors import BadRequest, PayloadTooLarge
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
+
+    A declared ``Content-Length`` over the limit is refused before any byte is read; a body
+    without one (chunked) is refused as soon as the bytes received pass the limit. With a
+    ``Content-Length`` the body lands in one buffer of that size, copied once.
+    """
+    declared = request.headers.get("content-length")
+    too_large = PayloadTooLarge(f"the request body is larger than the {limit}-byte limit")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest("invalid Content-Length header") from None
+        if size < 0:
+            raise BadRequest("invalid Content-Length header")
+        if size > limit:
+            raise too_large
+        buf = bytearray(size)
+        view = memoryview(buf)
+        pos = 0
+        async for chunk in request.stream():
+            end = pos + len(chunk)
+            if end > size:
+                raise BadRequest("the body is longer than its Content-Length")
+            view[pos:end] = chunk
+            pos = end
+        if pos != size:
+            raise BadRequest("the body is shorter than its Content-Length")
+        return buf
+    out = bytearray()
+    async for chunk in request.stream():
+        if len(out) + len(chunk) > limit:
+            raise too_large
+        out += chunk
+    return out

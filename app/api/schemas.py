@@ -1,0 +1,172 @@
+"""Pydantic models of the JSON messages, for the OpenAPI schema served at ``/docs``.
+
+Bodies are parsed by :mod:`app.protocol` (the same code for JSON and msgpack); these models
+document them and shape the JSON responses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from client.wire import MSGPACK_MEDIA_TYPE
+
+
+class TensorMeta(BaseModel):
+    dtype: Literal["float32", "float64", "float16"]
+    shape: list[int]
+
+
+class JsonTensor(TensorMeta):
+    data: list[float] = Field(description="The elements, flat, in C order.")
+
+
+class OptimizerSpec(BaseModel):
+    class_name: str = Field(examples=["Adam"])
+    config: dict[str, Any] = Field(default_factory=dict, examples=[{"lr": 0.001, "amsgrad": True}])
+
+
+class CreateSessionRequest(BaseModel):
+    session_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="1-128 characters of [A-Za-z0-9._-]; a uuid4 hex is generated if absent.",
+    )
+    optimizer: str | OptimizerSpec = Field(
+        description="A name ('sgd', 'Adam', ... case-insensitive; defaults used) or a Keras "
+        "config {class_name, config}.",
+        examples=["adam"],
+    )
+    weights: dict[str, JsonTensor] = Field(
+        description="Parameter name -> tensor. In msgpack, 'data' is bin (little-endian bytes)."
+    )
+
+
+class CreateSessionResponse(BaseModel):
+    session_id: str
+    optimizer: OptimizerSpec
+    iterations: int
+    parameters: dict[str, TensorMeta]
+
+
+class SessionSummary(CreateSessionResponse):
+    created_at: str = Field(description="ISO 8601, UTC.")
+    updated_at: str = Field(description="ISO 8601, UTC.")
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionSummary]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer."""
+    text = {
+        400: "Malformed body (not msgpack/JSON of the protocol's kinds).",
+        401: "Missing or wrong bearer token.",
+        403: "The token may not do this.",
+        404: "No such session.",
+        409: "The session id is taken.",
+        413: "The body is over the size limit.",
+        415: "Wrong Content-Type.",
+        422: "Well-formed but invalid: optimizer, tensors, parameters or non-finite values.",
+        503: "Overloaded: retry after the Retry-After header.",
+        507: "A session or memory limit would be exceeded.",
+    }
+    return {s: {"model": ErrorBody, "description": text[s]} for s in statuses}
+
+
+_TENSOR_MSGPACK = {
+    "type": "object",
+    "required": ["dtype", "shape", "data"],
+    "properties": {
+        "dtype": {"type": "string", "enum": ["float32", "float64", "float16"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "data": {
+            "type": "string",
+            "format": "binary",
+            "description": "msgpack bin: prod(shape) * itemsize little-endian bytes",
+        },
+    },
+}
+
+_WEIGHTS_MESSAGE = {
+    "type": "object",
+    "required": ["iterations"],
+    "properties": {
+        "iterations": {"type": "integer"},
+        "weights": {"type": "object", "additionalProperties": _TENSOR_MSGPACK},
+    },
+}
+
+_STATE_MESSAGE = {
+    "type": "object",
+    "required": ["iterations", "optimizer", "weights", "slots", "scalars"],
+    "properties": {
+        "iterations": {"type": "integer", "minimum": 0},
+        "optimizer": {"type": "object", "description": "{class_name, config}"},
+        "weights": {"type": "object", "additionalProperties": _TENSOR_MSGPACK},
+        "slots": {
+            "type": "object",
+            "description": "slot name (m, v, ...) -> parameter name -> tensor",
+            "additionalProperties": {"type": "object", "additionalProperties": _TENSOR_MSGPACK},
+        },
+        "scalars": {
+            "type": "object",
+            "description": "scalar optimizer state, e.g. Nadam's m_schedule",
+            "additionalProperties": {"type": "number"},
+        },
+    },
+}
+
+
+def msgpack_body(schema: dict[str, Any], *, also_json: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads a raw msgpack (and maybe JSON) body."""
+    content: dict[str, Any] = {
+        MSGPACK_MEDIA_TYPE: {"schema": schema},
+        "application/x-msgpack": {"schema": schema},
+    }
+    if also_json is not None:
+        content["application/json"] = {"schema": also_json}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def msgpack_response(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {MSGPACK_MEDIA_TYPE: {"schema": schema}}}
+
+
+GRADIENTS_BODY = msgpack_body(
+    {
+        "type": "object",
+        "required": ["gradients"],
+        "properties": {"gradients": {"type": "object", "additionalProperties": _TENSOR_MSGPACK}},
+    }
+)
+CREATE_BODY = msgpack_body(
+    {
+        "type": "object",
+        "required": ["optimizer", "weights"],
+        "properties": {
+            "session_id": {"type": "string"},
+            "optimizer": {"description": "a name or {class_name, config}"},
+            "weights": {"type": "object", "additionalProperties": _TENSOR_MSGPACK},
+        },
+    },
+    also_json={"$ref": "#/components/schemas/CreateSessionRequest"},
+)
+STATE_BODY = msgpack_body(_STATE_MESSAGE)
+WEIGHTS_RESPONSE = msgpack_response(_WEIGHTS_MESSAGE, "The step's iteration count and weights.")
+STATE_RESPONSE = msgpack_response(_STATE_MESSAGE, "Everything needed to rebuild the session.")

@@ -1,0 +1,81 @@
+"""The application factory: ``create_app(settings)`` builds a configured FastAPI app.
+
+State (the session store, the service) is created in the lifespan, not in module globals, so
+that several apps can live in one process (the tests do that).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from . import __version__
+from .api import health, sessions
+from .api.schemas import CreateSessionRequest
+from .errors import install_error_handlers
+from .optim import default_backend
+from .service import SessionService
+from .sessions import SessionStore
+from .settings import Settings
+
+log = logging.getLogger("paramserver")
+
+DESCRIPTION = """
+A parameter server for training one model from many workers. A session holds a model's
+weights and a Keras 2.2 optimizer's state; workers push msgpack-encoded gradients and get the
+new weights back. Arrays travel as `{dtype, shape, data}` maps with little-endian bytes in
+`data`. Errors are `{"error": {"code", "message"}}`. See docs/protocol.md.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = SessionStore(max_sessions=settings.max_sessions)
+        app.state.service = SessionService(store, settings)
+        if settings.warm_up_kernels:
+            backend = default_backend()
+            warm_up = getattr(backend, "warm_up", None)
+            if warm_up is not None:
+                await run_in_threadpool(warm_up)
+        log.info("paramserver %s ready (kernels: %s)", __version__, default_backend().name)
+        yield
+
+    app = FastAPI(
+        title="paramserver",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(sessions.router)
+    _document_json_models(app)
+    return app
+
+
+def _document_json_models(app: FastAPI) -> None:
+    """Add the JSON request models that routes parse by hand to the OpenAPI components."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        extra = CreateSessionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in extra.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        components["CreateSessionRequest"] = extra
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

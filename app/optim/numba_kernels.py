@@ -1,0 +1,407 @@
+"""Fused numba kernels for the Keras 2.2.4 update rules: one pass over memory per step.
+
+:class:`NumbaBackend` runs each rule of :mod:`app.optim.rules` as one loop that reads every
+array once and writes each updated array once, where the chunked numpy kernel makes several
+passes through scratch buffers. The gradient transform (clipnorm's scale, clipvalue's clip) is
+fused into the same loop.
+
+Exactness: each kernel performs the same IEEE operations, in the same order and in the array's
+dtype, as the numpy kernel of its rule (float32 arrays are computed in float32: coefficients
+are passed as float32 scalars and no float64 literal appears in a kernel). The kernels are
+compiled with ``fastmath=False``, so LLVM neither contracts ``a*b + c`` into an FMA nor
+reassociates, and results are bit-identical to :class:`~app.optim.engine.NumpyBackend` for
+float32 and float64. Other dtypes (float16), arrays that are not 1-D, C-contiguous and aligned,
+and coefficients of another dtype go to the fallback backend.
+
+Compilation: each kernel is compiled for one fixed signature per dtype (the gradient typed as
+a read-only array, so that writable and read-only gradients share it), on first use or by
+:meth:`NumbaBackend.warm_up`, never per request. Compiled code is cached on disk
+(``cache=True``) in the first writable place of: ``$NUMBA_CACHE_DIR``, the package's
+``__pycache__``, the user's cache directory (``~/.cache/numba``). A server installed read-only
+(e.g. in a Docker image) should set ``NUMBA_CACHE_DIR`` to a writable directory before numba is
+imported, or start-up compiles every time. When no place is writable, numba itself refuses
+``cache=True`` (a ``RuntimeError``, not a warning): this module then compiles in memory, logs
+that once, and works the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+from numba import types as nbt
+
+from .engine import KernelBackend, NumpyBackend
+from .rules import RULES, UpdateRule
+
+__all__ = ["JIT_OPTIONS", "SUPPORTED_DTYPES", "NumbaBackend"]
+
+logger = logging.getLogger(__name__)
+
+#: The dtypes the fused kernels are compiled for; anything else goes to the fallback.
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: Options of every kernel: numpy's float semantics (no ZeroDivisionError), no FMA contraction
+#: or reassociation, the GIL released (the server steps different sessions in threads).
+JIT_OPTIONS: dict[str, Any] = {
+    "error_model": "numpy",
+    "fastmath": False,
+    "nogil": True,
+    "boundscheck": False,
+    "cache": True,
+}
+
+
+# --- the fused gradient transform --------------------------------------------------------
+
+
+@numba.njit(inline="always", error_model="numpy", fastmath=False, boundscheck=False)
+def _grad(g, i, scale, lo, hi):  # type: ignore[no-untyped-def]
+    """``clip(g[i] * scale, lo, hi)`` as the numpy backend does it (NaN passes through).
+
+    ``scale = 1`` and ``lo, hi = -inf, inf`` are exact no-ops, so one compiled loop serves
+    every combination of clipnorm and clipvalue.
+    """
+    gi = g[i] * scale
+    gi = lo if gi < lo else gi
+    return hi if gi > hi else gi
+
+
+@numba.njit(inline="always", error_model="numpy", fastmath=False, boundscheck=False)
+def _maximum(x, y):  # type: ignore[no-untyped-def]
+    """``np.maximum(x, y)`` for one element: NaN-propagating, ``x`` on ties."""
+    return x if (x >= y or x != x) else y
+
+
+# --- the kernels: same operations, same order as app.optim.rules --------------------------
+#
+# Signature of every kernel: (p, g, *slots, *coefficients, scale, clip). Comments give the
+# numpy kernel's grouping; each binary operation rounds to the array dtype.
+
+
+def _sgd(p, g, m, momentum, lr, scale, clip):  # type: ignore[no-untyped-def]
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        lrg = gi * lr
+        mi = (m[i] * momentum) - lrg  # v = momentum * m - lr * g
+        m[i] = mi
+        p[i] = p[i] + mi
+
+
+def _sgd_nesterov(p, g, m, momentum, lr, scale, clip):  # type: ignore[no-untyped-def]
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        lrg = gi * lr
+        mi = (m[i] * momentum) - lrg
+        m[i] = mi
+        p[i] = (p[i] + (mi * momentum)) - lrg  # p = (p + momentum * v) - lr * g
+
+
+def _rmsprop(p, g, a, rho, one_minus_rho, lr, eps, scale, clip):  # type: ignore[no-untyped-def]
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        ai = (a[i] * rho) + ((gi * gi) * one_minus_rho)
+        a[i] = ai
+        p[i] = p[i] - ((gi * lr) / (math.sqrt(ai) + eps))
+
+
+def _adagrad(p, g, a, lr, eps, scale, clip):  # type: ignore[no-untyped-def]
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        ai = a[i] + (gi * gi)
+        a[i] = ai
+        p[i] = p[i] - ((gi * lr) / (math.sqrt(ai) + eps))
+
+
+def _adadelta(p, g, a, d_a, rho, one_minus_rho, lr, eps, scale, clip):  # type: ignore[no-untyped-def]
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        ai = (a[i] * rho) + ((gi * gi) * one_minus_rho)
+        a[i] = ai
+        di = d_a[i]
+        u = (gi * math.sqrt(di + eps)) / math.sqrt(ai + eps)
+        p[i] = p[i] - (u * lr)
+        d_a[i] = (di * rho) + ((u * u) * one_minus_rho)
+
+
+def _adam(p, g, m, v, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, lr_t, eps, scale, clip):  # type: ignore[no-untyped-def]
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
+        vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - ((mi * lr_t) / (math.sqrt(vi) + eps))
+
+
+def _adam_amsgrad(  # type: ignore[no-untyped-def]
+    p, g, m, v, vhat, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, lr_t, eps, scale, clip
+):
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
+        vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
+        hi = _maximum(vhat[i], vi)
+        m[i] = mi
+        v[i] = vi
+        vhat[i] = hi
+        p[i] = p[i] - ((mi * lr_t) / (math.sqrt(hi) + eps))
+
+
+def _adamax(p, g, m, u, beta_1, one_minus_beta_1, beta_2, lr_t, eps, scale, clip):  # type: ignore[no-untyped-def]
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
+        ui = _maximum(u[i] * beta_2, abs(gi))
+        m[i] = mi
+        u[i] = ui
+        p[i] = p[i] - ((mi * lr_t) / (ui + eps))
+
+
+def _nadam(  # type: ignore[no-untyped-def]
+    p,
+    g,
+    m,
+    v,
+    g_div,
+    beta_1,
+    one_minus_beta_1,
+    m_div,
+    beta_2,
+    one_minus_beta_2,
+    v_div,
+    one_minus_cache_t,
+    cache_t_1,
+    lr,
+    eps,
+    scale,
+    clip,
+):
+    lo = -clip
+    for i in range(p.size):
+        gi = _grad(g, i, scale, lo, clip)
+        mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
+        vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
+        m[i] = mi
+        v[i] = vi
+        m_bar = ((gi / g_div) * one_minus_cache_t) + ((mi / m_div) * cache_t_1)
+        p[i] = p[i] - ((m_bar * lr) / (math.sqrt(vi / v_div) + eps))
+
+
+def _sum_squares(g):  # type: ignore[no-untyped-def]
+    """``sum(g*g)`` in float64 with 16 independent partial sums (so the loop vectorises
+    without reassociation), combined pairwise at the end."""
+    n = g.size
+    body = n - n % 16
+    acc = np.zeros(16, np.float64)
+    for i in range(0, body, 16):
+        for j in range(16):
+            x = np.float64(g[i + j])
+            acc[j] += x * x
+    for j in range(8):
+        acc[j] += acc[j + 8]
+    for j in range(4):
+        acc[j] += acc[j + 4]
+    total = (acc[0] + acc[2]) + (acc[1] + acc[3])
+    for i in range(body, n):
+        x = np.float64(g[i])
+        total += x * x
+    return total
+
+
+# --- the table ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KernelSpec:
+    """One fused loop: its Python source, how many slots and float coefficients it takes."""
+
+    py_func: Callable[..., None]
+    n_slots: int
+    n_coeffs: int
+
+
+_KERNELS: dict[str, _KernelSpec] = {
+    "sgd": _KernelSpec(_sgd, 1, 2),
+    "sgd_nesterov": _KernelSpec(_sgd_nesterov, 1, 2),
+    "rmsprop": _KernelSpec(_rmsprop, 1, 4),
+    "adagrad": _KernelSpec(_adagrad, 1, 2),
+    "adadelta": _KernelSpec(_adadelta, 2, 4),
+    "adam": _KernelSpec(_adam, 2, 6),
+    "adam_amsgrad": _KernelSpec(_adam_amsgrad, 3, 6),
+    "adamax": _KernelSpec(_adamax, 2, 5),
+    "nadam": _KernelSpec(_nadam, 2, 11),
+}
+
+
+def _kernel_for(rule: UpdateRule, coeffs: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]] | None:
+    """The fused kernel for ``rule`` and the float coefficients it takes (flags removed)."""
+    name = rule.name
+    if name == "SGD":
+        momentum, lr, nesterov = coeffs
+        return ("sgd_nesterov" if nesterov else "sgd"), (momentum, lr)
+    if name == "Adam":
+        *floats, amsgrad = coeffs
+        return ("adam_amsgrad" if amsgrad else "adam"), tuple(floats)
+    key = name.lower()
+    return (key, coeffs) if key in _KERNELS else None
+
+
+def _signature(spec: _KernelSpec, dtype: np.dtype) -> Any:
+    scalar = numba.from_dtype(dtype)
+    rw = nbt.Array(scalar, 1, "C")
+    ro = nbt.Array(scalar, 1, "C", readonly=True)
+    args = (rw, ro) + (rw,) * spec.n_slots + (scalar,) * (spec.n_coeffs + 2)
+    return nbt.void(*args)
+
+
+_cache_available = True
+
+
+def _compile(py_func: Callable[..., Any], signature: Any) -> Any:
+    """An eagerly compiled dispatcher of ``py_func`` for exactly ``signature``.
+
+    With an explicit signature the dispatcher never compiles again: a call whose types do not
+    fit raises ``TypeError`` instead of compiling a new specialisation at request time.
+    """
+    global _cache_available
+    options = dict(JIT_OPTIONS, cache=_cache_available)
+    try:
+        return numba.njit(signature, **options)(py_func)
+    except RuntimeError as exc:
+        if not options["cache"] or "cannot cache function" not in str(exc):
+            raise
+        _cache_available = False
+        logger.warning(
+            "numba has no writable cache directory (%s); compiling in memory. Set "
+            "NUMBA_CACHE_DIR to a writable directory to reuse compiled kernels.",
+            exc,
+        )
+        return numba.njit(signature, **dict(options, cache=False))(py_func)
+
+
+# --- the backend --------------------------------------------------------------------------
+
+
+class NumbaBackend:
+    """Fused single-pass numba kernels, bit-identical to the numpy backend.
+
+    One thread per call, the GIL released while a kernel runs. Arrays the kernels were not
+    compiled for (float16, non-contiguous or unaligned, mixed dtypes) and coefficients of
+    another dtype go to ``fallback``.
+    """
+
+    name = "numba"
+
+    def __init__(self, *, fallback: KernelBackend | None = None) -> None:
+        self.fallback: KernelBackend = fallback if fallback is not None else NumpyBackend()
+        self._compiled: dict[tuple[str, np.dtype], Any] = {}
+        self._lock = threading.Lock()
+
+    def supports(self, rule: str, dtype: np.dtype) -> bool:
+        return rule in RULES and np.dtype(dtype) in SUPPORTED_DTYPES
+
+    def warm_up(self) -> None:
+        """Compile (or load from the disk cache) every kernel for float32 and float64."""
+        for dtype in SUPPORTED_DTYPES:
+            self._sum_squares_kernel(dtype)
+            for key in _KERNELS:
+                self._kernel(key, dtype)
+
+    def _kernel(self, key: str, dtype: np.dtype) -> Any:
+        kernel = self._compiled.get((key, dtype))
+        if kernel is None:
+            with self._lock:
+                kernel = self._compiled.get((key, dtype))
+                if kernel is None:
+                    spec = _KERNELS[key]
+                    kernel = _compile(spec.py_func, _signature(spec, dtype))
+                    self._compiled[(key, dtype)] = kernel
+        return kernel
+
+    def _sum_squares_kernel(self, dtype: np.dtype) -> Any:
+        kernel = self._compiled.get(("sum_squares", dtype))
+        if kernel is None:
+            with self._lock:
+                kernel = self._compiled.get(("sum_squares", dtype))
+                if kernel is None:
+                    array = nbt.Array(numba.from_dtype(dtype), 1, "C", readonly=True)
+                    kernel = _compile(_sum_squares, nbt.float64(array))
+                    self._compiled[("sum_squares", dtype)] = kernel
+        return kernel
+
+    def sum_squares(self, g: np.ndarray) -> float:
+        if g.dtype not in SUPPORTED_DTYPES or not _fits(g):
+            return self.fallback.sum_squares(g)
+        return float(self._sum_squares_kernel(g.dtype)(g))
+
+    def update(
+        self,
+        rule: UpdateRule,
+        p: np.ndarray,
+        g: np.ndarray,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        grad_scale: Any,
+        grad_clip: Any,
+    ) -> None:
+        dtype = p.dtype
+        chosen = _kernel_for(rule, coeffs) if RULES.get(rule.name) is rule else None
+        if (
+            chosen is None
+            or dtype not in SUPPORTED_DTYPES
+            or not _fits(p, writable=True)
+            or not _fits(g, dtype=dtype, size=p.size)
+            or not all(_fits(s, dtype=dtype, size=p.size, writable=True) for s in slots)
+        ):
+            self.fallback.update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
+            return
+        key, floats = chosen
+        ty = dtype.type
+        scalars = (*floats, ty(1) if grad_scale is None else grad_scale)
+        scalars += (ty(np.inf) if grad_clip is None else grad_clip,)
+        if not all(_same_kind(c, dtype) for c in scalars) or len(slots) != _KERNELS[key].n_slots:
+            self.fallback.update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
+            return
+        self._kernel(key, dtype)(p, g, *slots, *(ty(c) for c in scalars))
+
+
+def _fits(
+    a: np.ndarray,
+    *,
+    dtype: np.dtype | None = None,
+    size: int | None = None,
+    writable: bool = False,
+) -> bool:
+    """Whether ``a`` is an array the compiled signatures accept (1-D, C-contiguous, aligned)."""
+    flags = a.flags
+    return (
+        a.ndim == 1
+        and flags.c_contiguous
+        and flags.aligned
+        and (dtype is None or a.dtype == dtype)
+        and (size is None or a.size == size)
+        and (not writable or flags.writeable)
+    )
+
+
+def _same_kind(c: Any, dtype: np.dtype) -> bool:
+    """Whether numpy would compute with ``c`` in ``dtype``: a scalar of that dtype, or a
+    Python number (weakly typed under NEP 50, so converted to the array dtype first)."""
+    if isinstance(c, np.generic):
+        return c.dtype == dtype
+    return isinstance(c, (float, int)) and not isinstance(c, bool)

@@ -1,0 +1,168 @@
+"""Optimizer sessions held in memory, and the store that names them.
+
+A :class:`Session` wraps one :class:`~app.training.Trainer` with a lock: pushes to one session
+are applied one at a time and a reader never sees a half-applied step, while sessions are
+independent of each other (the numba kernels release the GIL, so steps of different sessions
+run in parallel threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from .errors import InsufficientStorage, InvalidRequest, SessionExists, SessionNotFound
+from .training import Trainer
+
+__all__ = ["SESSION_ID_PATTERN", "Session", "SessionStore", "check_session_id"]
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+
+T = TypeVar("T")
+
+
+def check_session_id(session_id: Any) -> str:
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise InvalidRequest(
+            "session_id must be 1-128 characters of [A-Za-z0-9._-]", code="invalid_session_id"
+        )
+    return session_id
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Session:
+    """One named trainer, its lock and its timestamps."""
+
+    def __init__(self, session_id: str, trainer: Trainer) -> None:
+        self.id = session_id
+        self.trainer = trainer
+        self.lock = threading.Lock()
+        # Requests queue here, on the event loop, before taking a worker thread: a busy
+        # session then holds one thread, not one per waiting request, and turns are FIFO.
+        self.turn = asyncio.Lock()
+        self.created_at = _now()
+        self.updated_at = self.created_at
+        self.deleted = False
+
+    @contextmanager
+    def locked(self) -> Iterator[Trainer]:
+        """Hold the session's lock; yields the current trainer."""
+        with self.lock:
+            yield self.trainer
+
+    def touch(self) -> None:
+        self.updated_at = _now()
+
+    def summary(self, *, timestamps: bool = True) -> dict[str, Any]:
+        """The JSON summary of the protocol (call with the lock held or accept a racy read)."""
+        trainer = self.trainer
+        out: dict[str, Any] = {
+            "session_id": self.id,
+            "optimizer": trainer.optimizer.to_dict(),
+            "iterations": trainer.iterations,
+            "parameters": {
+                name: {"dtype": str(dtype), "shape": list(shape)}
+                for name, (dtype, shape) in trainer.parameters().items()
+            },
+        }
+        if timestamps:
+            out["created_at"] = self.created_at.isoformat()
+            out["updated_at"] = self.updated_at.isoformat()
+        return out
+
+
+class SessionStore:
+    """The sessions of one server, by id, with a bound on their number and their memory."""
+
+    def __init__(self, *, max_sessions: int, max_total_bytes: int | None = None) -> None:
+        self.max_sessions = max_sessions
+        self.max_total_bytes = max_total_bytes
+        self._sessions: dict[str, Session] = {}
+        self._reserved: set[str] = set()  # ids whose session is being built
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def find(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        return session
+
+    def list(self) -> list[Session]:
+        with self._lock:
+            return sorted(self._sessions.values(), key=lambda s: s.created_at)
+
+    def new_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return sum(s.trainer.nbytes() for s in sessions)
+
+    def add(self, session_id: str, build: Callable[[], Trainer]) -> Session:
+        """Create a session from ``build()`` under ``session_id``; 409 if the id is taken.
+
+        The id is reserved before the (possibly slow) build so that two racing creates of the
+        same id cannot both succeed.
+        """
+        check_session_id(session_id)
+        with self._lock:
+            if session_id in self._sessions or session_id in self._reserved:
+                raise SessionExists(f"session {session_id!r} already exists")
+            if len(self._sessions) + len(self._reserved) >= self.max_sessions:
+                raise InsufficientStorage(
+                    f"the server holds its maximum of {self.max_sessions} sessions; "
+                    "delete one first",
+                    code="too_many_sessions",
+                )
+            self._reserved.add(session_id)
+        try:
+            trainer = build()
+            self._check_memory(trainer.nbytes())
+            session = Session(session_id, trainer)
+            with self._lock:
+                self._sessions[session_id] = session
+            return session
+        finally:
+            with self._lock:
+                self._reserved.discard(session_id)
+
+    def _check_memory(self, extra: int) -> None:
+        if self.max_total_bytes is None:
+            return
+        used = self.total_bytes()
+        if used + extra > self.max_total_bytes:
+            raise InsufficientStorage(
+                f"the session needs {extra} bytes; the server holds {used} of its "
+                f"{self.max_total_bytes}-byte limit",
+                code="memory_quota_exceeded",
+            )
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        session.deleted = True
+
+    def replace(self, session: Session, trainer: Trainer) -> None:
+        """Swap in a new trainer (a loaded state); the caller holds ``session.lock``."""
+        session.trainer = trainer
+        session.touch()
+

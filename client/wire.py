@@ -1,0 +1,460 @@
+"""The wire format of paramserver protocol version 1: MessagePack with explicitly framed tensors.
+
+This is the one module that reads and writes bodies, used by both the server and the client.
+
+A tensor travels as a map ``{"dtype": "float32" | "float64" | "float16", "shape": [int, ...],
+"data": bin}`` whose ``data`` holds the little-endian C-order bytes; ``len(data)`` must equal
+``prod(shape) * itemsize``. Nothing else can build an object: there are no msgpack ext types,
+and nothing is ever unpickled.
+
+* :func:`unpack` parses a msgpack body without copying it: ``bin`` values come back as
+  ``memoryview`` slices of the body, so :func:`decode_tensor` is ``numpy.frombuffer`` on the
+  received bytes. It refuses ext types, non-string map keys, duplicate keys, deep nesting and
+  any length that runs past the end of the body, so a hostile body can make it allocate no more
+  than the body itself.
+* :func:`pack` writes a message in one pass: ``numpy`` arrays become tensor maps whose ``data``
+  is taken straight from the array's memory, and the whole body is joined once, so encoding
+  costs one copy of the array bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+__all__ = [
+    "MSGPACK_CONTENT_TYPES",
+    "MSGPACK_MEDIA_TYPE",
+    "TENSOR_DTYPES",
+    "DecodeLimits",
+    "MalformedBody",
+    "TensorError",
+    "decode_tensor",
+    "decode_tensor_map",
+    "decode_json_tensor",
+    "encode_tensor_meta",
+    "pack",
+    "unpack",
+]
+
+MSGPACK_MEDIA_TYPE = "application/msgpack"
+#: Content types accepted for msgpack bodies.
+MSGPACK_CONTENT_TYPES = frozenset({"application/msgpack", "application/x-msgpack"})
+
+#: The dtypes a tensor may have on the wire, all little-endian.
+TENSOR_DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "float16": np.dtype("<f2"),
+}
+_DTYPE_NAMES = {dt: name for name, dt in TENSOR_DTYPES.items()}
+
+
+class MalformedBody(ValueError):
+    """The body is not well-formed msgpack of the kinds this protocol allows (HTTP 400)."""
+
+
+class TensorError(ValueError):
+    """A well-formed tensor map that is invalid: bad dtype, shape or data length (HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what one body may hold. ``None`` means no bound beyond the body's size."""
+
+    max_depth: int = 16
+    max_tensors: int | None = 100_000
+    max_dims: int = 32
+    max_elements: int | None = None
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_I8 = struct.Struct(">b")
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_I64 = struct.Struct(">q")
+_F32 = struct.Struct(">f")
+_F64 = struct.Struct(">d")
+
+
+class _Reader:
+    __slots__ = ("buf", "end", "max_depth", "pos")
+
+    def __init__(self, buf: memoryview, max_depth: int) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.end = len(buf)
+        self.max_depth = max_depth
+
+    def need(self, n: int) -> int:
+        start = self.pos
+        if n > self.end - start:
+            raise MalformedBody(
+                f"truncated msgpack: a value needs {n} bytes at offset {start}, "
+                f"{self.end - start} remain"
+            )
+        self.pos = start + n
+        return start
+
+    def length(self, s: struct.Struct) -> int:
+        start = self.need(s.size)
+        return int(s.unpack_from(self.buf, start)[0])
+
+    def read(self, depth: int) -> Any:
+        b = self.buf[self.need(1)]
+        if b <= 0x7F:
+            return b
+        if b >= 0xE0:
+            return b - 0x100
+        if 0x80 <= b <= 0x8F:
+            return self.map(b & 0x0F, depth)
+        if 0x90 <= b <= 0x9F:
+            return self.array(b & 0x0F, depth)
+        if 0xA0 <= b <= 0xBF:
+            return self.text(b & 0x1F)
+        if b == 0xC0:
+            return None
+        if b == 0xC2:
+            return False
+        if b == 0xC3:
+            return True
+        if b == 0xC4:
+            return self.binary(self.buf[self.need(1)])
+        if b == 0xC5:
+            return self.binary(self.length(_U16))
+        if b == 0xC6:
+            return self.binary(self.length(_U32))
+        if b == 0xCA:
+            return float(_F32.unpack_from(self.buf, self.need(4))[0])
+        if b == 0xCB:
+            return float(_F64.unpack_from(self.buf, self.need(8))[0])
+        if b == 0xCC:
+            return self.buf[self.need(1)]
+        if b == 0xCD:
+            return self.length(_U16)
+        if b == 0xCE:
+            return self.length(_U32)
+        if b == 0xCF:
+            return self.length(_U64)
+        if b == 0xD0:
+            return int(_I8.unpack_from(self.buf, self.need(1))[0])
+        if b == 0xD1:
+            return int(_I16.unpack_from(self.buf, self.need(2))[0])
+        if b == 0xD2:
+            return int(_I32.unpack_from(self.buf, self.need(4))[0])
+        if b == 0xD3:
+            return int(_I64.unpack_from(self.buf, self.need(8))[0])
+        if b == 0xD9:
+            return self.text(self.buf[self.need(1)])
+        if b == 0xDA:
+            return self.text(self.length(_U16))
+        if b == 0xDB:
+            return self.text(self.length(_U32))
+        if b == 0xDC:
+            return self.array(self.length(_U16), depth)
+        if b == 0xDD:
+            return self.array(self.length(_U32), depth)
+        if b == 0xDE:
+            return self.map(self.length(_U16), depth)
+        if b == 0xDF:
+            return self.map(self.length(_U32), depth)
+        if b in (0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8):
+            raise MalformedBody(f"msgpack ext types are not accepted (byte 0x{b:02x})")
+        raise MalformedBody(f"invalid msgpack byte 0x{b:02x} at offset {self.pos - 1}")
+
+    def binary(self, n: int) -> memoryview:
+        start = self.need(n)
+        return self.buf[start : start + n]
+
+    def text(self, n: int) -> str:
+        start = self.need(n)
+        try:
+            return str(self.buf[start : start + n], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedBody(f"invalid UTF-8 in a msgpack string at offset {start}") from exc
+
+    def _enter(self, n: int, per_item: int, depth: int) -> None:
+        if depth >= self.max_depth:
+            raise MalformedBody(f"msgpack nesting deeper than {self.max_depth} levels")
+        # Every element needs at least one byte: a count the rest of the body cannot hold is a
+        # lie, refused before anything is allocated for it.
+        if n * per_item > self.end - self.pos:
+            raise MalformedBody(
+                f"truncated msgpack: a container of {n} items at offset {self.pos} "
+                "runs past the end of the body"
+            )
+
+    def array(self, n: int, depth: int) -> list[Any]:
+        self._enter(n, 1, depth)
+        return [self.read(depth + 1) for _ in range(n)]
+
+    def map(self, n: int, depth: int) -> dict[str, Any]:
+        self._enter(n, 2, depth)
+        out: dict[str, Any] = {}
+        for _ in range(n):
+            key = self.read(depth + 1)
+            if not isinstance(key, str):
+                raise MalformedBody(f"msgpack map keys must be strings, got {type(key).__name__}")
+            if key in out:
+                raise MalformedBody(f"duplicate msgpack map key {key!r}")
+            out[key] = self.read(depth + 1)
+        return out
+
+
+def unpack(body: bytes | bytearray | memoryview, *, max_depth: int = 16) -> Any:
+    """Parse one msgpack value that fills ``body`` exactly; ``bin`` values are zero-copy views.
+
+    Raises :class:`MalformedBody` for anything that is not well-formed msgpack of the allowed
+    kinds (nil, bool, int, float, str, bin, array, map with string keys), for ext types, for
+    trailing bytes and for nesting deeper than ``max_depth``.
+    """
+    view = memoryview(body)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    if not view:
+        raise MalformedBody("empty body: expected a msgpack map")
+    reader = _Reader(view, max_depth)
+    try:
+        value = reader.read(0)
+    except RecursionError as exc:  # pragma: no cover - max_depth keeps us far from it
+        raise MalformedBody("msgpack nesting too deep") from exc
+    if reader.pos != reader.end:
+        raise MalformedBody(
+            f"{reader.end - reader.pos} trailing bytes after the msgpack value"
+        )
+    return value
+
+
+def _check_shape(shape: Any, where: str, limits: DecodeLimits) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise TensorError(f"{where}: 'shape' must be a list of integers >= 0, got {shape!r}")
+    if len(shape) > limits.max_dims:
+        raise TensorError(f"{where}: {len(shape)} dimensions; at most {limits.max_dims} allowed")
+    n = math.prod(shape)
+    if limits.max_elements is not None and n > limits.max_elements:
+        raise TensorError(f"{where}: {n} elements; at most {limits.max_elements} allowed")
+    return tuple(shape)
+
+
+def _check_dtype(dtype: Any, where: str) -> np.dtype:
+    if not isinstance(dtype, str) or dtype not in TENSOR_DTYPES:
+        raise TensorError(
+            f"{where}: 'dtype' must be one of {', '.join(TENSOR_DTYPES)}, got {dtype!r}"
+        )
+    return TENSOR_DTYPES[dtype]
+
+
+def _check_keys(obj: Any, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise TensorError(
+            f"{where}: a tensor must be a map {{dtype, shape, data}}, got {type(obj).__name__}"
+        )
+    keys = set(obj)
+    if keys != {"dtype", "shape", "data"}:
+        missing = sorted({"dtype", "shape", "data"} - keys)
+        extra = sorted(keys - {"dtype", "shape", "data"})
+        detail = []
+        if missing:
+            detail.append(f"missing {', '.join(missing)}")
+        if extra:
+            detail.append(f"unexpected {', '.join(map(repr, extra))}")
+        raise TensorError(f"{where}: a tensor map has keys dtype, shape, data ({'; '.join(detail)})")
+
+
+def decode_tensor(obj: Any, *, where: str = "tensor", limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Turn a decoded tensor map into an array that views the body's bytes (no copy).
+
+    Checks the dtype against the allow-list, the shape, and that
+    ``len(data) == prod(shape) * itemsize`` before ``numpy.frombuffer``.
+    """
+    _check_keys(obj, where)
+    dtype = _check_dtype(obj["dtype"], where)
+    shape = _check_shape(obj["shape"], where, limits)
+    data = obj["data"]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TensorError(f"{where}: 'data' must be msgpack bin, got {type(data).__name__}")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise TensorError(
+            f"{where}: 'data' holds {len(data)} bytes; shape {list(shape)} of {obj['dtype']} "
+            f"needs {expected}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def decode_json_tensor(
+    obj: Any, *, where: str = "tensor", limits: DecodeLimits = DecodeLimits()
+) -> np.ndarray:
+    """A JSON tensor: like :func:`decode_tensor` but ``data`` is a flat list of numbers."""
+    _check_keys(obj, where)
+    dtype = _check_dtype(obj["dtype"], where)
+    shape = _check_shape(obj["shape"], where, limits)
+    data = obj["data"]
+    if not isinstance(data, list):
+        raise TensorError(f"{where}: in JSON, 'data' must be a flat list of numbers")
+    n = math.prod(shape)
+    if len(data) != n:
+        raise TensorError(
+            f"{where}: 'data' holds {len(data)} numbers; shape {list(shape)} needs {n}"
+        )
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
+        raise TensorError(f"{where}: 'data' must hold only numbers")
+    with np.errstate(over="ignore"):
+        return np.asarray(data, dtype=np.float64).astype(dtype.newbyteorder("=")).reshape(shape)
+
+
+def decode_tensor_map(
+    obj: Any,
+    *,
+    field: str,
+    limits: DecodeLimits = DecodeLimits(),
+    json: bool = False,
+) -> dict[str, np.ndarray]:
+    """Decode ``{name: tensor}``; names are 1-256 printable characters."""
+    if not isinstance(obj, dict):
+        raise TensorError(f"'{field}' must be a map of name to tensor, got {type(obj).__name__}")
+    if limits.max_tensors is not None and len(obj) > limits.max_tensors:
+        raise TensorError(
+            f"'{field}' holds {len(obj)} tensors; at most {limits.max_tensors} allowed"
+        )
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in obj.items():
+        check_parameter_name(name)
+        where = f"{field}[{name!r}]"
+        out[name] = (
+            decode_json_tensor(tensor, where=where, limits=limits)
+            if json
+            else decode_tensor(tensor, where=where, limits=limits)
+        )
+    return out
+
+
+def check_parameter_name(name: Any) -> str:
+    """A parameter name is 1-256 printable characters."""
+    if not isinstance(name, str) or not 1 <= len(name) <= 256 or not name.isprintable():
+        raise TensorError(
+            f"parameter names must be 1-256 printable characters, got {name!r}"[:300]
+        )
+    return name
+
+
+def encode_tensor_meta(arr: np.ndarray) -> dict[str, Any]:
+    """``{"dtype", "shape"}`` of an array, as the protocol names them."""
+    return {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape)}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    dt = np.dtype(dtype).newbyteorder("<")
+    try:
+        return _DTYPE_NAMES[dt]
+    except KeyError:
+        raise TensorError(
+            f"dtype {dtype} cannot travel; supported: {', '.join(TENSOR_DTYPES)}"
+        ) from None
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+_packer = msgpack.Packer(autoreset=True, use_bin_type=True)
+_packb = msgpack.packb
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return bytes((0xC4, n))
+    if n < 0x10000:
+        return b"\xc5" + _U16.pack(n)
+    if n < 0x100000000:
+        return b"\xc6" + _U32.pack(n)
+    raise ValueError("a msgpack bin holds at most 4 GiB")
+
+
+def _map_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x80 | n,))
+    if n < 0x10000:
+        return b"\xde" + _U16.pack(n)
+    return b"\xdf" + _U32.pack(n)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + _U16.pack(n)
+    return b"\xdd" + _U32.pack(n)
+
+
+_DATA_KEY = _packb("data")
+_TENSOR_HEAD = _map_header(3) + _packb("dtype")
+_SHAPE_KEY = _packb("shape")
+
+
+def _tensor_chunks(arr: np.ndarray, out: list[Any]) -> None:
+    name = dtype_name(arr.dtype)
+    if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    out.append(_TENSOR_HEAD)
+    out.append(_packb(name))
+    out.append(_SHAPE_KEY)
+    out.append(_packb(list(arr.shape)))
+    out.append(_DATA_KEY)
+    out.append(_bin_header(arr.nbytes))
+    if arr.nbytes:
+        out.append(memoryview(arr).cast("B"))
+
+
+def _chunks(obj: Any, out: list[Any]) -> None:
+    if isinstance(obj, np.ndarray):
+        _tensor_chunks(obj, out)
+    elif isinstance(obj, Mapping):
+        out.append(_map_header(len(obj)))
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"map keys must be strings, got {type(key).__name__}")
+            out.append(_packb(key))
+            _chunks(value, out)
+    elif isinstance(obj, (list, tuple)):
+        out.append(_array_header(len(obj)))
+        for value in obj:
+            _chunks(value, out)
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        view = memoryview(obj).cast("B") if isinstance(obj, memoryview) else obj
+        out.append(_bin_header(len(view)))
+        out.append(view)
+    elif isinstance(obj, np.generic):
+        out.append(_packb(obj.item()))
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        out.append(_packb(obj))
+    else:
+        raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+
+
+def pack(obj: Any) -> bytes:
+    """Encode ``obj`` as msgpack; numpy arrays become tensor maps (one copy of their bytes).
+
+    Allowed values: dict with string keys, list/tuple, str, int, float, bool, None, bytes and
+    numpy arrays of float16/32/64.
+    """
+    out: list[Any] = []
+    _chunks(obj, out)
+    return b"".join(out)
+
+
+def pack_chunks(obj: Any) -> Iterable[Any]:
+    """The pieces :func:`pack` would join (array data as memoryviews of the arrays)."""
+    out: list[Any] = []
+    _chunks(obj, out)
+    return out
