@@ -1,16 +1,20 @@
 """``paramserver serve``: run the service with uvicorn.
 
-Every option falls back to its ``PARAMSERVER_*`` environment variable and then to the
-default of :class:`app.settings.Settings`. uvicorn handles SIGTERM and SIGINT: it stops
-accepting connections, lets requests in flight finish, runs the app's shutdown and exits 0.
+Every field of :class:`app.settings.Settings` is an option (``max_body_bytes`` is
+``--max-body-bytes``); an option not given falls back to its ``PARAMSERVER_*`` environment
+variable and then to the default. uvicorn handles SIGTERM and SIGINT: it stops accepting
+connections, lets requests in flight finish, runs the app's shutdown (final snapshots) and
+the process exits 0 (see :func:`serve`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,16 +22,9 @@ from pydantic import ValidationError
 from . import __version__
 from .settings import Settings
 
-_OPTIONS: list[tuple[str, str, type, str]] = [
-    ("--host", "host", str, "address to bind (default 127.0.0.1)"),
-    ("--port", "port", int, "TCP port (default 8000; 0 picks a free one)"),
-    ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
-    ("--max-body-bytes", "max_body_bytes", int, "largest request body in bytes (default 512 MiB)"),
-    ("--max-tensors", "max_tensors", int, "most tensors in one request"),
-    ("--max-dims", "max_dims", int, "most dimensions of one tensor"),
-    ("--max-elements", "max_elements", int, "most elements of one tensor"),
-    ("--max-sessions", "max_sessions", int, "most sessions held at once"),
-]
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,19 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the service",
-        description="Run the service. Every option can also be set as PARAMSERVER_<NAME> "
-        "in the environment (e.g. PARAMSERVER_PORT=9000).",
+        description="Run the service. Every option can also be set in the environment as "
+        "PARAMSERVER_<OPTION> (e.g. PARAMSERVER_PORT=9000, PARAMSERVER_TOKENS=...).",
     )
-    for flag, field, kind, text in _OPTIONS:
-        serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
-    serve.add_argument(
-        "--no-warm-up",
-        dest="warm_up_kernels",
-        action="store_const",
-        const=False,
-        default=None,
-        help="compile the numba kernels on first use instead of at start-up",
-    )
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        help_text = (
+            f"{field.description or ''} (default: {default}; env PARAMSERVER_{name.upper()})"
+        )
+        if field.annotation is bool:
+            serve.add_argument(
+                _flag(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            serve.add_argument(_flag(name), dest=name, default=None, help=help_text)
     return parser
 
 
@@ -60,7 +62,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         name: value
         for name, value in vars(args).items()
-        if name != "command" and value is not None
+        if name in Settings.model_fields and value is not None
     }
     return Settings(**overrides)
 
@@ -82,7 +84,30 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=30,
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then restores the handlers it found and
+    # raises the signal again, so that with Python's defaults the process would die of SIGTERM
+    # (exit 143) or a KeyboardInterrupt (130) after a clean shutdown. Handlers of ours that only
+    # ask the server to stop make a requested shutdown exit 0; they also cover a signal that
+    # arrives before uvicorn installs its own.
+    previous = {sig: signal.signal(sig, _stop_handler(server)) for sig in _STOP_SIGNALS}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_handler(server: Any) -> Callable[[int, FrameType | None], None]:
+    def handle(sig: int, frame: FrameType | None) -> None:
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True  # a second Ctrl-C skips waiting for open connections
+        server.should_exit = True
+
+    return handle
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,9 @@ class ServiceError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -56,6 +58,11 @@ class SessionNotFound(ServiceError):
 class SessionExists(ServiceError):
     status = 409
     code = "session_exists"
+
+
+class RequestTimeout(ServiceError):
+    status = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(ServiceError):
@@ -91,7 +98,9 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 

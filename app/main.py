@@ -17,6 +17,8 @@ from fastapi.concurrency import run_in_threadpool
 from . import __version__
 from .api import health, sessions
 from .api.schemas import CreateSessionRequest
+from .auth import AuthMiddleware, load_tokens
+from .backpressure import ConcurrencyLimitMiddleware
 from .errors import install_error_handlers
 from .optim import default_backend
 from .service import SessionService
@@ -35,11 +37,17 @@ new weights back. Arrays travel as `{dtype, shape, data}` maps with little-endia
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
+    tokens = load_tokens(settings.tokens, settings.tokens_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = SessionStore(max_sessions=settings.max_sessions)
+        store = SessionStore(
+            max_sessions=settings.max_sessions,
+            max_session_bytes=settings.max_session_bytes,
+            max_total_bytes=settings.max_total_bytes,
+        )
         app.state.service = SessionService(store, settings)
+        _announce_access(settings, bool(tokens))
         if settings.warm_up_kernels:
             backend = default_backend()
             warm_up = getattr(backend, "warm_up", None)
@@ -59,7 +67,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(sessions.router)
     _document_json_models(app)
+    if settings.limit_concurrency is not None:
+        app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.limit_concurrency)
+    if tokens:
+        app.add_middleware(AuthMiddleware, tokens=tokens)
     return app
+
+
+def _announce_access(settings: Settings, has_tokens: bool) -> None:
+    if has_tokens:
+        log.info("authentication on: every endpoint but /health needs a bearer token")
+        return
+    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+    log.warning(
+        "no tokens configured: the server is OPEN to anyone who can reach %s:%s%s",
+        settings.host,
+        settings.port,
+        "" if loopback else " (not loopback! set PARAMSERVER_TOKENS)",
+    )
 
 
 def _document_json_models(app: FastAPI) -> None:

@@ -41,6 +41,11 @@ JSON_MEDIA_TYPE = "application/json"
 
 def decode_limits(settings: Settings) -> wire.DecodeLimits:
     return wire.DecodeLimits(
+        # A state body holds up to four maps of tensors (weights and three slots), each
+        # tensor a map of three entries and a shape of up to max_dims items.
+        max_objects=1024 + 4 * settings.max_tensors * (8 + settings.max_dims),
+        max_map_items=max(settings.max_tensors, 64),
+        max_array_items=max(settings.max_dims, 64),
         max_tensors=settings.max_tensors,
         max_dims=settings.max_dims,
         max_elements=settings.max_elements,
@@ -73,10 +78,10 @@ def _reject_constant(name: str) -> float:
     raise BadRequest(f"{name} is not valid JSON")
 
 
-def _load(body: bytes | bytearray, kind: str) -> Any:
+def _load(body: bytes | bytearray, kind: str, limits: wire.DecodeLimits) -> Any:
     if kind == "msgpack":
         try:
-            return wire.unpack(body)
+            return wire.unpack(body, limits)
         except wire.MalformedBody as exc:
             raise BadRequest(f"malformed msgpack body: {exc}") from None
     try:
@@ -84,8 +89,6 @@ def _load(body: bytes | bytearray, kind: str) -> Any:
             body, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
         )
     except (ValueError, RecursionError) as exc:
-        if isinstance(exc, BadRequest):
-            raise
         raise BadRequest(f"malformed JSON body: {exc}") from None
 
 
@@ -118,7 +121,9 @@ def parse_optimizer(obj: Any) -> OptimizerConfig:
         raise InvalidRequest(str(exc), code="invalid_optimizer") from None
 
 
-def _tensors(obj: Any, *, field: str, limits: wire.DecodeLimits, json_body: bool) -> dict[str, np.ndarray]:
+def _tensors(
+    obj: Any, *, field: str, limits: wire.DecodeLimits, json_body: bool
+) -> dict[str, np.ndarray]:
     try:
         return wire.decode_tensor_map(obj, field=field, limits=limits, json=json_body)
     except wire.TensorError as exc:
@@ -130,7 +135,7 @@ def parse_create(
 ) -> tuple[str | None, OptimizerConfig, dict[str, np.ndarray]]:
     """``POST /sessions``: ``{"session_id"?, "optimizer", "weights"}`` (msgpack or JSON)."""
     obj = _top_level(
-        _load(body, kind), required={"optimizer", "weights"}, optional={"session_id"}
+        _load(body, kind, limits), required={"optimizer", "weights"}, optional={"session_id"}
     )
     optimizer = parse_optimizer(obj["optimizer"])
     weights = _tensors(obj["weights"], field="weights", limits=limits, json_body=kind == "json")
@@ -139,14 +144,14 @@ def parse_create(
 
 def parse_gradients(body: bytes | bytearray, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
     """``POST /sessions/{id}/gradients``: msgpack ``{"gradients": {name: tensor}}``."""
-    obj = _top_level(_load(body, "msgpack"), required={"gradients"})
+    obj = _top_level(_load(body, "msgpack", limits), required={"gradients"})
     return _tensors(obj["gradients"], field="gradients", limits=limits, json_body=False)
 
 
 def parse_state(body: bytes | bytearray, limits: wire.DecodeLimits) -> SessionState:
     """``PUT /sessions/{id}/state``: the body ``GET .../state`` returns."""
     obj = _top_level(
-        _load(body, "msgpack"),
+        _load(body, "msgpack", limits),
         required={"iterations", "optimizer", "weights", "slots", "scalars"},
     )
     iterations = obj["iterations"]

@@ -13,6 +13,7 @@ from typing import Any
 from client import wire
 
 from .errors import InvalidRequest
+from .idempotency import IdempotencyCache
 from .optim import GradientError, StateError
 from .protocol import (
     decode_limits,
@@ -36,6 +37,11 @@ class SessionService:
         self.store = store
         self.settings = settings
         self.limits: wire.DecodeLimits = decode_limits(settings)
+        self.idempotency = IdempotencyCache(
+            window_seconds=settings.idempotency_window_seconds,
+            max_keys=settings.idempotency_max_keys,
+            max_body_bytes=settings.idempotency_max_bytes,
+        )
 
     def create(self, body: bytes | bytearray, kind: str) -> dict[str, Any]:
         session_id, optimizer, weights = parse_create(body, kind, self.limits)
@@ -50,17 +56,38 @@ class SessionService:
         session = self.store.add(session_id, build)
         return session.summary(timestamps=False)
 
-    def push(self, session: Session, body: bytes | bytearray, *, return_weights: bool) -> bytes:
+    def push(
+        self,
+        session: Session,
+        body: bytes | bytearray,
+        *,
+        return_weights: bool,
+        idempotency_key: str | None = None,
+    ) -> tuple[bytes, bool]:
+        """Apply one step; returns the answer and whether it is a replay of an earlier push.
+
+        With an ``idempotency_key`` already seen on this session (within the window), nothing
+        is applied and the first answer is returned again.
+        """
         grads = parse_gradients(body, self.limits)
         with session.locked() as trainer:
+            if idempotency_key is not None:
+                seen = self.idempotency.get(session.id, idempotency_key)
+                if seen is not None:
+                    if seen.body is not None:
+                        return seen.body, True
+                    return weights_message(seen.iterations, None), True
             try:
                 trainer.apply(grads)
             except GradientError as exc:
                 raise InvalidRequest(str(exc), code=exc.code) from None
             session.touch()
-            return weights_message(
+            answer = weights_message(
                 trainer.iterations, trainer.weights() if return_weights else None
             )
+            if idempotency_key is not None:
+                self.idempotency.remember(session.id, idempotency_key, trainer.iterations, answer)
+            return answer, False
 
     def weights(self, session: Session) -> bytes:
         with session.locked() as trainer:
@@ -87,8 +114,13 @@ class SessionService:
             return created.summary(), True
         trainer = restore()  # built outside the lock: the session keeps serving meanwhile
         with session.lock:
+            self.store.check_memory(trainer.nbytes(), replacing=session.trainer.nbytes())
             self.store.replace(session, trainer)
             return session.summary(), False
+
+    def delete(self, session_id: str) -> None:
+        self.store.delete(session_id)
+        self.idempotency.forget_session(session_id)
 
     def summary(self, session: Session) -> dict[str, Any]:
         with session.locked():

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 from .errors import InsufficientStorage, InvalidRequest, SessionExists, SessionNotFound
 from .training import Trainer
@@ -24,8 +24,6 @@ __all__ = ["SESSION_ID_PATTERN", "Session", "SessionStore", "check_session_id"]
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
-
-T = TypeVar("T")
 
 
 def check_session_id(session_id: Any) -> str:
@@ -84,8 +82,15 @@ class Session:
 class SessionStore:
     """The sessions of one server, by id, with a bound on their number and their memory."""
 
-    def __init__(self, *, max_sessions: int, max_total_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_sessions: int,
+        max_session_bytes: int | None = None,
+        max_total_bytes: int | None = None,
+    ) -> None:
         self.max_sessions = max_sessions
+        self.max_session_bytes = max_session_bytes
         self.max_total_bytes = max_total_bytes
         self._sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()  # ids whose session is being built
@@ -134,7 +139,7 @@ class SessionStore:
             self._reserved.add(session_id)
         try:
             trainer = build()
-            self._check_memory(trainer.nbytes())
+            self.check_memory(trainer.nbytes())
             session = Session(session_id, trainer)
             with self._lock:
                 self._sessions[session_id] = session
@@ -143,13 +148,20 @@ class SessionStore:
             with self._lock:
                 self._reserved.discard(session_id)
 
-    def _check_memory(self, extra: int) -> None:
+    def check_memory(self, needed: int, *, replacing: int = 0) -> None:
+        """507 if a session of ``needed`` bytes (replacing one of ``replacing``) would not fit."""
+        if self.max_session_bytes is not None and needed > self.max_session_bytes:
+            raise InsufficientStorage(
+                f"the session needs {needed} bytes of weights and optimizer state; the "
+                f"per-session limit is {self.max_session_bytes}",
+                code="memory_quota_exceeded",
+            )
         if self.max_total_bytes is None:
             return
-        used = self.total_bytes()
-        if used + extra > self.max_total_bytes:
+        used = self.total_bytes() - replacing
+        if used + needed > self.max_total_bytes:
             raise InsufficientStorage(
-                f"the session needs {extra} bytes; the server holds {used} of its "
+                f"the session needs {needed} bytes; the server holds {used} of its "
                 f"{self.max_total_bytes}-byte limit",
                 code="memory_quota_exceeded",
             )
@@ -165,4 +177,3 @@ class SessionStore:
         """Swap in a new trainer (a loaded state); the caller holds ``session.lock``."""
         session.trainer = trainer
         session.touch()
-

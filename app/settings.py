@@ -7,6 +7,9 @@ message instead of failing on the first request.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -25,12 +28,72 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         512 * MiB, ge=1024, description="Largest request body, enforced while it streams in."
     )
-    max_tensors: int = Field(10_000, ge=1, description="Most tensors in one request.")
+    max_tensors: int = Field(4096, ge=1, description="Most tensors in one request.")
     max_dims: int = Field(32, ge=0, le=64, description="Most dimensions of one tensor.")
-    max_elements: int = Field(
-        1 << 31, ge=1, description="Most elements of one tensor."
-    )
+    max_elements: int = Field(1 << 31, ge=1, description="Most elements of one tensor.")
     max_sessions: int = Field(1024, ge=1, description="Most sessions held at once.")
+
+    max_session_bytes: int | None = Field(
+        None, ge=1, description="Most bytes of weights and optimizer state in one session."
+    )
+    max_total_bytes: int | None = Field(
+        None, ge=1, description="Most bytes of weights and optimizer state in all sessions."
+    )
+    limit_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Most requests in progress at once; more get 503 with Retry-After.",
+    )
+    request_timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="Longest wait for a request body to arrive and for the session's turn; "
+        "past it the request gets 408 (body) or 503 (busy session).",
+    )
+
+    tokens: str | None = Field(
+        None,
+        description="Comma-separated bearer tokens; 'SECRET' or 'SECRET:rw' may write, "
+        "'SECRET:ro' may only read. When set (here or in tokens_file) every endpoint but "
+        "/health needs 'Authorization: Bearer SECRET'.",
+    )
+    tokens_file: Path | None = Field(
+        None, description="A file of tokens, one per line (same forms as tokens; # comments)."
+    )
+
+    idempotency_window_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="How long a push's Idempotency-Key is remembered (its response replayed).",
+    )
+    idempotency_max_keys: int = Field(
+        100_000, ge=0, description="Most Idempotency-Keys remembered across all sessions."
+    )
+    idempotency_max_bytes: int = Field(
+        256 * MiB,
+        ge=0,
+        description="Most bytes of remembered push answers; older answers shrink to "
+        "{iterations} alone.",
+    )
+
+    snapshot_dir: Path | None = Field(
+        None, description="Directory for crash-safe snapshots of every session (off if unset)."
+    )
+    snapshot_interval_seconds: float = Field(
+        60.0, gt=0, description="Seconds between periodic snapshots."
+    )
+    snapshot_keep: int = Field(3, ge=1, description="Snapshots kept per session.")
+    durability: Literal["snapshot", "journal"] = Field(
+        "snapshot",
+        description="'journal': a push is acknowledged only after it is in the write-ahead "
+        "journal (needs snapshot_dir).",
+    )
+    journal_fsync: Literal["always", "interval"] = Field(
+        "always",
+        description="'always': fsync the journal before each acknowledgement; 'interval': "
+        "every journal_fsync_interval_seconds (a crash of the machine may lose that much).",
+    )
+    journal_fsync_interval_seconds: float = Field(1.0, gt=0)
 
     warm_up_kernels: bool = Field(
         True, description="Compile the numba kernels at start-up instead of on first use."

@@ -138,9 +138,7 @@ class Optimizer:
             given[arg.name] = value
         for key, value in kwargs.items():
             if key in given:
-                raise InvalidOptimizerConfig(
-                    f"{self.class_name}: argument '{key}' given twice"
-                )
+                raise InvalidOptimizerConfig(f"{self.class_name}: argument '{key}' given twice")
             given[key] = value
         if _LR_ALIAS in given:
             if "lr" in given:
@@ -157,9 +155,7 @@ class Optimizer:
             )
         config: dict[str, Any] = {}
         for arg in own:
-            config[arg.name] = _check_value(
-                self.class_name, arg, given.get(arg.name, arg.default)
-            )
+            config[arg.name] = _check_value(self.class_name, arg, given.get(arg.name, arg.default))
         for arg in _CLIP_ARGUMENTS:
             value = _check_value(self.class_name, arg, given.get(arg.name))
             if value is not None:
@@ -175,7 +171,7 @@ class Optimizer:
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     def get_config(self) -> dict[str, Any]:
-        """The full configuration with Keras's keys (``lr``, ``beta_1``, ...), defaults filled in."""
+        """The whole configuration with Keras's keys (``lr``, ...), defaults filled in."""
         return dict(self._config)
 
     @classmethod
@@ -331,8 +327,7 @@ class TFOptimizer(Optimizer):
         name = spec.get("class_name")
         if not isinstance(name, str) or not name:
             raise InvalidOptimizerConfig(
-                "TFOptimizer: 'optimizer.class_name' must be a non-empty string, "
-                f"got {name!r}"
+                f"TFOptimizer: 'optimizer.class_name' must be a non-empty string, got {name!r}"
             )
         config = spec.get("config", {})
         if config is None:

@@ -69,6 +69,9 @@ class DecodeLimits:
     """Bounds on what one body may hold. ``None`` means no bound beyond the body's size."""
 
     max_depth: int = 16
+    max_objects: int = 1_000_000  # values inside containers, in all
+    max_map_items: int = 100_000  # entries of one map
+    max_array_items: int = 1024  # items of one array (arrays are shapes in this protocol)
     max_tensors: int | None = 100_000
     max_dims: int = 32
     max_elements: int | None = None
@@ -88,13 +91,16 @@ _F64 = struct.Struct(">d")
 
 
 class _Reader:
-    __slots__ = ("buf", "end", "max_depth", "pos")
+    __slots__ = ("budget", "buf", "end", "max_array", "max_depth", "max_map", "pos")
 
-    def __init__(self, buf: memoryview, max_depth: int) -> None:
+    def __init__(self, buf: memoryview, limits: DecodeLimits) -> None:
         self.buf = buf
         self.pos = 0
         self.end = len(buf)
-        self.max_depth = max_depth
+        self.max_depth = limits.max_depth
+        self.budget = limits.max_objects
+        self.max_map = limits.max_map_items
+        self.max_array = limits.max_array_items
 
     def need(self, n: int) -> int:
         start = self.pos
@@ -186,6 +192,10 @@ class _Reader:
     def _enter(self, n: int, per_item: int, depth: int) -> None:
         if depth >= self.max_depth:
             raise MalformedBody(f"msgpack nesting deeper than {self.max_depth} levels")
+        bound = self.max_map if per_item == 2 else self.max_array
+        if n > bound:
+            kind = "map" if per_item == 2 else "array"
+            raise MalformedBody(f"a msgpack {kind} of {n} items; at most {bound} allowed here")
         # Every element needs at least one byte: a count the rest of the body cannot hold is a
         # lie, refused before anything is allocated for it.
         if n * per_item > self.end - self.pos:
@@ -193,6 +203,9 @@ class _Reader:
                 f"truncated msgpack: a container of {n} items at offset {self.pos} "
                 "runs past the end of the body"
             )
+        self.budget -= n * per_item
+        if self.budget < 0:
+            raise MalformedBody("the body holds more values than this request may carry")
 
     def array(self, n: int, depth: int) -> list[Any]:
         self._enter(n, 1, depth)
@@ -211,27 +224,29 @@ class _Reader:
         return out
 
 
-def unpack(body: bytes | bytearray | memoryview, *, max_depth: int = 16) -> Any:
+def unpack(body: bytes | bytearray | memoryview, limits: DecodeLimits | None = None) -> Any:
     """Parse one msgpack value that fills ``body`` exactly; ``bin`` values are zero-copy views.
 
     Raises :class:`MalformedBody` for anything that is not well-formed msgpack of the allowed
     kinds (nil, bool, int, float, str, bin, array, map with string keys), for ext types, for
-    trailing bytes and for nesting deeper than ``max_depth``.
+    trailing bytes, and for anything past ``limits`` (nesting depth, items of one container,
+    values in all): a container's count is checked against the limits and against the bytes
+    left before anything is parsed for it, so a hostile body is refused early and cannot
+    make the decoder build more Python objects than the limits allow.
     """
+    limits = limits if limits is not None else DecodeLimits()
     view = memoryview(body)
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
     if not view:
         raise MalformedBody("empty body: expected a msgpack map")
-    reader = _Reader(view, max_depth)
+    reader = _Reader(view, limits)
     try:
         value = reader.read(0)
     except RecursionError as exc:  # pragma: no cover - max_depth keeps us far from it
         raise MalformedBody("msgpack nesting too deep") from exc
     if reader.pos != reader.end:
-        raise MalformedBody(
-            f"{reader.end - reader.pos} trailing bytes after the msgpack value"
-        )
+        raise MalformedBody(f"{reader.end - reader.pos} trailing bytes after the msgpack value")
     return value
 
 
@@ -270,10 +285,14 @@ def _check_keys(obj: Any, where: str) -> None:
             detail.append(f"missing {', '.join(missing)}")
         if extra:
             detail.append(f"unexpected {', '.join(map(repr, extra))}")
-        raise TensorError(f"{where}: a tensor map has keys dtype, shape, data ({'; '.join(detail)})")
+        raise TensorError(
+            f"{where}: a tensor map has keys dtype, shape, data ({'; '.join(detail)})"
+        )
 
 
-def decode_tensor(obj: Any, *, where: str = "tensor", limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+def decode_tensor(
+    obj: Any, *, where: str = "tensor", limits: DecodeLimits = DecodeLimits()
+) -> np.ndarray:
     """Turn a decoded tensor map into an array that views the body's bytes (no copy).
 
     Checks the dtype against the allow-list, the shape, and that
@@ -344,9 +363,7 @@ def decode_tensor_map(
 def check_parameter_name(name: Any) -> str:
     """A parameter name is 1-256 printable characters."""
     if not isinstance(name, str) or not 1 <= len(name) <= 256 or not name.isprintable():
-        raise TensorError(
-            f"parameter names must be 1-256 printable characters, got {name!r}"[:300]
-        )
+        raise TensorError(f"parameter names must be 1-256 printable characters, got {name!r}"[:300])
     return name
 
 

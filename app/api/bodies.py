@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import Request
 
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
+async def read_body(request: Request, limit: int, *, timeout: float | None = None) -> bytearray:
+    """The whole body within ``timeout`` seconds (408 past it); see :func:`_read`."""
+    if timeout is None:
+        return await _read(request, limit)
+    try:
+        with anyio.fail_after(timeout):
+            return await _read(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {timeout:g} s",
+            headers={"Connection": "close"},
+        ) from None
+
+
+async def _read(request: Request, limit: int) -> bytearray:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
 
     A declared ``Content-Length`` over the limit is refused before any byte is read; a body

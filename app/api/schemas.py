@@ -133,7 +133,9 @@ _STATE_MESSAGE = {
 }
 
 
-def msgpack_body(schema: dict[str, Any], *, also_json: dict[str, Any] | None = None) -> dict[str, Any]:
+def msgpack_body(
+    schema: dict[str, Any], *, also_json: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``openapi_extra`` for a route that reads a raw msgpack (and maybe JSON) body."""
     content: dict[str, Any] = {
         MSGPACK_MEDIA_TYPE: {"schema": schema},

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+import anyio
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from client.wire import MSGPACK_MEDIA_TYPE
 
+from ..errors import InvalidRequest, ServiceUnavailable
+from ..idempotency import check_key
 from ..protocol import body_kind
 from ..service import SessionService
 from ..sessions import SESSION_ID_PATTERN, Session
@@ -38,8 +43,39 @@ def get_session(session_id: SessionId, service: ServiceDep) -> Session:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def msgpack_response(content: bytes, status_code: int = 200) -> Response:
-    return Response(content=content, status_code=status_code, media_type=MSGPACK_MEDIA_TYPE)
+def msgpack_response(
+    content: bytes, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        content=content, status_code=status_code, media_type=MSGPACK_MEDIA_TYPE, headers=headers
+    )
+
+
+@asynccontextmanager
+async def turn(session: Session, service: SessionService) -> AsyncIterator[None]:
+    """Wait (on the event loop) for the session's turn; 503 if it does not come in time."""
+    try:
+        with anyio.fail_after(service.settings.request_timeout_seconds):
+            await session.turn.acquire()
+    except TimeoutError:
+        raise ServiceUnavailable(
+            f"session {session.id!r} stayed busy for "
+            f"{service.settings.request_timeout_seconds:g} s; retry later",
+            code="session_busy",
+            headers={"Retry-After": "1"},
+        ) from None
+    try:
+        yield
+    finally:
+        session.turn.release()
+
+
+async def body_of(request: Request, service: SessionService) -> bytearray:
+    return await read_body(
+        request,
+        service.settings.max_body_bytes,
+        timeout=service.settings.request_timeout_seconds,
+    )
 
 
 @router.post(
@@ -55,7 +91,7 @@ def msgpack_response(content: bytes, status_code: int = 200) -> Response:
 )
 async def create_session(request: Request, service: ServiceDep) -> dict:  # type: ignore[type-arg]
     kind = body_kind(request.headers.get("content-type"), allow_json=True)
-    body = await read_body(request, service.settings.max_body_bytes)
+    body = await body_of(request, service)
     return await run_in_threadpool(service.create, body, kind)
 
 
@@ -75,7 +111,7 @@ async def list_sessions(service: ServiceDep) -> dict:  # type: ignore[type-arg]
     responses=schemas.error_responses(404),
 )
 async def get_session_summary(session: SessionDep, service: ServiceDep) -> dict:  # type: ignore[type-arg]
-    async with session.turn:
+    async with turn(session, service):
         return await run_in_threadpool(service.summary, session)
 
 
@@ -86,7 +122,7 @@ async def get_session_summary(session: SessionDep, service: ServiceDep) -> dict:
     responses=schemas.error_responses(404),
 )
 async def delete_session(session_id: SessionId, service: ServiceDep) -> Response:
-    service.store.delete(session_id)
+    service.delete(session_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -107,14 +143,29 @@ async def push_gradients(
     return_weights: Annotated[
         bool, Query(description="Answer the weights after the step (default) or only iterations.")
     ] = True,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="1-255 printable ASCII characters. A key seen again on this session "
+            "within the window applies nothing and replays the first answer (with the "
+            "response header Idempotent-Replayed: true)."
+        ),
+    ] = None,
 ) -> Response:
     body_kind(request.headers.get("content-type"), allow_json=False)
-    body = await read_body(request, service.settings.max_body_bytes)
-    async with session.turn:
-        content = await run_in_threadpool(
-            service.push, session, body, return_weights=return_weights
+    if idempotency_key is not None and not check_key(idempotency_key):
+        raise InvalidRequest(
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+            code="invalid_idempotency_key",
         )
-    return msgpack_response(content)
+    body = await body_of(request, service)
+    async with turn(session, service):
+        content, replayed = await run_in_threadpool(
+            lambda: service.push(
+                session, body, return_weights=return_weights, idempotency_key=idempotency_key
+            )
+        )
+    return msgpack_response(content, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 @router.get(
@@ -124,7 +175,7 @@ async def push_gradients(
     responses={200: schemas.WEIGHTS_RESPONSE, **schemas.error_responses(404)},
 )
 async def get_weights(session: SessionDep, service: ServiceDep) -> Response:
-    async with session.turn:
+    async with turn(session, service):
         return msgpack_response(await run_in_threadpool(service.weights, session))
 
 
@@ -137,7 +188,7 @@ async def get_weights(session: SessionDep, service: ServiceDep) -> Response:
     responses={200: schemas.STATE_RESPONSE, **schemas.error_responses(404)},
 )
 async def get_state(session: SessionDep, service: ServiceDep) -> Response:
-    async with session.turn:
+    async with turn(session, service):
         return msgpack_response(await run_in_threadpool(service.state, session))
 
 
@@ -158,10 +209,10 @@ async def put_state(
     session_id: SessionId, request: Request, response: Response, service: ServiceDep
 ) -> dict:  # type: ignore[type-arg]
     body_kind(request.headers.get("content-type"), allow_json=False)
-    body = await read_body(request, service.settings.max_body_bytes)
+    body = await body_of(request, service)
     existing = service.store.find(session_id)
     if existing is not None:
-        async with existing.turn:
+        async with turn(existing, service):
             summary, created = await run_in_threadpool(service.load_state, session_id, body)
     else:
         summary, created = await run_in_threadpool(service.load_state, session_id, body)

@@ -1,0 +1,120 @@
+"""Bearer-token authentication, as a pure ASGI middleware.
+
+When tokens are configured, every request but ``GET /health`` needs
+``Authorization: Bearer <token>``. A read-only token may list, describe and pull (``GET`` and
+``HEAD``); a read-write token may do everything. A missing or unknown token gets 401 and a
+read-only token on a write gets 403, with a body that says nothing about which tokens exist.
+Tokens are compared in constant time: each presented token is hashed and compared with every
+known hash, so the time taken does not depend on how much of a token matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["AuthMiddleware", "TokenTable", "load_tokens"]
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+OPEN_PATHS = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Hashes of the known tokens, each with its right to write."""
+
+    entries: tuple[tuple[bytes, bool], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def lookup(self, token: str) -> bool | None:
+        """``True`` (may write), ``False`` (read-only) or ``None`` (unknown), in constant time."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        found: bool | None = None
+        for known, can_write in self.entries:
+            if hmac.compare_digest(known, digest):
+                found = can_write
+        return found
+
+
+def _parse_entry(entry: str) -> tuple[bytes, bool] | None:
+    entry = entry.strip()
+    if not entry or entry.startswith("#"):
+        return None
+    can_write = True
+    if entry.endswith(":ro"):
+        entry, can_write = entry[:-3], False
+    elif entry.endswith(":rw"):
+        entry = entry[:-3]
+    if not entry:
+        raise ValueError("an empty token is not allowed")
+    return hashlib.sha256(entry.encode("utf-8")).digest(), can_write
+
+
+def load_tokens(tokens: str | None, tokens_file: Path | None) -> TokenTable:
+    """Tokens from a comma-separated string and/or a file of one token per line.
+
+    Each entry is ``SECRET`` or ``SECRET:rw`` (read-write) or ``SECRET:ro`` (read-only).
+    """
+    raw: list[str] = []
+    if tokens:
+        raw.extend(tokens.split(","))
+    if tokens_file is not None:
+        raw.extend(Path(tokens_file).read_text(encoding="utf-8").splitlines())
+    entries = [e for e in (_parse_entry(x) for x in raw) if e is not None]
+    return TokenTable(tuple(entries))
+
+
+def _error(
+    status: int, code: str, message: str, extra: Iterable[tuple[bytes, bytes]] = ()
+) -> tuple[dict[str, Any], bytes]:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    return {"type": "http.response.start", "status": status, "headers": headers}, body
+
+
+class AuthMiddleware:
+    """401 without a valid bearer token; 403 for a read-only token on a write."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenTable) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        token = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, credentials = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and credentials.strip():
+                    token = credentials.strip()
+                break
+        can_write = None if token is None else self.tokens.lookup(token)
+        if can_write is None:
+            start, body = _error(
+                401,
+                "unauthorized",
+                "a valid bearer token is required (Authorization: Bearer <token>)",
+                [(b"www-authenticate", b'Bearer realm="paramserver"')],
+            )
+        elif not can_write and scope["method"] not in READ_METHODS:
+            start, body = _error(403, "forbidden", "this token is read-only")
+        else:
+            await self.app(scope, receive, send)
+            return
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
