@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 __all__ = [
     "SGD",
     "Adadelta",
@@ -93,6 +95,8 @@ def _check_value(owner: str, arg: _Argument, value: Any) -> Any:
         )
 
     if arg.kind == "bool":
+        if isinstance(value, np.bool_):
+            value = bool(value)
         if not isinstance(value, bool):
             raise fail(f"got {value!r} of type {type(value).__name__}")
         return value
@@ -102,7 +106,9 @@ def _check_value(owner: str, arg: _Argument, value: Any) -> Any:
         if arg.name == "epsilon":
             return DEFAULT_EPSILON
         raise fail("got null")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
         raise fail(f"got {value!r} of type {type(value).__name__}")
     number = float(value)
     if not math.isfinite(number):

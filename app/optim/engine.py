@@ -128,9 +128,10 @@ class NumpyBackend:
 
     def sum_squares(self, g: np.ndarray) -> float:
         total = 0.0
-        for start in range(0, g.size, self.chunk):
-            block = g[start : start + self.chunk].astype(np.float64, copy=False)
-            total += float(np.dot(block, block))
+        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN is the answer, not an error
+            for start in range(0, g.size, self.chunk):
+                block = g[start : start + self.chunk].astype(np.float64, copy=False)
+                total += float(np.dot(block, block))
         return total
 
     def update(self, rule, p, g, slots, coeffs, grad_scale, grad_clip):  # type: ignore[no-untyped-def]
@@ -154,9 +155,7 @@ class NumpyBackend:
                 if grad_clip is not None:
                     np.clip(gb, -grad_clip, grad_clip, out=gb)
                 gc = gb
-            rule.numpy_kernel(
-                p[start:stop], gc, tuple(s[start:stop] for s in slots), coeffs, sc
-            )
+            rule.numpy_kernel(p[start:stop], gc, tuple(s[start:stop] for s in slots), coeffs, sc)
 
 
 _DEFAULT_BACKEND: KernelBackend | None = None
@@ -267,8 +266,19 @@ class KerasOptimizer:
         """
         for name, (shape, dtype) in self.specs.items():
             p = params.get(name)
-            if p is None or p.shape != shape or p.dtype != dtype or not p.flags.c_contiguous:
-                raise GradientError(f"parameter {name!r} does not match this optimizer")
+            # A numpy scalar or a read-only array cannot be updated in place: refused here, not
+            # half-way through the step (a scalar would silently keep its value).
+            if (
+                not isinstance(p, np.ndarray)
+                or p.shape != shape
+                or p.dtype != dtype
+                or not p.flags.c_contiguous
+                or not p.flags.writeable
+            ):
+                raise GradientError(
+                    f"parameter {name!r} must be a writable C-contiguous {dtype} array of shape "
+                    f"{list(shape)}"
+                )
         sum_sq = self.check_gradients(grads)
         cfg = self._cfg
         dt = self.compute_dtype.type

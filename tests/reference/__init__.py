@@ -1,0 +1,1 @@
+"""Reference implementations the tests compare against (see each module's docstring)."""
