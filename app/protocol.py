@@ -82,6 +82,12 @@ def _load(body: bytes | bytearray, kind: str, limits: wire.DecodeLimits) -> Any:
     if kind == "msgpack":
         try:
             return wire.unpack(body, limits)
+        except wire.LimitExceeded as exc:
+            raise InvalidRequest(
+                f"the request exceeds this server's limits: {exc} (max_tensors="
+                f"{limits.max_tensors}, max_dims={limits.max_dims})",
+                code="invalid_tensor",
+            ) from None
         except wire.MalformedBody as exc:
             raise BadRequest(f"malformed msgpack body: {exc}") from None
     try:
@@ -94,7 +100,7 @@ def _load(body: bytes | bytearray, kind: str, limits: wire.DecodeLimits) -> Any:
 
 def _top_level(obj: Any, *, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:  # type: ignore[assignment]
     if not isinstance(obj, dict):
-        raise InvalidRequest(f"the body must be a map, got {type(obj).__name__}")
+        raise BadRequest("the body must be a map (a msgpack map or a JSON object)")
     missing = sorted(required - set(obj))
     extra = sorted(set(obj) - required - optional)
     if missing:

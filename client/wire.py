@@ -33,6 +33,7 @@ __all__ = [
     "MSGPACK_MEDIA_TYPE",
     "TENSOR_DTYPES",
     "DecodeLimits",
+    "LimitExceeded",
     "MalformedBody",
     "TensorError",
     "decode_tensor",
@@ -62,6 +63,13 @@ class MalformedBody(ValueError):
 
 class TensorError(ValueError):
     """A well-formed tensor map that is invalid: bad dtype, shape or data length (HTTP 422)."""
+
+
+class LimitExceeded(MalformedBody):
+    """Well-formed so far, but a container is larger than the request's limits allow (422).
+
+    Raised from a container's header, before anything is parsed for it.
+    """
 
 
 @dataclass(frozen=True)
@@ -192,10 +200,6 @@ class _Reader:
     def _enter(self, n: int, per_item: int, depth: int) -> None:
         if depth >= self.max_depth:
             raise MalformedBody(f"msgpack nesting deeper than {self.max_depth} levels")
-        bound = self.max_map if per_item == 2 else self.max_array
-        if n > bound:
-            kind = "map" if per_item == 2 else "array"
-            raise MalformedBody(f"a msgpack {kind} of {n} items; at most {bound} allowed here")
         # Every element needs at least one byte: a count the rest of the body cannot hold is a
         # lie, refused before anything is allocated for it.
         if n * per_item > self.end - self.pos:
@@ -203,9 +207,14 @@ class _Reader:
                 f"truncated msgpack: a container of {n} items at offset {self.pos} "
                 "runs past the end of the body"
             )
+        bound = self.max_map if per_item == 2 else self.max_array
+        if n > bound:
+            if per_item == 2:
+                raise LimitExceeded(f"a map of {n} entries; at most {bound} allowed per map")
+            raise LimitExceeded(f"an array of {n} items; at most {bound} allowed per array")
         self.budget -= n * per_item
         if self.budget < 0:
-            raise MalformedBody("the body holds more values than this request may carry")
+            raise LimitExceeded("the body holds more values than this request may carry")
 
     def array(self, n: int, depth: int) -> list[Any]:
         self._enter(n, 1, depth)

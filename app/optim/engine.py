@@ -224,7 +224,16 @@ class KerasOptimizer:
         """Validate ``grads`` against the parameters; return the global sum of squares.
 
         Raises :class:`GradientError` for a missing or extra name, a shape or dtype that does
-        not fit, or a NaN/inf element. Reads the gradients once; changes nothing.
+        not fit, or a NaN/inf element (also one that appears when a gradient is cast to its
+        parameter's dtype). Changes nothing.
+        """
+        return self._prepare(grads)[1]
+
+    def _prepare(self, grads: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """The gradients as flat arrays of their parameters' dtypes, and their sum of squares.
+
+        A gradient of another float dtype is cast first (into a reused buffer), then checked,
+        so that a finite float64 value that overflows float32 is refused like an inf.
         """
         missing = [n for n in self.specs if n not in grads]
         extra = [n for n in grads if n not in self.specs]
@@ -236,7 +245,8 @@ class KerasOptimizer:
                 parts.append(f"gradient(s) for unknown parameter(s) {', '.join(map(repr, extra))}")
             raise GradientError("; ".join(parts))
         total = 0.0
-        for name, (shape, _dtype) in self.specs.items():
+        flat: dict[str, np.ndarray] = {}
+        for name, (shape, dtype) in self.specs.items():
             g = grads[name]
             if np.dtype(g.dtype) not in FLOAT_DTYPES:
                 raise GradientError(
@@ -246,7 +256,9 @@ class KerasOptimizer:
                 raise GradientError(
                     f"gradient {name!r} has shape {list(g.shape)}, parameter has {list(shape)}"
                 )
-            sq = self.backend.sum_squares(_flat(g))
+            g = self._as_dtype(name, _flat(g), dtype)
+            flat[name] = g
+            sq = self.backend.sum_squares(g)
             if not math.isfinite(sq):
                 raise GradientError(
                     f"gradient {name!r} contains NaN or infinite values", code="non_finite_gradient"
@@ -257,7 +269,7 @@ class KerasOptimizer:
                 "gradients are too large: their global norm overflows float64",
                 code="non_finite_gradient",
             )
-        return total
+        return flat, total
 
     def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
         """Apply one optimizer step to ``params`` in place (Keras's ``get_updates``, once).
@@ -279,7 +291,7 @@ class KerasOptimizer:
                     f"parameter {name!r} must be a writable C-contiguous {dtype} array of shape "
                     f"{list(shape)}"
                 )
-        sum_sq = self.check_gradients(grads)
+        flat_grads, sum_sq = self._prepare(grads)
         cfg = self._cfg
         dt = self.compute_dtype.type
         coeffs, new_scalars = self.rule.coefficients(
@@ -296,7 +308,7 @@ class KerasOptimizer:
         for name, (_shape, dtype) in self.specs.items():
             ty = dtype.type
             p = _flat(params[name])
-            g = self._as_dtype(name, _flat(grads[name]), dtype)
+            g = flat_grads[name]
             kcoeffs = coeffs if dtype == self.compute_dtype else _cast_coeffs(coeffs, ty)
             self.backend.update(
                 self.rule,
@@ -318,7 +330,8 @@ class KerasOptimizer:
         if buf is None or buf.dtype != dtype:
             buf = np.empty(g.size, dtype)
             self._cast_buffers[name] = buf
-        np.copyto(buf, g, casting="unsafe")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused after
+            np.copyto(buf, g, casting="unsafe")
         return buf
 
     # --- state -------------------------------------------------------------------------------
@@ -368,6 +381,8 @@ class KerasOptimizer:
                         f"slot {slot!r} of {name!r} has shape {list(arr.shape)} and dtype "
                         f"{arr.dtype}; expected {list(shape)} and {dtype}"
                     )
+                if not np.isfinite(arr).all():
+                    raise StateError(f"slot {slot!r} of {name!r} contains NaN or infinite values")
         if set(state.scalars) != set(self.scalars):
             raise StateError(
                 f"{self.config.class_name} has scalar state {sorted(self.scalars)}, "
