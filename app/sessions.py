@@ -22,7 +22,8 @@ from .training import Trainer
 
 __all__ = ["SESSION_ID_PATTERN", "Session", "SessionStore", "check_session_id"]
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+# "." and ".." are excluded: URL normalisation would turn /sessions/.. into another route.
+SESSION_ID_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}$"
 _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 

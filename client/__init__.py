@@ -1,1 +1,88 @@
-"""paramserver's client library (filled in by the client issue)."""
+"""paramserver's client library: what a worker imports to train against a parameter server.
+
+::
+
+    from client import Client, optimizers
+
+    with Client("http://127.0.0.1:8000") as client:
+        session = client.create_session(model.get_weights(), optimizers.SGD(momentum=0.9))
+        weights = session.pull()
+        for batch in data:
+            weights = session.push(compute_gradients(weights, batch))
+
+* :class:`Client` / :class:`AsyncClient`: blocking and asyncio twins (``httpx`` underneath).
+* :class:`Session` / :class:`AsyncSession`: push, pull, info, state, load_state, delete.
+* :mod:`client.optimizers`: Keras 2.2 optimizer objects, validated by the rules the server uses.
+* :mod:`client.errors`: one exception per error status, with the server's code and message.
+* :mod:`client.wire`: the msgpack tensor format, shared with the server.
+
+See ``docs/client.md`` for the retry policy and the forms weights take.
+"""
+
+from . import errors, optimizers, wire
+from ._base import (
+    DEFAULT_RETRY_POLICY,
+    DEFAULT_TIMEOUT,
+    DictWeights,
+    ListWeights,
+    Parameter,
+    RetryPolicy,
+    SessionInfo,
+    SessionState,
+)
+from .aio import AsyncClient, AsyncSession
+from .errors import (
+    BadRequest,
+    Forbidden,
+    InsufficientStorage,
+    InternalServerError,
+    InvalidRequest,
+    NotFound,
+    ParamServerError,
+    PayloadTooLarge,
+    ProtocolError,
+    RequestTimeout,
+    ServerError,
+    ServiceUnavailable,
+    SessionExists,
+    SessionNotFound,
+    TransportError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from .sync import Client, Session
+
+__all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "DEFAULT_TIMEOUT",
+    "AsyncClient",
+    "AsyncSession",
+    "BadRequest",
+    "Client",
+    "DictWeights",
+    "Forbidden",
+    "InsufficientStorage",
+    "InternalServerError",
+    "InvalidRequest",
+    "ListWeights",
+    "NotFound",
+    "Parameter",
+    "ParamServerError",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "RequestTimeout",
+    "RetryPolicy",
+    "ServerError",
+    "ServiceUnavailable",
+    "Session",
+    "SessionExists",
+    "SessionInfo",
+    "SessionNotFound",
+    "SessionState",
+    "TransportError",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "errors",
+    "optimizers",
+    "wire",
+]

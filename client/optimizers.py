@@ -194,7 +194,9 @@ class Optimizer:
         return {"class_name": self.class_name, "config": self.get_config()}
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.get_config() == self.get_config()  # type: ignore[attr-defined]
+        return isinstance(other, Optimizer) and type(other) is type(self) and (
+            other.get_config() == self.get_config()
+        )
 
     def __hash__(self) -> int:
         return hash((self.class_name, tuple(sorted(self._config.items()))))

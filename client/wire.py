@@ -439,7 +439,7 @@ def _tensor_chunks(arr: np.ndarray, out: list[Any]) -> None:
     out.append(_DATA_KEY)
     out.append(_bin_header(arr.nbytes))
     if arr.nbytes:
-        out.append(memoryview(arr).cast("B"))
+        out.append(arr.data.cast("B"))  # the array's own memory, not a copy
 
 
 def _chunks(obj: Any, out: list[Any]) -> None:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import anyio
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 
 async def read_body(request: Request, limit: int, *, timeout: float | None = None) -> bytearray:
     """The whole body within ``timeout`` seconds (408 past it); see :func:`_read`."""
-    if timeout is None:
-        return await _read(request, limit)
     try:
+        if timeout is None:
+            return await _read(request, limit)
         with anyio.fail_after(timeout):
             return await _read(request, limit)
+    except ClientDisconnect:
+        # The client went away mid-body: nothing was applied and nobody reads the answer.
+        raise BadRequest("the client disconnected before the body was complete") from None
     except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {timeout:g} s",

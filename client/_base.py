@@ -1,0 +1,714 @@
+"""What the sync and async clients share: defaults, requests, answers, and the retry rules.
+
+Nothing here does I/O. An operation is described by a :class:`Call` (method, path, body,
+headers, how safe it is to repeat, and how to read a successful answer); :class:`Attempts`
+decides after each try whether to retry and how long to wait. :mod:`client.sync` and
+:mod:`client.aio` only send calls over ``httpx`` and sleep, so the two clients cannot drift.
+
+Retries (the one policy of the package, :class:`RetryPolicy`; see ``docs/client.md``):
+
+* **503** (``service_unavailable``, ``session_busy``: the server did not process the request)
+  is retried for every request, waiting at least the ``Retry-After`` the server sent.
+* **Push** (``POST /sessions/{id}/gradients``) carries an ``Idempotency-Key`` (a fresh uuid4
+  hex per call, reused by every retry of that call, with the same body). The server applies a
+  key once and replays the first answer for a repeat, so the push is retried after any
+  transient transport failure: connect errors and timeouts, read/write errors and timeouts,
+  and connections dropped before the answer. A replayed answer the server kept without its
+  weights (``{"iterations"}`` alone) makes the client pull the weights.
+* **Reads** (``GET``), **state import** (``PUT``, idempotent) and **delete** are retried after
+  the same transient failures. A delete whose first answer was lost may then see 404
+  (``SessionNotFound``): ``delete(missing_ok=True)`` accepts that.
+* **Create** (``POST /sessions``) is retried only when the request cannot have reached the
+  server (``httpx.ConnectError``, ``ConnectTimeout``, ``PoolTimeout``); after any later failure
+  the session may exist, and the error (:class:`~client.errors.TransportError`) says so.
+* Nothing else is retried: no other status (4xx are final; 500 may have changed state), and
+  no ``httpx`` error that is a local mistake (unsupported URL scheme, invalid header, proxy).
+
+Waits use exponential backoff with full jitter: before retry ``n`` (from 0) the client sleeps
+a uniform random time in ``[0, min(backoff_cap, backoff_base * 2**n)]``, or the server's
+``Retry-After`` if that is longer; a ``Retry-After`` beyond ``max_retry_after`` ends the
+retries at once (the :class:`~client.errors.ServiceUnavailable` carries it).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import random
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Generic, NamedTuple, TypeAlias, TypeVar, cast
+from urllib.parse import quote
+
+import httpx
+import numpy as np
+
+from . import errors, optimizers, wire
+
+__all__ = [
+    "DEFAULT_RETRY_POLICY",
+    "DEFAULT_TIMEOUT",
+    "Attempts",
+    "Call",
+    "Parameter",
+    "Reply",
+    "RetryPolicy",
+    "Safety",
+    "SessionInfo",
+    "SessionState",
+]
+
+T = TypeVar("T")
+
+#: Timeouts: 10 s to connect, 60 s to get a pooled connection, and 300 s between bytes read
+#: or written, longer than the server's 120 s default wait for a busy session's turn (so a
+#: queued push is answered by the server, not abandoned by the client).
+DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0, pool=60.0)
+
+#: Keep-alive pool: one connection per concurrent request, up to these bounds.
+DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+USER_AGENT = "paramserver-client/1"
+
+#: Bounds for decoding answers. The answers come from the server the user chose and are
+#: already in memory, so only the shapes' rules stay (the server's limits are configurable and
+#: may be far above the defaults meant for untrusted request bodies).
+ANSWER_LIMITS = wire.DecodeLimits(
+    max_objects=1 << 48, max_map_items=1 << 32, max_tensors=None, max_dims=64
+)
+
+ArrayLike = Any  # numpy arrays, or anything numpy.asarray accepts (CPU torch tensors, lists)
+Weights: TypeAlias = Mapping[str, ArrayLike] | Sequence[ArrayLike]
+DictWeights: TypeAlias = dict[str, np.ndarray]
+ListWeights: TypeAlias = list[np.ndarray]
+WeightsOut: TypeAlias = DictWeights | ListWeights
+#: The form a session answers in: ``DictWeights`` or ``ListWeights``.
+W = TypeVar("W", DictWeights, ListWeights)
+OptimizerLike: TypeAlias = "str | Mapping[str, Any] | optimizers.Optimizer"
+
+
+# --- retries ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently the client retries (what it retries: module docstring).
+
+    ``retries`` is the number of retries after the first attempt (0 turns retrying off).
+    """
+
+    retries: int = 3
+    backoff_base: float = 0.1
+    backoff_cap: float = 5.0
+    max_retry_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
+        for name in ("backoff_base", "backoff_cap", "max_retry_after"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+    def delay(self, retry: int, retry_after: float | None = None, *, rng: random.Random) -> float:
+        """Seconds to wait before retry number ``retry`` (0 for the first retry)."""
+        ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** min(retry, 60))
+        backoff = rng.uniform(0.0, ceiling)
+        return backoff if retry_after is None else max(retry_after, backoff)
+
+    @classmethod
+    def of(cls, retries: int | RetryPolicy) -> RetryPolicy:
+        """``retries=`` as the clients take it: a count (other fields default) or a policy."""
+        if isinstance(retries, RetryPolicy):
+            return retries
+        return cls(retries=retries)
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+class Safety(enum.Enum):
+    """When a request may be sent again after a transport failure (503 is always retried)."""
+
+    #: The request is idempotent (GET, PUT, DELETE, or a push carrying an Idempotency-Key):
+    #: retry after any transient transport failure.
+    REPEATABLE = "repeatable"
+    #: The request is not idempotent (create): retry only if it cannot have been sent.
+    UNSENT_ONLY = "unsent_only"
+
+
+#: Failures after which the request surely never reached the server.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+#: Transient failures: the above, timeouts, broken connections, an answer cut short.
+_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+@dataclass
+class Reply:
+    """A whole answer: status, headers and the body in one writable buffer."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytearray
+
+
+class BodyBuffer:
+    """Collects a response body into one ``bytearray``: the one copy of the received bytes.
+
+    Arrays decoded from it are writable views. With a ``Content-Length`` (and no content
+    encoding) the buffer is allocated once at its final size.
+    """
+
+    __slots__ = ("_buf", "_pos", "_sized")
+
+    def __init__(self, headers: httpx.Headers) -> None:
+        length = headers.get("content-length")
+        encoded = headers.get("content-encoding", "identity").strip().lower() != "identity"
+        size = int(length) if length is not None and length.isdigit() and not encoded else -1
+        self._sized = size >= 0
+        self._buf = bytearray(max(size, 0))
+        self._pos = 0
+
+    def feed(self, chunk: bytes) -> None:
+        end = self._pos + len(chunk)
+        if self._sized and end <= len(self._buf):
+            self._buf[self._pos : end] = chunk
+        else:
+            del self._buf[self._pos :]
+            self._buf += chunk
+            self._sized = False
+        self._pos = end
+
+    def value(self) -> bytearray:
+        if self._pos != len(self._buf):
+            del self._buf[self._pos :]
+        return self._buf
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One protocol operation: the request, its retry safety and how to read its answer.
+
+    ``finish(reply)`` raises the mapped :class:`~client.errors.ServerError` for any status not
+    in ``expect``, else returns ``parse(reply)``.
+    """
+
+    method: str
+    path: str
+    parse: Callable[[Reply], T]
+    safety: Safety = Safety.REPEATABLE
+    expect: frozenset[int] = frozenset({200})
+    params: Mapping[str, str] | None = None
+    body: bytes | None = None
+    idempotency_key: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if self.body is not None:
+            out["Content-Type"] = wire.MSGPACK_MEDIA_TYPE
+        if self.idempotency_key is not None:
+            out["Idempotency-Key"] = self.idempotency_key
+        return out
+
+    def describe(self) -> str:
+        return f"{self.method} {self.path}"
+
+    def finish(self, reply: Reply) -> T:
+        if reply.status not in self.expect:
+            raise server_error(reply, self.describe())
+        try:
+            return self.parse(reply)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # MalformedBody and TensorError are ValueErrors: a body we cannot read.
+            raise errors.ProtocolError(
+                f"{self.describe()}: unexpected answer ({reply.status}): {exc}"
+            ) from exc
+
+
+class Attempts:
+    """The retry decisions for one call: feed it each failure, get a delay or an exception."""
+
+    def __init__(self, call: Call[Any], policy: RetryPolicy, rng: random.Random) -> None:
+        self.call = call
+        self.policy = policy
+        self.rng = rng
+        self.count = 0
+
+    def _may_retry(self) -> bool:
+        return self.count <= self.policy.retries
+
+    def after_exception(self, exc: httpx.RequestError) -> float:
+        """A delay before the next try, or raises :class:`~client.errors.TransportError`
+        (:class:`~client.errors.ProtocolError` for an answer ``httpx`` could not decode)."""
+        self.count += 1
+        if isinstance(exc, httpx.DecodingError):
+            raise errors.ProtocolError(f"{self.call.describe()}: {exc}") from exc
+        safe = _NOT_SENT if self.call.safety is Safety.UNSENT_ONLY else _TRANSIENT
+        if isinstance(exc, safe) and self._may_retry():
+            return self.policy.delay(self.count - 1, rng=self.rng)
+        raise transport_error(self.call, exc, self.count, retryable=isinstance(exc, safe)) from exc
+
+    def after_reply(self, reply: Reply) -> float | None:
+        """A delay before the next try (for a 503), or ``None``: the reply is final."""
+        self.count += 1
+        if reply.status != 503 or not self._may_retry():
+            return None
+        retry_after = errors.parse_retry_after(reply.headers.get("retry-after"))
+        if retry_after is not None and retry_after > self.policy.max_retry_after:
+            return None
+        return self.policy.delay(self.count - 1, retry_after, rng=self.rng)
+
+
+def transport_error(
+    call: Call[Any], exc: httpx.RequestError, attempts: int, *, retryable: bool
+) -> errors.TransportError:
+    what = f"{call.describe()}: {type(exc).__name__}: {str(exc) or 'no detail'}"
+    tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+    maybe_sent = isinstance(exc, _TRANSIENT) and not isinstance(exc, _NOT_SENT)
+    if maybe_sent and call.idempotency_key is not None:
+        note = (
+            "; the push may or may not have been applied: push again with "
+            f"idempotency_key={call.idempotency_key!r} to apply it at most once"
+        )
+    elif maybe_sent and call.safety is Safety.UNSENT_ONLY:
+        note = (
+            "; the request may have reached the server (not retried after such a failure, as "
+            "creating is not idempotent): the session may exist, check with client.sessions()"
+        )
+    elif not retryable:
+        note = " (not a transient failure: not retried)"
+    else:
+        note = ""
+    return errors.TransportError(
+        f"{what} ({tries}){note}", attempts=attempts, idempotency_key=call.idempotency_key
+    )
+
+
+def server_error(reply: Reply, request: str) -> errors.ServerError:
+    """The exception for an error answer, carrying the server's code and message."""
+    code: str | None = None
+    message: str | None = None
+    try:
+        obj = json.loads(reply.body)
+        detail = obj["error"]
+        if isinstance(detail["code"], str) and isinstance(detail["message"], str):
+            code, message = detail["code"], detail["message"]
+    except (ValueError, TypeError, KeyError):
+        pass
+    if message is None:
+        text = bytes(reply.body[:500]).decode("utf-8", "replace").strip()
+        message = text or httpx.codes.get_reason_phrase(reply.status) or "no detail"
+    cls = errors.error_for_status(reply.status, code)
+    return cls(
+        message,
+        status=reply.status,
+        code=code,
+        response_headers=dict(reply.headers),
+        request=request,
+    )
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+class Parameter(NamedTuple):
+    """One parameter of a session, as the server describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session's summary. ``parameters`` is in the model's order; timestamps are UTC."""
+
+    session_id: str
+    optimizer: dict[str, Any]
+    iterations: int
+    parameters: dict[str, Parameter]
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.parameters)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> SessionInfo:
+        def when(key: str) -> datetime | None:
+            value = obj.get(key)
+            return None if value is None else datetime.fromisoformat(value)
+
+        iterations = obj["iterations"]
+        if not isinstance(obj["session_id"], str) or not isinstance(iterations, int):
+            raise TypeError(f"not a session summary: {obj!r}"[:300])
+        return cls(
+            session_id=obj["session_id"],
+            optimizer=dict(obj["optimizer"]),
+            iterations=iterations,
+            parameters={
+                name: Parameter(str(p["dtype"]), tuple(int(d) for d in p["shape"]))
+                for name, p in obj["parameters"].items()
+            },
+            created_at=when("created_at"),
+            updated_at=when("updated_at"),
+        )
+
+
+@dataclass
+class SessionState:
+    """Everything needed to rebuild a session exactly: what ``GET .../state`` answers.
+
+    ``weights`` and every ``slots[slot]`` map parameter names to arrays; ``optimizer`` is the
+    Keras form ``{"class_name", "config"}``; ``scalars`` holds scalar optimizer state (Nadam's
+    ``m_schedule``). :meth:`to_bytes` / :meth:`from_bytes` give a checkpoint file's contents.
+    """
+
+    iterations: int
+    optimizer: dict[str, Any]
+    weights: dict[str, np.ndarray]
+    slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    _KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"iterations", "optimizer", "weights", "slots", "scalars"}
+    )
+
+    def to_message(self) -> dict[str, Any]:
+        """The wire message; the optimizer is validated (and normalised) on the way."""
+        return {
+            "iterations": self.iterations,
+            "optimizer": optimizers.get(self.optimizer).to_dict(),
+            "weights": _arrays(self.weights, "weights"),
+            "slots": {slot: _arrays(per, f"slots[{slot!r}]") for slot, per in self.slots.items()},
+            "scalars": dict(self.scalars),
+        }
+
+    def to_bytes(self) -> bytes:
+        return wire.pack(self.to_message())
+
+    @classmethod
+    def from_message(cls, obj: Any) -> SessionState:
+        if not isinstance(obj, dict) or set(obj) != cls._KEYS:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise TypeError(f"a state holds {sorted(cls._KEYS)}, got {keys}")
+        return cls(
+            iterations=int(obj["iterations"]),
+            optimizer=dict(obj["optimizer"]),
+            weights=wire.decode_tensor_map(obj["weights"], field="weights", limits=ANSWER_LIMITS),
+            slots={
+                str(slot): wire.decode_tensor_map(
+                    per, field=f"slots[{slot!r}]", limits=ANSWER_LIMITS
+                )
+                for slot, per in obj["slots"].items()
+            },
+            scalars={str(k): float(v) for k, v in obj["scalars"].items()},
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> SessionState:
+        """Read :meth:`to_bytes` output (arrays view ``data``: pass a bytearray to write them)."""
+        return cls.from_message(wire.unpack(data, ANSWER_LIMITS))
+
+
+def _arrays(values: Mapping[str, ArrayLike], what: str) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name, value in values.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: names must be strings, got {name!r}")
+        out[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
+    return out
+
+
+def named_arrays(
+    values: Weights, names: Sequence[str] | None, what: str
+) -> tuple[dict[str, np.ndarray], bool]:
+    """``values`` as ``{name: array}``, and whether they came as a list.
+
+    A list is matched with ``names`` in order (with ``names=None`` it names them "0", "1", ...).
+    """
+    if isinstance(values, Mapping):
+        return _arrays(values, what), False
+    if isinstance(values, (list, tuple)):
+        if names is None:
+            names = [str(i) for i in range(len(values))]
+        elif len(values) != len(names):
+            raise ValueError(
+                f"{what}: got a list of {len(values)} arrays; the session has "
+                f"{len(names)} parameters ({', '.join(names)[:200]}), one array each, in order"
+            )
+        return _arrays(dict(zip(names, values, strict=True)), what), True
+    raise TypeError(
+        f"{what} must be a dict of name -> array or a list of arrays (model.get_weights() "
+        f"order), got {type(values).__name__}"
+    )
+
+
+def shape_weights(
+    weights: dict[str, np.ndarray], names: Sequence[str], as_list: bool
+) -> WeightsOut:
+    """The weights in the session's form: a dict, or a list in ``names`` order."""
+    if not as_list:
+        return weights
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise KeyError(f"the answer has no weights for {missing[:5]}")
+    return [weights[n] for n in names]
+
+
+def session_path(session_id: str, *rest: str) -> str:
+    """``/sessions/{id}/...`` with the id escaped (and ``.``/``..`` kept from collapsing)."""
+    if not isinstance(session_id, str) or not session_id:
+        raise ValueError(f"a session id is a non-empty string, got {session_id!r}")
+    escaped = quote(session_id, safe="")
+    if session_id in (".", ".."):
+        escaped = escaped.replace(".", "%2E")
+    return "/".join(("/sessions", escaped, *rest))
+
+
+# --- answers ------------------------------------------------------------------------------
+
+
+def _msgpack(reply: Reply) -> Any:
+    media = reply.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in wire.MSGPACK_CONTENT_TYPES:
+        raise ValueError(f"expected a msgpack answer, got Content-Type {media!r}")
+    return wire.unpack(reply.body, ANSWER_LIMITS)
+
+
+def _json(reply: Reply) -> Any:
+    return json.loads(reply.body)
+
+
+def _weights_message(reply: Reply) -> tuple[int, dict[str, np.ndarray] | None]:
+    obj = _msgpack(reply)
+    iterations = obj["iterations"]
+    if not isinstance(iterations, int) or isinstance(iterations, bool):
+        raise TypeError(f"'iterations' must be an integer, got {iterations!r}")
+    weights = obj.get("weights")
+    if weights is None:
+        return iterations, None
+    return iterations, wire.decode_tensor_map(weights, field="weights", limits=ANSWER_LIMITS)
+
+
+# --- the shared halves of the clients and sessions ----------------------------------------
+
+
+class SessionCore(Generic[W]):
+    """A session handle's data and the calls it makes; the twins add sending.
+
+    ``names`` are the parameter names in the model's order; ``as_list`` says whether weights
+    come back as a list in that order (else as a dict). ``last_iterations`` is the iteration
+    count of the last answer this handle received (``None`` before any).
+    """
+
+    def __init__(
+        self, client: Any, session_id: str, names: Sequence[str], *, as_list: bool
+    ) -> None:
+        self._client = client
+        self.id = session_id
+        self.names: tuple[str, ...] = tuple(names)
+        self.as_list = as_list
+        self.last_iterations: int | None = None
+
+    def __repr__(self) -> str:
+        form = "list" if self.as_list else "dict"
+        return f"<{type(self).__name__} {self.id!r}: {len(self.names)} parameters, {form} form>"
+
+    def _seen(self, iterations: int) -> None:
+        self.last_iterations = iterations
+
+    def _shape(self, weights: DictWeights) -> W:
+        return cast(W, shape_weights(weights, self.names, self.as_list))
+
+    def _push_call(
+        self, gradients: Weights, *, return_weights: bool, idempotency_key: str | None
+    ) -> Call[tuple[int, W | None]]:
+        """The push; its answer is ``(iterations, weights or None)``.
+
+        The weights are ``None`` with ``return_weights=False``, and also for a replayed push
+        whose answer the server kept without weights (then the twin pulls them).
+        """
+        grads, _ = named_arrays(gradients, self.names, "gradients")
+        key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
+
+        def parse(reply: Reply) -> tuple[int, W | None]:
+            iterations, weights = _weights_message(reply)
+            self._seen(iterations)
+            if weights is None:
+                return iterations, None
+            return iterations, self._shape(weights)
+
+        return Call(
+            "POST",
+            session_path(self.id, "gradients"),
+            parse,
+            params=None if return_weights else {"return_weights": "false"},
+            body=wire.pack({"gradients": grads}),
+            idempotency_key=key,
+        )
+
+    def _pull_call(self) -> Call[W]:
+        def parse(reply: Reply) -> W:
+            iterations, weights = _weights_message(reply)
+            self._seen(iterations)
+            if weights is None:
+                raise KeyError("the answer has no 'weights'")
+            return self._shape(weights)
+
+        return Call("GET", session_path(self.id, "weights"), parse)
+
+    def _info_call(self) -> Call[SessionInfo]:
+        def parse(reply: Reply) -> SessionInfo:
+            info = SessionInfo.from_json(_json(reply))
+            self._seen(info.iterations)
+            return info
+
+        return Call("GET", session_path(self.id), parse)
+
+    def _state_call(self) -> Call[SessionState]:
+        def parse(reply: Reply) -> SessionState:
+            state = SessionState.from_message(_msgpack(reply))
+            self._seen(state.iterations)
+            return state
+
+        return Call("GET", session_path(self.id, "state"), parse)
+
+    def _load_state_call(self, state: SessionState) -> Call[SessionInfo]:
+        def parse(reply: Reply) -> SessionInfo:
+            info = SessionInfo.from_json(_json(reply))
+            self.names = info.names
+            self._seen(info.iterations)
+            return info
+
+        return load_state_call(self.id, state, parse)
+
+    def _delete_call(self, *, missing_ok: bool) -> Call[None]:
+        def parse(reply: Reply) -> None:
+            if reply.status == 404:
+                error = server_error(reply, f"DELETE {session_path(self.id)}")
+                if not isinstance(error, errors.SessionNotFound):
+                    raise error
+
+        expect = frozenset({204, 404}) if missing_ok else frozenset({204})
+        return Call("DELETE", session_path(self.id), parse, expect=expect)
+
+
+def load_state_call(session_id: str, state: SessionState, parse: Callable[[Reply], T]) -> Call[T]:
+    if not isinstance(state, SessionState):
+        raise TypeError(
+            f"state must be a SessionState (from session.state()), got {type(state).__name__}"
+        )
+    return Call(
+        "PUT",
+        session_path(session_id, "state"),
+        parse,
+        expect=frozenset({200, 201}),
+        body=state.to_bytes(),
+    )
+
+
+S = TypeVar("S", bound=SessionCore[Any])
+
+
+class ClientCore(Generic[S]):
+    """Configuration and calls of a client; the twins add the ``httpx`` client and sending."""
+
+    _session_type: type[S]
+
+    def __init__(
+        self,
+        base_url: str | httpx.URL,
+        *,
+        timeout: float | httpx.Timeout | None,
+        retries: int | RetryPolicy,
+        token: str | None,
+        headers: Mapping[str, str] | None,
+        limits: httpx.Limits | None,
+    ) -> None:
+        self.base_url = httpx.URL(str(base_url))
+        if self.base_url.scheme not in ("http", "https"):
+            raise ValueError(f"base_url must be an http(s) URL, got {str(base_url)!r}")
+        self.retry_policy = RetryPolicy.of(retries)
+        self.timeout = httpx.Timeout(timeout)
+        all_headers = {
+            "User-Agent": USER_AGENT,
+            "Accept": f"{wire.MSGPACK_MEDIA_TYPE}, application/json",
+        }
+        all_headers.update(headers or {})
+        if token is not None:
+            if not token or any(c in token for c in "\r\n"):
+                raise ValueError("token must be a non-empty string without line breaks")
+            all_headers["Authorization"] = f"Bearer {token}"
+        self._headers = all_headers
+        self._limits = DEFAULT_LIMITS if limits is None else limits
+        self._rng = random.Random()
+
+    def _httpx_options(self) -> dict[str, Any]:
+        return {
+            "base_url": self.base_url,
+            "timeout": self.timeout,
+            "headers": self._headers,
+            "limits": self._limits,
+        }
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {str(self.base_url)!r}>"
+
+    def _attempts(self, call: Call[Any]) -> Attempts:
+        return Attempts(call, self.retry_policy, self._rng)
+
+    def _session_parser(self, as_list: bool) -> Callable[[Reply], S]:
+        """Reads a session summary into a new session handle of the twin's type."""
+
+        def parse(reply: Reply) -> S:
+            info = SessionInfo.from_json(_json(reply))
+            session = self._session_type(self, info.session_id, info.names, as_list=as_list)
+            session._seen(info.iterations)
+            return session
+
+        return parse
+
+    def _create_call(
+        self, weights: Weights, optimizer: OptimizerLike, session_id: str | None
+    ) -> Call[S]:
+        config = optimizers.get(optimizer)
+        arrays, as_list = named_arrays(weights, None, "weights")
+        message: dict[str, Any] = {"optimizer": config.to_dict(), "weights": arrays}
+        if session_id is not None:
+            message["session_id"] = session_id
+
+        return Call(
+            "POST",
+            "/sessions",
+            self._session_parser(as_list),
+            safety=Safety.UNSENT_ONLY,
+            expect=frozenset({201}),
+            body=wire.pack(message),
+        )
+
+    def _attach_call(self, session_id: str, *, as_list: bool) -> Call[S]:
+        return Call("GET", session_path(session_id), self._session_parser(as_list))
+
+    def _restore_call(
+        self, state: SessionState, session_id: str | None, *, as_list: bool
+    ) -> Call[S]:
+        session_id = uuid.uuid4().hex if session_id is None else session_id
+        return load_state_call(session_id, state, self._session_parser(as_list))
+
+    def _list_call(self) -> Call[list[SessionInfo]]:
+        def parse(reply: Reply) -> list[SessionInfo]:
+            return [SessionInfo.from_json(s) for s in _json(reply)["sessions"]]
+
+        return Call("GET", "/sessions", parse)
+
+    def _health_call(self) -> Call[dict[str, Any]]:
+        def parse(reply: Reply) -> dict[str, Any]:
+            body = _json(reply)
+            if not isinstance(body, dict):
+                raise TypeError(f"expected a JSON object, got {body!r}"[:200])
+            return body
+
+        return Call("GET", "/health", parse)

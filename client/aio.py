@@ -1,0 +1,281 @@
+"""The asyncio client: :class:`AsyncClient` and :class:`AsyncSession`, on ``httpx.AsyncClient``.
+
+The twin of :mod:`client.sync`, method for method; every operation is a coroutine::
+
+    from client import AsyncClient, optimizers
+
+    async with AsyncClient("http://127.0.0.1:8000") as client:
+        session = await client.create_session(weights, optimizers.Adam(lr=1e-3))
+        weights = await session.push(gradients)
+
+An ``AsyncClient`` belongs to the event loop it is first used on. Requests, answers and
+retries are built by :mod:`client._base`, shared with the blocking client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+import httpx
+
+from . import _base
+from ._base import (
+    DEFAULT_RETRY_POLICY,
+    DEFAULT_TIMEOUT,
+    ArrayLike,
+    BodyBuffer,
+    Call,
+    DictWeights,
+    ListWeights,
+    OptimizerLike,
+    Reply,
+    RetryPolicy,
+    SessionInfo,
+    SessionState,
+    W,
+    Weights,
+)
+
+__all__ = ["AsyncClient", "AsyncSession"]
+
+T = TypeVar("T")
+
+
+class AsyncSession(_base.SessionCore[W]):
+    """A handle on one server session, made by :class:`AsyncClient` (see ``client.Session``).
+
+    ``id`` is the session id, ``names`` the parameter names in the model's order, ``as_list``
+    whether weights come back as a list in that order (``AsyncSession[ListWeights]``, the form
+    of a session created from a list) or as a dict (``AsyncSession[DictWeights]``).
+    """
+
+    _client: AsyncClient
+
+    @overload
+    async def push(
+        self,
+        gradients: Weights,
+        *,
+        return_weights: Literal[True] = ...,
+        idempotency_key: str | None = ...,
+    ) -> W: ...
+
+    @overload
+    async def push(
+        self,
+        gradients: Weights,
+        *,
+        return_weights: Literal[False],
+        idempotency_key: str | None = ...,
+    ) -> int: ...
+
+    @overload
+    async def push(
+        self, gradients: Weights, *, return_weights: bool, idempotency_key: str | None = ...
+    ) -> W | int: ...
+
+    async def push(
+        self,
+        gradients: Weights,
+        *,
+        return_weights: bool = True,
+        idempotency_key: str | None = None,
+    ) -> W | int:
+        """Apply one optimizer step; returns the new weights, or the iteration count.
+
+        ``gradients`` is a dict of name -> array or a list in the session's order. The push
+        carries an ``Idempotency-Key`` (fresh unless given) and is retried with it after a
+        transport failure or a 503: the server applies it at most once. If the server replays
+        an earlier answer to that key without its weights (it keeps a bounded amount), the
+        weights are pulled.
+        """
+        iterations, weights = await self._client._run(
+            self._push_call(
+                gradients, return_weights=return_weights, idempotency_key=idempotency_key
+            )
+        )
+        if not return_weights:
+            return iterations
+        if weights is None:  # a replay whose weights the server no longer kept: applied once
+            return await self.pull()
+        return weights
+
+    async def pull(self) -> W:
+        """The current weights (dict, or list in the session's order)."""
+        return await self._client._run(self._pull_call())
+
+    async def info(self) -> SessionInfo:
+        """The session's summary: optimizer, iterations, parameters, timestamps."""
+        return await self._client._run(self._info_call())
+
+    async def state(self) -> SessionState:
+        """The whole state (weights, optimizer, slots, scalars, iterations) for checkpoints."""
+        return await self._client._run(self._state_call())
+
+    async def load_state(self, state: SessionState) -> SessionInfo:
+        """Replace the session's state with ``state`` (recreating it if it was deleted)."""
+        return await self._client._run(self._load_state_call(state))
+
+    async def delete(self, *, missing_ok: bool = False) -> None:
+        """Delete the session. ``missing_ok=True`` accepts that it is already gone (404)."""
+        await self._client._run(self._delete_call(missing_ok=missing_ok))
+
+
+class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
+    """An asyncio client of one parameter server (the twin of ``client.Client``).
+
+    ``timeout`` is seconds or an ``httpx.Timeout`` (``None``: no timeouts); ``retries`` a
+    count or a :class:`RetryPolicy`; ``token`` is sent as ``Authorization: Bearer <token>``.
+    ``transport`` and ``limits`` go to ``httpx.AsyncClient`` (a custom transport, pool sizes).
+    Use it as an async context manager, or await :meth:`aclose`.
+    """
+
+    _session_type = AsyncSession
+
+    def __init__(
+        self,
+        base_url: str | httpx.URL,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy = DEFAULT_RETRY_POLICY,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        limits: httpx.Limits | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url, timeout=timeout, retries=retries, token=token, headers=headers, limits=limits
+        )
+        self._http = httpx.AsyncClient(transport=transport, **self._httpx_options())
+
+    # --- lifecycle ---
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pooled connections. The client cannot be used afterwards."""
+        await self._http.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._http.is_closed
+
+    # --- operations ---
+
+    @overload
+    async def create_session(
+        self,
+        weights: Mapping[str, ArrayLike],
+        optimizer: OptimizerLike,
+        session_id: str | None = ...,
+    ) -> AsyncSession[DictWeights]: ...
+
+    @overload
+    async def create_session(
+        self,
+        weights: Sequence[ArrayLike],
+        optimizer: OptimizerLike,
+        session_id: str | None = ...,
+    ) -> AsyncSession[ListWeights]: ...
+
+    async def create_session(
+        self, weights: Weights, optimizer: OptimizerLike, session_id: str | None = None
+    ) -> AsyncSession[Any]:
+        """Create a session from initial weights and an optimizer; returns its handle.
+
+        ``weights``: a dict of name -> array, or a list (``model.get_weights()`` order, named
+        "0", "1", ...); the session answers in the same form. ``optimizer``: a name such as
+        ``"adam"`` (Keras defaults), an ``optimizers.*`` object, or a Keras config dict.
+        """
+        return await self._run(self._create_call(weights, optimizer, session_id))
+
+    @overload
+    async def session(
+        self, session_id: str, *, as_list: Literal[False] = ...
+    ) -> AsyncSession[DictWeights]: ...
+
+    @overload
+    async def session(
+        self, session_id: str, *, as_list: Literal[True]
+    ) -> AsyncSession[ListWeights]: ...
+
+    @overload
+    async def session(self, session_id: str, *, as_list: bool) -> AsyncSession[Any]: ...
+
+    async def session(self, session_id: str, *, as_list: bool = False) -> AsyncSession[Any]:
+        """Attach to an existing session (raises ``SessionNotFound`` if there is none)."""
+        return await self._run(self._attach_call(session_id, as_list=as_list))
+
+    @overload
+    async def restore_session(
+        self,
+        state: SessionState,
+        session_id: str | None = ...,
+        *,
+        as_list: Literal[False] = ...,
+    ) -> AsyncSession[DictWeights]: ...
+
+    @overload
+    async def restore_session(
+        self, state: SessionState, session_id: str | None = ..., *, as_list: Literal[True]
+    ) -> AsyncSession[ListWeights]: ...
+
+    @overload
+    async def restore_session(
+        self, state: SessionState, session_id: str | None = ..., *, as_list: bool
+    ) -> AsyncSession[Any]: ...
+
+    async def restore_session(
+        self, state: SessionState, session_id: str | None = None, *, as_list: bool = False
+    ) -> AsyncSession[Any]:
+        """Create (or replace) session ``session_id`` from an exported state."""
+        return await self._run(self._restore_call(state, session_id, as_list=as_list))
+
+    async def sessions(self) -> list[SessionInfo]:
+        """The summaries of every session on the server, oldest first."""
+        return await self._run(self._list_call())
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``: ``{"status": "ok"}`` when the server is up."""
+        return await self._run(self._health_call())
+
+    # --- sending ---
+
+    async def _run(self, call: Call[T]) -> T:
+        attempts = self._attempts(call)
+        while True:
+            try:
+                reply = await self._send(call)
+            except httpx.RequestError as exc:
+                delay = attempts.after_exception(exc)
+            else:
+                retry_in = attempts.after_reply(reply)
+                if retry_in is None:
+                    return call.finish(reply)
+                delay = retry_in
+            await asyncio.sleep(delay)
+
+    async def _send(self, call: Call[Any]) -> Reply:
+        request = self._http.build_request(
+            call.method, call.path, params=call.params, content=call.body, headers=call.headers()
+        )
+        response = await self._http.send(request, stream=True)
+        try:
+            body = BodyBuffer(response.headers)
+            async for chunk in response.aiter_bytes():
+                body.feed(chunk)
+        finally:
+            await response.aclose()
+        return Reply(response.status_code, response.headers, body.value())

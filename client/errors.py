@@ -1,0 +1,269 @@
+"""The exceptions the client raises, in one tree.
+
+::
+
+    ParamServerError                    anything this package raises about a request
+    ├── TransportError                  no usable answer: connect/read/write failure, timeout
+    ├── ProtocolError                   an answer that is not what the protocol says
+    └── ServerError                     an error answer: .status, .code, .message, .response_headers
+        ├── BadRequest                  400 bad_request
+        ├── Unauthorized                401 unauthorized
+        ├── Forbidden                   403 forbidden
+        ├── NotFound                    404 not_found (unknown route: check the base URL)
+        │   └── SessionNotFound         404 session_not_found
+        ├── RequestTimeout              408 request_timeout
+        ├── SessionExists               409 session_exists
+        ├── PayloadTooLarge             413 payload_too_large
+        ├── UnsupportedMediaType        415 unsupported_media_type
+        ├── InvalidRequest              422: .code is invalid_request, unknown_optimizer,
+        │                               invalid_optimizer, invalid_tensor, parameter_mismatch,
+        │                               non_finite_gradient, invalid_state, invalid_weights,
+        │                               invalid_session_id, invalid_idempotency_key
+        ├── InternalServerError         500 internal_error
+        ├── ServiceUnavailable          503 service_unavailable, session_busy (.retry_after)
+        └── InsufficientStorage         507 insufficient_storage, too_many_sessions,
+                                        memory_quota_exceeded
+
+A status without a class of its own (a proxy's 502, say) raises :class:`ServerError` itself,
+with the status kept. Mistakes caught before anything is sent are ``ValueError`` or
+``TypeError``: :class:`client.optimizers.InvalidOptimizerConfig`,
+:class:`client.optimizers.UnknownOptimizer`, :class:`client.wire.TensorError` (an array of a
+dtype that cannot travel), or a list of gradients of the wrong length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+__all__ = [
+    "BadRequest",
+    "Forbidden",
+    "InsufficientStorage",
+    "InternalServerError",
+    "InvalidRequest",
+    "NotFound",
+    "ParamServerError",
+    "PayloadTooLarge",
+    "ProtocolError",
+    "RequestTimeout",
+    "ServerError",
+    "ServiceUnavailable",
+    "SessionExists",
+    "SessionNotFound",
+    "TransportError",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "error_for_status",
+    "parse_retry_after",
+]
+
+
+class ParamServerError(Exception):
+    """Base of every error this client raises about a request."""
+
+
+class TransportError(ParamServerError):
+    """No usable answer arrived: the connection failed, broke, or timed out.
+
+    Raised once the retry policy gives up (or at once when retrying is not safe); the
+    ``httpx`` exception is the ``__cause__``. ``attempts`` counts the requests made.
+    ``idempotency_key`` is set for a push: the push may or may not have been applied, and
+    sending it again with ``push(..., idempotency_key=err.idempotency_key)`` within the
+    server's idempotency window applies it at most once.
+    """
+
+    def __init__(
+        self, message: str, *, attempts: int = 1, idempotency_key: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.attempts = attempts
+        self.idempotency_key = idempotency_key
+
+
+class ProtocolError(ParamServerError):
+    """The server answered, but not with what the protocol promises (wrong type, bad body)."""
+
+
+class ServerError(ParamServerError):
+    """The server answered with an error status.
+
+    ``status`` is the HTTP status, ``code`` and ``message`` come from the error body
+    ``{"error": {"code", "message"}}`` (for a body that is not ours, such as a proxy's error
+    page, ``code`` is ``"http_<status>"`` and ``message`` the start of the body),
+    ``response_headers`` holds the response's headers, lower-case names.
+    """
+
+    status: int = 0
+    default_code: str = ""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        response_headers: Mapping[str, str] | None = None,
+        request: str = "",
+    ) -> None:
+        if status is not None:
+            self.status = status
+        self.code = code or self.default_code or f"http_{self.status}"
+        self.message = message
+        self.response_headers: dict[str, str] = {
+            k.lower(): v for k, v in (response_headers or {}).items()
+        }
+        self.request = request
+        where = f" ({request})" if request else ""
+        super().__init__(f"{self.status} {self.code}: {message}{where}")
+
+
+class BadRequest(ServerError):
+    """400: the body was not well-formed for the protocol."""
+
+    status = 400
+    default_code = "bad_request"
+
+
+class Unauthorized(ServerError):
+    """401: no bearer token, or an unknown one."""
+
+    status = 401
+    default_code = "unauthorized"
+
+
+class Forbidden(ServerError):
+    """403: the token may not do this (a read-only token pushing, say)."""
+
+    status = 403
+    default_code = "forbidden"
+
+
+class NotFound(ServerError):
+    """404 for a route the server does not have: usually a wrong base URL."""
+
+    status = 404
+    default_code = "not_found"
+
+
+class SessionNotFound(NotFound):
+    """404: no session has that id (it was never made, was deleted, or the server restarted)."""
+
+    default_code = "session_not_found"
+
+
+class RequestTimeout(ServerError):
+    """408: the request body did not arrive in time."""
+
+    status = 408
+    default_code = "request_timeout"
+
+
+class SessionExists(ServerError):
+    """409: a session with that id already exists."""
+
+    status = 409
+    default_code = "session_exists"
+
+
+class PayloadTooLarge(ServerError):
+    """413: the body is over the server's size limit."""
+
+    status = 413
+    default_code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServerError):
+    """415: the Content-Type is not one the endpoint reads."""
+
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+class InvalidRequest(ServerError):
+    """422: a well-formed request whose content is invalid; ``code`` says what is wrong."""
+
+    status = 422
+    default_code = "invalid_request"
+
+
+class InternalServerError(ServerError):
+    """500: the server failed; the message is generic and the server's log has the details."""
+
+    status = 500
+    default_code = "internal_error"
+
+
+class ServiceUnavailable(ServerError):
+    """503: overloaded (``service_unavailable``) or the session stayed busy (``session_busy``);
+    the request was not processed.
+
+    ``retry_after`` is the server's ``Retry-After`` in seconds, or ``None``.
+    """
+
+    status = 503
+    default_code = "service_unavailable"
+
+    @property
+    def retry_after(self) -> float | None:
+        return parse_retry_after(self.response_headers.get("retry-after"))
+
+
+class InsufficientStorage(ServerError):
+    """507: a session or memory quota would be exceeded; ``code`` says which."""
+
+    status = 507
+    default_code = "insufficient_storage"
+
+
+_BY_STATUS: dict[int, type[ServerError]] = {
+    cls.status: cls
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        RequestTimeout,
+        SessionExists,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        InvalidRequest,
+        InternalServerError,
+        ServiceUnavailable,
+        InsufficientStorage,
+    )
+}
+
+
+def error_for_status(status: int, code: str | None) -> type[ServerError]:
+    """The exception class for an error answer: by status, and for 404 by code."""
+    if status == 404 and code == SessionNotFound.default_code:
+        return SessionNotFound
+    return _BY_STATUS.get(status, ServerError)
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date), or None.
+
+    A value that is neither, negative or not finite is ignored (``None``); a date in the past
+    means 0.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds

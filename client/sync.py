@@ -1,0 +1,279 @@
+"""The blocking client: :class:`Client` and its :class:`Session` handles, on ``httpx.Client``.
+
+::
+
+    from client import Client, optimizers
+
+    with Client("http://127.0.0.1:8000") as client:
+        session = client.create_session(model.get_weights(), optimizers.Adam(lr=1e-3))
+        weights = session.push(gradients)      # one optimizer step; the new weights
+
+One ``Client`` keeps a pool of keep-alive connections and may be shared by threads. What is
+retried, and when, is described in :mod:`client._base` and ``docs/client.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+import httpx
+
+from . import _base
+from ._base import (
+    DEFAULT_RETRY_POLICY,
+    DEFAULT_TIMEOUT,
+    ArrayLike,
+    BodyBuffer,
+    Call,
+    DictWeights,
+    ListWeights,
+    OptimizerLike,
+    Reply,
+    RetryPolicy,
+    SessionInfo,
+    SessionState,
+    W,
+    Weights,
+)
+
+__all__ = ["Client", "Session"]
+
+T = TypeVar("T")
+
+
+class Session(_base.SessionCore[W]):
+    """A handle on one server session. Made by :class:`Client`; holds no weights itself.
+
+    ``id`` is the session id, ``names`` the parameter names in the model's order, ``as_list``
+    whether weights come back as a list in that order (``Session[ListWeights]``, the form of
+    a session created from a list) or as a dict (``Session[DictWeights]``).
+    """
+
+    _client: Client
+
+    @overload
+    def push(
+        self,
+        gradients: Weights,
+        *,
+        return_weights: Literal[True] = ...,
+        idempotency_key: str | None = ...,
+    ) -> W: ...
+
+    @overload
+    def push(
+        self,
+        gradients: Weights,
+        *,
+        return_weights: Literal[False],
+        idempotency_key: str | None = ...,
+    ) -> int: ...
+
+    @overload
+    def push(
+        self, gradients: Weights, *, return_weights: bool, idempotency_key: str | None = ...
+    ) -> W | int: ...
+
+    def push(
+        self,
+        gradients: Weights,
+        *,
+        return_weights: bool = True,
+        idempotency_key: str | None = None,
+    ) -> W | int:
+        """Apply one optimizer step; returns the new weights, or the iteration count.
+
+        ``gradients`` is a dict of name -> array or a list in the session's order. The push
+        carries an ``Idempotency-Key`` (fresh unless given) and is retried with it after a
+        transport failure or a 503: the server applies it at most once. If the server replays
+        an earlier answer to that key without its weights (it keeps a bounded amount), the
+        weights are pulled.
+        """
+        iterations, weights = self._client._run(
+            self._push_call(
+                gradients, return_weights=return_weights, idempotency_key=idempotency_key
+            )
+        )
+        if not return_weights:
+            return iterations
+        if weights is None:  # a replay whose weights the server no longer kept: applied once
+            return self.pull()
+        return weights
+
+    def pull(self) -> W:
+        """The current weights (dict, or list in the session's order)."""
+        return self._client._run(self._pull_call())
+
+    def info(self) -> SessionInfo:
+        """The session's summary: optimizer, iterations, parameters, timestamps."""
+        return self._client._run(self._info_call())
+
+    def state(self) -> SessionState:
+        """The whole state (weights, optimizer, slots, scalars, iterations) for checkpoints."""
+        return self._client._run(self._state_call())
+
+    def load_state(self, state: SessionState) -> SessionInfo:
+        """Replace the session's state with ``state`` (recreating it if it was deleted)."""
+        return self._client._run(self._load_state_call(state))
+
+    def delete(self, *, missing_ok: bool = False) -> None:
+        """Delete the session. ``missing_ok=True`` accepts that it is already gone (404)."""
+        self._client._run(self._delete_call(missing_ok=missing_ok))
+
+
+class Client(_base.ClientCore["Session[Any]"]):
+    """A blocking client of one parameter server.
+
+    ``timeout`` is seconds or an ``httpx.Timeout`` (``None``: no timeouts); ``retries`` a
+    count or a :class:`RetryPolicy`; ``token`` is sent as ``Authorization: Bearer <token>``.
+    ``transport`` and ``limits`` go to ``httpx.Client`` (a custom transport, pool sizes).
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    _session_type = Session
+
+    def __init__(
+        self,
+        base_url: str | httpx.URL,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy = DEFAULT_RETRY_POLICY,
+        token: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        limits: httpx.Limits | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url, timeout=timeout, retries=retries, token=token, headers=headers, limits=limits
+        )
+        self._http = httpx.Client(transport=transport, **self._httpx_options())
+
+    # --- lifecycle ---
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pooled connections. The client cannot be used afterwards."""
+        self._http.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._http.is_closed
+
+    # --- operations ---
+
+    @overload
+    def create_session(
+        self,
+        weights: Mapping[str, ArrayLike],
+        optimizer: OptimizerLike,
+        session_id: str | None = ...,
+    ) -> Session[DictWeights]: ...
+
+    @overload
+    def create_session(
+        self,
+        weights: Sequence[ArrayLike],
+        optimizer: OptimizerLike,
+        session_id: str | None = ...,
+    ) -> Session[ListWeights]: ...
+
+    def create_session(
+        self, weights: Weights, optimizer: OptimizerLike, session_id: str | None = None
+    ) -> Session[Any]:
+        """Create a session from initial weights and an optimizer; returns its handle.
+
+        ``weights``: a dict of name -> array, or a list (``model.get_weights()`` order, named
+        "0", "1", ...); the session answers in the same form. ``optimizer``: a name such as
+        ``"adam"`` (Keras defaults), an ``optimizers.*`` object, or a Keras config dict.
+        """
+        return self._run(self._create_call(weights, optimizer, session_id))
+
+    @overload
+    def session(
+        self, session_id: str, *, as_list: Literal[False] = ...
+    ) -> Session[DictWeights]: ...
+
+    @overload
+    def session(self, session_id: str, *, as_list: Literal[True]) -> Session[ListWeights]: ...
+
+    @overload
+    def session(self, session_id: str, *, as_list: bool) -> Session[Any]: ...
+
+    def session(self, session_id: str, *, as_list: bool = False) -> Session[Any]:
+        """Attach to an existing session (raises ``SessionNotFound`` if there is none)."""
+        return self._run(self._attach_call(session_id, as_list=as_list))
+
+    @overload
+    def restore_session(
+        self,
+        state: SessionState,
+        session_id: str | None = ...,
+        *,
+        as_list: Literal[False] = ...,
+    ) -> Session[DictWeights]: ...
+
+    @overload
+    def restore_session(
+        self, state: SessionState, session_id: str | None = ..., *, as_list: Literal[True]
+    ) -> Session[ListWeights]: ...
+
+    @overload
+    def restore_session(
+        self, state: SessionState, session_id: str | None = ..., *, as_list: bool
+    ) -> Session[Any]: ...
+
+    def restore_session(
+        self, state: SessionState, session_id: str | None = None, *, as_list: bool = False
+    ) -> Session[Any]:
+        """Create (or replace) session ``session_id`` from an exported state."""
+        return self._run(self._restore_call(state, session_id, as_list=as_list))
+
+    def sessions(self) -> list[SessionInfo]:
+        """The summaries of every session on the server, oldest first."""
+        return self._run(self._list_call())
+
+    def health(self) -> dict[str, Any]:
+        """``GET /health``: ``{"status": "ok"}`` when the server is up."""
+        return self._run(self._health_call())
+
+    # --- sending ---
+
+    def _run(self, call: Call[T]) -> T:
+        attempts = self._attempts(call)
+        while True:
+            try:
+                reply = self._send(call)
+            except httpx.RequestError as exc:
+                delay = attempts.after_exception(exc)
+            else:
+                retry_in = attempts.after_reply(reply)
+                if retry_in is None:
+                    return call.finish(reply)
+                delay = retry_in
+            time.sleep(delay)
+
+    def _send(self, call: Call[Any]) -> Reply:
+        request = self._http.build_request(
+            call.method, call.path, params=call.params, content=call.body, headers=call.headers()
+        )
+        response = self._http.send(request, stream=True)
+        try:
+            body = BodyBuffer(response.headers)
+            for chunk in response.iter_bytes():
+                body.feed(chunk)
+        finally:
+            response.close()
+        return Reply(response.status_code, response.headers, body.value())
