@@ -1,0 +1,1 @@
+"""Benchmarks of the parameter server, each runnable as ``python -m benchmarks.<name>``."""
