@@ -8,6 +8,7 @@ well-formed body whose content is invalid.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -41,11 +42,14 @@ JSON_MEDIA_TYPE = "application/json"
 
 def decode_limits(settings: Settings) -> wire.DecodeLimits:
     return wire.DecodeLimits(
-        # A state body holds up to four maps of tensors (weights and three slots), each
-        # tensor a map of three entries and a shape of up to max_dims items.
-        max_objects=1024 + 4 * settings.max_tensors * (8 + settings.max_dims),
+        # A push or create body holds one map of tensors, each a map of three entries (~8
+        # values) and a shape of a few dimensions; deeper shapes draw on the same budget. The
+        # budget bounds the Python objects, and so the time, one hostile body can cost.
+        # parse_state allows four times as much (weights and up to three slots).
+        max_objects=1024 + settings.max_tensors * 16,
         max_map_items=max(settings.max_tensors, 64),
         max_array_items=max(settings.max_dims, 64),
+        scalar_arrays=True,
         max_tensors=settings.max_tensors,
         max_dims=settings.max_dims,
         max_elements=settings.max_elements,
@@ -156,8 +160,9 @@ def parse_gradients(body: bytes | bytearray, limits: wire.DecodeLimits) -> dict[
 
 def parse_state(body: bytes | bytearray, limits: wire.DecodeLimits) -> SessionState:
     """``PUT /sessions/{id}/state``: the body ``GET .../state`` returns."""
+    state_limits = dataclasses.replace(limits, max_objects=4 * limits.max_objects)
     obj = _top_level(
-        _load(body, "msgpack", limits),
+        _load(body, "msgpack", state_limits),
         required={"iterations", "optimizer", "weights", "slots", "scalars"},
     )
     iterations = obj["iterations"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -23,7 +23,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind; loopback by default.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    log_level: str = Field("info", description="critical, error, warning, info or debug.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="critical, error, warning, info or debug."
+    )
 
     max_body_bytes: int = Field(
         512 * MiB, ge=1024, description="Largest request body, enforced while it streams in."
@@ -98,3 +100,13 @@ class Settings(BaseSettings):
     warm_up_kernels: bool = Field(
         True, description="Compile the numba kernels at start-up instead of on first use."
     )
+
+    @model_validator(mode="after")
+    def _journal_needs_a_directory(self) -> Settings:
+        if self.durability == "journal" and self.snapshot_dir is None:
+            raise ValueError(
+                "durability='journal' needs snapshot_dir (--snapshot-dir or "
+                "PARAMSERVER_SNAPSHOT_DIR): the journal is kept there and replayed after the "
+                "snapshots at start-up"
+            )
+        return self

@@ -9,9 +9,11 @@ and nothing is ever unpickled.
 
 * :func:`unpack` parses a msgpack body without copying it: ``bin`` values come back as
   ``memoryview`` slices of the body, so :func:`decode_tensor` is ``numpy.frombuffer`` on the
-  received bytes. It refuses ext types, non-string map keys, duplicate keys, deep nesting and
-  any length that runs past the end of the body, so a hostile body can make it allocate no more
-  than the body itself.
+  received bytes. It refuses ext types, non-string map keys, duplicate keys, deep nesting,
+  containers inside arrays (with ``scalar_arrays``, as the server sets), and any length that runs past the end of the body, and it counts
+  values against a budget (:class:`DecodeLimits`), all checked at a container's header before
+  anything is built for it: a hostile body costs at most the budget's Python objects (a few
+  MiB at the server's defaults), whatever its size.
 * :func:`pack` writes a message in one pass: ``numpy`` arrays become tensor maps whose ``data``
   is taken straight from the array's memory, and the whole body is joined once, so encoding
   costs one copy of the array bytes.
@@ -80,6 +82,7 @@ class DecodeLimits:
     max_objects: int = 1_000_000  # values inside containers, in all
     max_map_items: int = 100_000  # entries of one map
     max_array_items: int = 1024  # items of one array (arrays are shapes in this protocol)
+    scalar_arrays: bool = False  # arrays may hold only scalars (the server's requests)
     max_tensors: int | None = 100_000
     max_dims: int = 32
     max_elements: int | None = None
@@ -99,7 +102,7 @@ _F64 = struct.Struct(">d")
 
 
 class _Reader:
-    __slots__ = ("budget", "buf", "end", "max_array", "max_depth", "max_map", "pos")
+    __slots__ = ("budget", "buf", "end", "max_array", "max_depth", "max_map", "pos", "scalars")
 
     def __init__(self, buf: memoryview, limits: DecodeLimits) -> None:
         self.buf = buf
@@ -109,6 +112,7 @@ class _Reader:
         self.budget = limits.max_objects
         self.max_map = limits.max_map_items
         self.max_array = limits.max_array_items
+        self.scalars = limits.scalar_arrays
 
     def need(self, n: int) -> int:
         start = self.pos
@@ -218,7 +222,15 @@ class _Reader:
 
     def array(self, n: int, depth: int) -> list[Any]:
         self._enter(n, 1, depth)
-        return [self.read(depth + 1) for _ in range(n)]
+        out = []
+        for _ in range(n):
+            item = self.read(depth + 1)
+            # Arrays in requests are shapes and small config values: scalars only. Refusing
+            # the first container inside an array stops nested-array bombs early.
+            if self.scalars and isinstance(item, (list, dict)):
+                raise LimitExceeded("arrays may not hold arrays or maps here")
+            out.append(item)
+        return out
 
     def map(self, n: int, depth: int) -> dict[str, Any]:
         self._enter(n, 2, depth)
