@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             serve.add_argument(_flag(name), dest=name, default=None, help=help_text)
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="once the server answers, train a small linear regression through it with the "
+        "client library and print the loss as it falls; the server keeps running",
+    )
     return parser
 
 
@@ -67,7 +73,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, *, demo: bool = False) -> None:
     import uvicorn
 
     from .main import create_app
@@ -76,6 +82,7 @@ def serve(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo worker's requests
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -83,8 +90,15 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=30,
+        access_log=not demo,  # keep the demo's output readable
     )
     server = uvicorn.Server(config)
+    if demo:
+        from .demo import first_write_token, start_demo_thread
+
+        start_demo_thread(
+            server, settings.host, first_write_token(settings.tokens, settings.tokens_file)
+        )
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then restores the handlers it found and
     # raises the signal again, so that with Python's defaults the process would die of SIGTERM
     # (exit 143) or a KeyboardInterrupt (130) after a clean shutdown. Handlers of ours that only
@@ -119,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paramserver: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        serve(settings)
+        serve(settings, demo=args.demo)
     return 0
 
 

@@ -361,3 +361,31 @@ if __name__ == "__main__":
         _doc_with_table(DEPLOYMENT_DOC.read_text(encoding="utf-8")), encoding="utf-8"
     )
     print(f"wrote the settings table of {DEPLOYMENT_DOC}")
+
+
+def test_demo_trains_through_the_server_and_keeps_serving(serve: type[ServeProcess]) -> None:
+    # The README's first command ends in `paramserver serve --demo`.
+    proc = serve([*console_script(), "serve", "--demo", "--port", "0", "--no-warm-up-kernels"])
+    url = proc.wait_ready()
+    deadline = time.monotonic() + START_TIMEOUT
+    while "demo: done" not in proc.log and time.monotonic() < deadline:
+        assert proc.proc.poll() is None, proc.log
+        time.sleep(0.1)
+    log = proc.log
+    assert "demo: done" in log, log
+    losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", log)]
+    assert len(losses) >= 2 and losses[-1] * 10 < losses[0], log
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # still serving
+    assert httpx.get(f"{url}/sessions", timeout=5).json() == {"sessions": []}  # demo cleaned up
+    assert_clean_exit(proc, proc.stop(signal.SIGTERM))
+
+
+def test_demo_uses_a_write_token_when_tokens_are_set(serve: type[ServeProcess]) -> None:
+    env = clean_env(PARAMSERVER_TOKENS="reader:ro,writer")
+    proc = serve([*console_script(), "serve", "--demo", "--port", "0"], env)
+    proc.wait_ready()
+    deadline = time.monotonic() + START_TIMEOUT
+    while "demo: done" not in proc.log and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "demo: done" in proc.log, proc.log
+    assert_clean_exit(proc, proc.stop(signal.SIGTERM))
