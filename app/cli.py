@@ -110,6 +110,10 @@ def serve(settings: Settings, *, demo: bool = False) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not server.started:
+        # The start-up failed (a locked snapshot directory, a damaged journal, a taken port):
+        # the reason is logged above; exit non-zero whatever uvicorn's version does.
+        sys.exit(3)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

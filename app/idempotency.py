@@ -9,6 +9,10 @@ Memory stays bounded: at most ``max_keys`` keys, and the answers' bytes up to
 ``max_body_bytes`` in all (newest kept). A replay whose bytes were dropped to keep that bound
 answers ``{"iterations": N}`` alone (N of the original step), which tells the client the push
 was applied; the client then pulls the weights if it wanted them.
+
+Snapshots and the journal carry a session's keys across a restart (:meth:`export_session`,
+:meth:`restore`): restored keys keep their iterations and expiry but not the answer's bytes, so
+a retry after a restart gets ``{"iterations": N}``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class IdempotencyCache:
         self.max_keys = max_keys
         self.max_body_bytes = max_body_bytes
         self._entries: OrderedDict[tuple[str, str], Remembered] = OrderedDict()
+        self._by_session: dict[str, set[str]] = {}  # session id -> its keys in _entries
         self._body_bytes = 0
         self._lock = threading.Lock()
 
@@ -68,22 +73,59 @@ class IdempotencyCache:
         with self._lock:
             self._drop((session_id, key))
             keep = body if body is not None and len(body) <= self.max_body_bytes else None
-            self._entries[(session_id, key)] = Remembered(iterations, keep, now + self.window)
+            self._add(session_id, key, Remembered(iterations, keep, now + self.window))
             if keep is not None:
                 self._body_bytes += len(keep)
             self._trim(now)
 
+    def restore(self, session_id: str, key: str, iterations: int, expires_at: float) -> None:
+        """Remember a key from a snapshot or the journal; ``expires_at`` is unix time."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        left = min(expires_at - time.time(), self.window)
+        if left <= 0:
+            return
+        with self._lock:
+            self._drop((session_id, key))
+            # Appended like a new key although it expires sooner: get() checks the expiry of
+            # each key, and _trim() drops it once the keys before it are gone.
+            self._add(session_id, key, Remembered(iterations, None, now + left))
+            self._trim(now)
+
+    def export_session(self, session_id: str) -> list[tuple[str, int, float]]:
+        """``(key, iterations, expires_at)`` of the session's live keys, unix time.
+
+        Call under the session's lock, so that the keys match the state saved with them.
+        """
+        now = time.monotonic()
+        wall = time.time()
+        with self._lock:
+            keys = self._by_session.get(session_id, ())
+            entries = [(k, self._entries[(session_id, k)]) for k in keys]
+        return [(k, e.iterations, wall + e.expires - now) for k, e in entries if e.expires > now]
+
     def forget_session(self, session_id: str) -> None:
         with self._lock:
-            for k in [k for k in self._entries if k[0] == session_id]:
-                self._drop(k)
+            for key in list(self._by_session.get(session_id, ())):
+                self._drop((session_id, key))
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _add(self, session_id: str, key: str, entry: Remembered) -> None:
+        self._entries[(session_id, key)] = entry
+        self._by_session.setdefault(session_id, set()).add(key)
+
     def _drop(self, k: tuple[str, str]) -> None:
         entry = self._entries.pop(k, None)
-        if entry is not None and entry.body is not None:
+        if entry is None:
+            return
+        keys = self._by_session[k[0]]
+        keys.discard(k[1])
+        if not keys:
+            del self._by_session[k[0]]
+        if entry.body is not None:
             self._body_bytes -= len(entry.body)
 
     def _trim(self, now: float) -> None:

@@ -6,6 +6,7 @@ that several apps can live in one process (the tests do that).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from .auth import AuthMiddleware, load_tokens
 from .backpressure import ConcurrencyLimitMiddleware
 from .errors import install_error_handlers
 from .optim import default_backend
+from .persistence import Durability
 from .service import SessionService
 from .sessions import SessionStore
 from .settings import Settings
@@ -46,15 +48,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_session_bytes=settings.max_session_bytes,
             max_total_bytes=settings.max_total_bytes,
         )
-        app.state.service = SessionService(store, settings)
-        _announce_access(settings, bool(tokens))
-        if settings.warm_up_kernels:
-            backend = default_backend()
-            warm_up = getattr(backend, "warm_up", None)
-            if warm_up is not None:
-                await run_in_threadpool(warm_up)
-        log.info("paramserver %s ready (kernels: %s)", __version__, default_backend().name)
-        yield
+        durability = Durability(settings) if settings.snapshot_dir is not None else None
+        service = SessionService(store, settings, durability)
+        app.state.service = service
+        if durability is not None:
+            # Lock the directory, load the snapshots, replay the journal: a failure here
+            # (another server on the directory, a damaged journal) stops the start-up.
+            try:
+                await run_in_threadpool(durability.open, service)
+            except Exception as exc:
+                log.critical("cannot start: %s", exc)
+                raise
+        stop = asyncio.Event()
+        periodic: asyncio.Task[None] | None = None
+        try:
+            _announce_access(settings, bool(tokens))
+            if settings.warm_up_kernels:
+                backend = default_backend()
+                warm_up = getattr(backend, "warm_up", None)
+                if warm_up is not None:
+                    await run_in_threadpool(warm_up)
+            log.info("paramserver %s ready (kernels: %s)", __version__, default_backend().name)
+            if durability is not None:
+                periodic = asyncio.create_task(
+                    _snapshot_periodically(durability, settings.snapshot_interval_seconds, stop)
+                )
+            yield
+        finally:
+            if durability is not None:
+                stop.set()
+                if periodic is not None:
+                    await periodic
+                # uvicorn runs this on SIGTERM/SIGINT once the requests in flight are answered:
+                # the final snapshots, then the directory is unlocked.
+                await run_in_threadpool(durability.close)
 
     app = FastAPI(
         title="paramserver",
@@ -74,15 +101,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+async def _snapshot_periodically(
+    durability: Durability, interval: float, stop: asyncio.Event
+) -> None:
+    """Every ``interval`` seconds, snapshot the sessions changed since their last snapshot."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            pass
+        else:
+            return
+        try:
+            await run_in_threadpool(durability.snapshot_changed)
+        except Exception:
+            log.exception("periodic snapshot failed; retrying in %g s", interval)
+
+
 def _announce_access(settings: Settings, has_tokens: bool) -> None:
     if has_tokens:
         log.info("authentication on: every endpoint but /health needs a bearer token")
         return
     loopback = settings.host in ("127.0.0.1", "localhost", "::1")
     log.warning(
-        "no tokens configured: the server is OPEN to anyone who can reach %s:%s%s",
+        "no tokens configured: the server is OPEN to anyone who can reach %s%s",
         settings.host,
-        settings.port,
         "" if loopback else " (not loopback! set PARAMSERVER_TOKENS)",
     )
 

@@ -4,17 +4,25 @@ Every method here is synchronous and may be CPU-heavy (decoding, an optimizer st
 megabytes of weights); the HTTP layer runs them in a worker thread, never on the event loop.
 Each method validates everything before it changes anything, so an error leaves every session
 as it was.
+
+With a :class:`~app.persistence.Durability` (``--snapshot-dir``), a change is made durable
+before it is answered: with the journal, each change is appended under the session's lock
+right after it succeeded and committed before the answer; without it, creating a session or
+loading a state writes a snapshot at once (pushes wait for the periodic snapshot).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from client import wire
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, ServiceError, ServiceUnavailable, SessionNotFound
 from .idempotency import IdempotencyCache
 from .optim import GradientError, StateError
+from .persistence import Durability, SnapshotInfo
 from .protocol import (
     decode_limits,
     parse_create,
@@ -27,15 +35,27 @@ from .sessions import Session, SessionStore, check_session_id
 from .settings import Settings
 from .training import build_trainer, restore_trainer
 
-__all__ = ["SessionService"]
+__all__ = ["SessionService", "SnapshotsDisabled"]
+
+log = logging.getLogger("paramserver")
+
+
+class SnapshotsDisabled(ServiceError):
+    """A snapshot was asked of a server started without ``--snapshot-dir`` (HTTP 409)."""
+
+    status = 409
+    code = "snapshots_disabled"
 
 
 class SessionService:
     """The protocol's operations over one :class:`SessionStore`."""
 
-    def __init__(self, store: SessionStore, settings: Settings) -> None:
+    def __init__(
+        self, store: SessionStore, settings: Settings, durability: Durability | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.durability = durability
         self.limits: wire.DecodeLimits = decode_limits(settings)
         self.idempotency = IdempotencyCache(
             window_seconds=settings.idempotency_window_seconds,
@@ -54,7 +74,26 @@ class SessionService:
                 raise InvalidRequest(str(exc), code="invalid_weights") from None
 
         session = self.store.add(session_id, build)
+        self._persist_new(session)
         return session.summary(timestamps=False)
+
+    def _persist_new(self, session: Session) -> None:
+        """Make a new session durable; if that fails it is removed again and 503 answered."""
+        if self.durability is None:
+            return
+        try:
+            self.durability.created(session)
+        except (OSError, ServiceUnavailable) as exc:
+            with session.lock:
+                if not session.deleted:
+                    self.idempotency.forget_session(session.id)
+                    self.store.delete(session.id)
+            if isinstance(exc, ServiceUnavailable):
+                raise
+            raise ServiceUnavailable(
+                f"the session could not be saved ({exc}); it was not created",
+                code="snapshot_failed",
+            ) from None
 
     def push(
         self,
@@ -70,13 +109,19 @@ class SessionService:
         is applied and the first answer is returned again.
         """
         grads = parse_gradients(body, self.limits)
+        journal = None if self.durability is None else self.durability.journal
+        lsn = 0
         with session.locked() as trainer:
+            if session.deleted:  # deleted while this push waited for the lock
+                raise SessionNotFound(f"no session {session.id!r}")
             if idempotency_key is not None:
                 seen = self.idempotency.get(session.id, idempotency_key)
                 if seen is not None:
                     if seen.body is not None:
                         return seen.body, True
                     return weights_message(seen.iterations, None), True
+            if journal is not None:
+                journal.check()  # a failed journal acknowledges nothing: refuse before applying
             try:
                 trainer.apply(grads)
             except GradientError as exc:
@@ -85,9 +130,20 @@ class SessionService:
             answer = weights_message(
                 trainer.iterations, trainer.weights() if return_weights else None
             )
+            if journal is not None:
+                lsn = journal.append(
+                    "push",
+                    session.id,
+                    body=body,
+                    iterations=trainer.iterations,
+                    key=idempotency_key,
+                    time=time.time(),
+                )
             if idempotency_key is not None:
                 self.idempotency.remember(session.id, idempotency_key, trainer.iterations, answer)
-            return answer, False
+        if journal is not None:
+            journal.commit(lsn)  # outside the lock: one fsync serves pushes of many sessions
+        return answer, False
 
     def weights(self, session: Session) -> bytes:
         with session.locked() as trainer:
@@ -109,22 +165,63 @@ class SessionService:
                 raise InvalidRequest(str(exc), code="invalid_state") from None
 
         session = self.store.find(session_id)
-        if session is None:
-            created = self.store.add(session_id, restore)
-            return created.summary(), True
-        trainer = restore()  # built outside the lock: the session keeps serving meanwhile
-        with session.lock:
-            self.store.check_memory(trainer.nbytes(), replacing=session.trainer.nbytes())
-            self.store.replace(session, trainer)
-            return session.summary(), False
+        if session is not None:
+            trainer = restore()  # built outside the lock: the session keeps serving meanwhile
+            journal = None if self.durability is None else self.durability.journal
+            lsn = 0
+            summary: dict[str, Any] = {}
+            with session.lock:
+                replaced = not session.deleted  # if it was deleted meanwhile: create it below
+                if replaced:
+                    if journal is not None:
+                        journal.check()
+                    self.store.check_memory(trainer.nbytes(), replacing=session.trainer.nbytes())
+                    self.store.replace(session, trainer)
+                    if journal is not None:
+                        lsn = journal.append("state", session.id, body=body, time=time.time())
+                    summary = session.summary()
+            if replaced:
+                if journal is not None:
+                    journal.commit(lsn)
+                elif self.durability is not None:
+                    self._snapshot_now(session)
+                return summary, False
+        created = self.store.add(session_id, restore)
+        self._persist_new(created)
+        return created.summary(), True
+
+    def _snapshot_now(self, session: Session) -> None:
+        """Snapshot a loaded state at once; if the disk fails, the periodic pass retries."""
+        assert self.durability is not None
+        try:
+            self.durability.snapshot(session)
+        except OSError as exc:
+            log.error("snapshot of session %r after loading its state failed: %s", session.id, exc)
 
     def delete(self, session_id: str) -> None:
-        self.store.delete(session_id)
-        self.idempotency.forget_session(session_id)
+        session = self.store.get(session_id)
+        with session.lock:
+            if session.deleted:
+                raise SessionNotFound(f"no session {session_id!r}")
+            if self.durability is not None:
+                self.durability.deleting(session)  # journal it, remove its snapshots
+            self.idempotency.forget_session(session_id)
+            self.store.delete(session_id)
+
+    def snapshot(self, session: Session) -> dict[str, Any]:
+        """Save the session now (``POST /sessions/{id}/snapshot``)."""
+        if self.durability is None:
+            raise SnapshotsDisabled("this server keeps no snapshots: start it with --snapshot-dir")
+        info: SnapshotInfo | None = self.durability.snapshot(session)
+        if info is None:
+            raise SessionNotFound(f"no session {session.id!r}")
+        return info.to_dict()
 
     def summary(self, session: Session) -> dict[str, Any]:
         with session.locked():
             return session.summary()
 
     def list(self) -> list[dict[str, Any]]:
-        return [self.summary(s) for s in self.store.list()]
+        # Without the sessions' locks: a summary holds no arrays (iterations is read once), and
+        # a busy session must not hold up the listing of all the others.
+        return [s.summary() for s in self.store.list()]

@@ -10,10 +10,11 @@ and nothing is ever unpickled.
 * :func:`unpack` parses a msgpack body without copying it: ``bin`` values come back as
   ``memoryview`` slices of the body, so :func:`decode_tensor` is ``numpy.frombuffer`` on the
   received bytes. It refuses ext types, non-string map keys, duplicate keys, deep nesting,
-  containers inside arrays (with ``scalar_arrays``, as the server sets), and any length that runs past the end of the body, and it counts
-  values against a budget (:class:`DecodeLimits`), all checked at a container's header before
-  anything is built for it: a hostile body costs at most the budget's Python objects (a few
-  MiB at the server's defaults), whatever its size.
+  containers inside arrays (with ``scalar_arrays``, as the server sets) and any length that
+  runs past the end of the body, and it counts values against a budget
+  (:class:`DecodeLimits`), all checked at a container's header before anything is built for
+  it: a hostile body costs at most the budget's Python objects (a few MiB at the server's
+  defaults), whatever its size.
 * :func:`pack` writes a message in one pass: ``numpy`` arrays become tensor maps whose ``data``
   is taken straight from the array's memory, and the whole body is joined once, so encoding
   costs one copy of the array bytes.

@@ -9,6 +9,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
 
 from client.wire import MSGPACK_MEDIA_TYPE
 
@@ -122,8 +123,35 @@ async def get_session_summary(session: SessionDep, service: ServiceDep) -> dict:
     responses=schemas.error_responses(404),
 )
 async def delete_session(session_id: SessionId, service: ServiceDep) -> Response:
-    service.delete(session_id)
+    await run_in_threadpool(service.delete, session_id)  # waits for the session's lock
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+class SnapshotTaken(BaseModel):
+    session_id: str
+    iterations: int = Field(description="The iteration count the snapshot holds.")
+    lsn: int = Field(description="The journal LSN up to which the snapshot holds changes.")
+    file: str | None = Field(
+        description="The snapshot file's name in the snapshot directory; null when a "
+        "concurrent snapshot of a newer state made this one unnecessary."
+    )
+    bytes: int = Field(description="Size of the encoded state.")
+
+
+@router.post(
+    "/{session_id}/snapshot",
+    response_model=SnapshotTaken,
+    summary="Snapshot a session now",
+    description="Write the session's whole state to the snapshot directory (crash-safely) "
+    "and answer once it is on disk. 409 `snapshots_disabled` if the server was started "
+    "without --snapshot-dir.",
+    responses={
+        **schemas.error_responses(404),
+        409: {"model": schemas.ErrorBody, "description": "The server keeps no snapshots."},
+    },
+)
+async def snapshot_session(session: SessionDep, service: ServiceDep) -> dict:  # type: ignore[type-arg]
+    return await run_in_threadpool(service.snapshot, session)
 
 
 @router.post(

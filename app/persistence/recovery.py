@@ -1,0 +1,255 @@
+"""Start-up: load every session's newest valid snapshot, then replay the journal after it.
+
+Rules (docs/durability.md says the same for operators):
+
+* Snapshots: for each session the newest file that passes every check (lengths, checksum,
+  header, a state that rebuilds a trainer) is loaded. A refused file is logged at WARNING with
+  its name and the reason, renamed to ``*.corrupt`` and the previous one is tried. A session
+  none of whose files can be loaded is logged at ERROR and not restored.
+* Journal: records are replayed in LSN order, each only if its LSN is above the LSN of the
+  snapshot loaded for its session; pushes go through the same engine as live pushes (so the
+  result is bit-exact) and their Idempotency-Keys are remembered again. A push must continue
+  its session's iteration count exactly; if it does not, the server refuses to start, except
+  for a session whose newest snapshot was refused (then the journal may no longer hold what
+  followed the older snapshot: that session is logged at ERROR, stays at the state reached,
+  and ignores pushes until a later state record).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, cast
+
+from client import wire
+
+from ..errors import ServiceError
+from ..optim import GradientError, StateError
+from ..protocol import parse_gradients, parse_state
+from ..sessions import Session
+from ..training import restore_trainer
+from .journal import JournalReader, Record
+from .snapshots import CorruptSnapshot, SnapshotFile, SnapshotStore, read_snapshot
+
+if TYPE_CHECKING:
+    from ..service import SessionService
+
+__all__ = ["Loaded", "RecoveryError", "Replayed", "load_snapshots", "replay_journal"]
+
+log = logging.getLogger("paramserver.persistence")
+
+#: Limits for reading our own checksummed files: they bound nothing a client sent.
+TRUSTED_LIMITS = wire.DecodeLimits(
+    max_depth=16,
+    max_objects=1 << 62,
+    max_map_items=1 << 32,
+    max_array_items=1024,
+    max_tensors=None,
+    max_dims=64,
+    max_elements=None,
+)
+
+
+class RecoveryError(RuntimeError):
+    """The saved state cannot be restored without losing acknowledged changes."""
+
+
+@dataclass
+class Loaded:
+    """A session restored from a snapshot."""
+
+    session: Session
+    snapshot: SnapshotFile
+    lsn: int
+    fallback: bool  # a newer snapshot of this session was refused
+
+
+def _buffer(view: memoryview) -> bytes:
+    """A zero-copy view typed for the protocol's parsers (they read any buffer)."""
+    return cast(bytes, view)
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, ServiceError) else str(exc)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def load_snapshots(store: SnapshotStore, service: SessionService) -> dict[str, Loaded]:
+    """Restore every session of the directory from its newest valid snapshot."""
+    loaded: dict[str, Loaded] = {}
+    for session_id, files in sorted(store.scan().items()):
+        for index, snapshot in enumerate(files):
+            try:
+                header, body = read_snapshot(snapshot.path)
+                if header.get("session_id") != session_id:
+                    raise CorruptSnapshot(f"it holds session {header.get('session_id')!r}")
+                state = parse_state(_buffer(body), TRUSTED_LIMITS)
+                trainer = restore_trainer(state)
+                del body, state
+            except (CorruptSnapshot, ServiceError, StateError, GradientError) as exc:
+                more = index + 1 < len(files)
+                log.warning(
+                    "refusing snapshot %s: %s; %s",
+                    snapshot.path,
+                    _reason(exc),
+                    "using the previous one"
+                    if more
+                    else "no older snapshot of this session is left",
+                )
+                aside = store.set_aside(snapshot)
+                log.warning("kept the refused file as %s", aside)
+                continue
+            try:
+                session = service.store.add(session_id, lambda t=trainer: t)  # type: ignore[misc]
+            except ServiceError as exc:
+                raise RecoveryError(
+                    f"cannot restore session {session_id!r} from {snapshot.path}: {exc.message}"
+                ) from None
+            session.created_at = _parse_time(header.get("session_created_at")) or session.created_at
+            session.updated_at = _parse_time(header.get("session_updated_at")) or session.updated_at
+            for key, iterations, expires_at in header.get("idempotency", []):
+                service.idempotency.restore(session_id, key, iterations, expires_at)
+            lsn = header.get("lsn", 0)
+            loaded[session_id] = Loaded(session, snapshot, int(lsn), fallback=index > 0)
+            break
+        else:
+            log.error(
+                "session %r: none of its %d snapshot(s) could be loaded; it is not restored",
+                session_id,
+                len(files),
+            )
+    return loaded
+
+
+@dataclass
+class Replayed:
+    """What a journal replay did."""
+
+    records: int = 0  # records read
+    applied: int = 0  # records applied (above their session's snapshot)
+    last_lsn: int = 0
+    pending: dict[str, int] = field(default_factory=dict)  # session -> first record applied
+
+
+class _Replay:
+    def __init__(
+        self, service: SessionService, snapshots: SnapshotStore, loaded: dict[str, Loaded]
+    ) -> None:
+        self.service = service
+        self.snapshots = snapshots
+        self.snapshot_lsn = {sid: entry.lsn for sid, entry in loaded.items()}
+        self.lossy = {sid for sid, entry in loaded.items() if entry.fallback}
+        self.ignoring: set[str] = set()  # lossy sessions whose journal does not continue
+        self.orphans: dict[str, int] = {}  # session -> pushes found before the session
+        self.result = Replayed()
+
+    def run(self, records: Iterable[Record]) -> Replayed:
+        for record in records:
+            self.result.records += 1
+            self.result.last_lsn = record.lsn
+            if record.lsn <= self.snapshot_lsn.get(record.session_id, 0):
+                continue
+            try:
+                getattr(self, f"_{record.op}")(record)
+            except (ServiceError, StateError, GradientError) as exc:
+                raise RecoveryError(
+                    f"journal record {record.where} ({record.op} of session "
+                    f"{record.session_id!r}) cannot be replayed: {_reason(exc)}; refusing to "
+                    "start. See docs/durability.md, 'Recovery by hand'."
+                ) from None
+            self.result.applied += 1
+        for session_id, count in self.orphans.items():
+            if self.service.store.find(session_id) is None:
+                log.error(
+                    "journal: %d push(es) of session %r were not replayed: no snapshot or "
+                    "journal record holds that session's state",
+                    count,
+                    session_id,
+                )
+        return self.result
+
+    def _state(self, record: Record) -> None:
+        assert record.body is not None
+        trainer = restore_trainer(parse_state(_buffer(record.body), TRUSTED_LIMITS))
+        store = self.service.store
+        session = store.find(record.session_id)
+        if session is None:
+            session = store.add(record.session_id, lambda: trainer)
+            if record.op == "create" and record.time is not None:
+                session.created_at = datetime.fromtimestamp(record.time, timezone.utc)
+        else:
+            store.replace(session, trainer)
+        self.ignoring.discard(record.session_id)
+        self.result.pending.setdefault(record.session_id, record.lsn)
+
+    _create = _state
+
+    def _push(self, record: Record) -> None:
+        sid = record.session_id
+        assert record.body is not None and record.iterations is not None
+        if record.key is not None and record.time is not None:
+            window = self.service.idempotency.window
+            self.service.idempotency.restore(
+                sid, record.key, record.iterations, record.time + window
+            )
+        session = self.service.store.find(sid)
+        if session is None:
+            # A push can reach the journal just before its session's create record; the create
+            # record then holds the state after it.
+            self.orphans[sid] = self.orphans.get(sid, 0) + 1
+            return
+        if sid in self.ignoring:
+            return
+        trainer = session.trainer
+        if trainer.iterations != record.iterations - 1:
+            message = (
+                f"session {sid!r}: journal record {record.where} is push number "
+                f"{record.iterations} but the session is at iteration {trainer.iterations}"
+            )
+            if sid in self.lossy:
+                log.error(
+                    "%s: its newest snapshot was refused and the journal no longer holds what "
+                    "followed the older one; the session stays at iteration %d",
+                    message,
+                    trainer.iterations,
+                )
+                self.ignoring.add(sid)
+                return
+            raise RecoveryError(
+                f"{message}; refusing to start. See docs/durability.md, 'Recovery by hand'."
+            )
+        trainer.apply(parse_gradients(_buffer(record.body), TRUSTED_LIMITS))
+        if record.time is not None:
+            session.updated_at = datetime.fromtimestamp(record.time, timezone.utc)
+        self.result.pending.setdefault(sid, record.lsn)
+
+    def _delete(self, record: Record) -> None:
+        sid = record.session_id
+        if self.service.store.find(sid) is not None:
+            self.service.store.delete(sid)
+        self.service.idempotency.forget_session(sid)
+        self.snapshots.remove(sid)
+        for tracked in (self.snapshot_lsn, self.result.pending):
+            tracked.pop(sid, None)
+        self.lossy.discard(sid)
+        self.ignoring.discard(sid)
+
+
+def replay_journal(
+    reader: JournalReader,
+    service: SessionService,
+    snapshots: SnapshotStore,
+    loaded: dict[str, Loaded],
+) -> Replayed:
+    """Apply the journal's records that the loaded snapshots do not hold; cut a torn tail."""
+    result = _Replay(service, snapshots, loaded).run(reader.records())
+    reader.repair()
+    return result
