@@ -39,6 +39,9 @@ __all__ = [
 
 JSON_MEDIA_TYPE = "application/json"
 
+#: Iteration counts stay below 2**53: exact as floats (Keras casts them) and as msgpack ints.
+MAX_ITERATIONS = 2**53
+
 
 def decode_limits(settings: Settings) -> wire.DecodeLimits:
     return wire.DecodeLimits(
@@ -82,7 +85,7 @@ def _reject_constant(name: str) -> float:
     raise BadRequest(f"{name} is not valid JSON")
 
 
-def _load(body: bytes | bytearray, kind: str, limits: wire.DecodeLimits) -> Any:
+def _load(body: bytes | bytearray | memoryview, kind: str, limits: wire.DecodeLimits) -> Any:
     if kind == "msgpack":
         try:
             return wire.unpack(body, limits)
@@ -96,7 +99,9 @@ def _load(body: bytes | bytearray, kind: str, limits: wire.DecodeLimits) -> Any:
             raise BadRequest(f"malformed msgpack body: {exc}") from None
     try:
         return json.loads(
-            body, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+            bytes(body) if isinstance(body, memoryview) else body,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
         )
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"malformed JSON body: {exc}") from None
@@ -141,7 +146,7 @@ def _tensors(
 
 
 def parse_create(
-    body: bytes | bytearray, kind: str, limits: wire.DecodeLimits
+    body: bytes | bytearray | memoryview, kind: str, limits: wire.DecodeLimits
 ) -> tuple[str | None, OptimizerConfig, dict[str, np.ndarray]]:
     """``POST /sessions``: ``{"session_id"?, "optimizer", "weights"}`` (msgpack or JSON)."""
     obj = _top_level(
@@ -152,13 +157,15 @@ def parse_create(
     return obj.get("session_id"), optimizer, weights
 
 
-def parse_gradients(body: bytes | bytearray, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
+def parse_gradients(
+    body: bytes | bytearray | memoryview, limits: wire.DecodeLimits
+) -> dict[str, np.ndarray]:
     """``POST /sessions/{id}/gradients``: msgpack ``{"gradients": {name: tensor}}``."""
     obj = _top_level(_load(body, "msgpack", limits), required={"gradients"})
     return _tensors(obj["gradients"], field="gradients", limits=limits, json_body=False)
 
 
-def parse_state(body: bytes | bytearray, limits: wire.DecodeLimits) -> SessionState:
+def parse_state(body: bytes | bytearray | memoryview, limits: wire.DecodeLimits) -> SessionState:
     """``PUT /sessions/{id}/state``: the body ``GET .../state`` returns."""
     state_limits = dataclasses.replace(limits, max_objects=4 * limits.max_objects)
     obj = _top_level(
@@ -166,9 +173,14 @@ def parse_state(body: bytes | bytearray, limits: wire.DecodeLimits) -> SessionSt
         required={"iterations", "optimizer", "weights", "slots", "scalars"},
     )
     iterations = obj["iterations"]
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+    if (
+        isinstance(iterations, bool)
+        or not isinstance(iterations, int)
+        or not 0 <= iterations < MAX_ITERATIONS
+    ):
         raise InvalidRequest(
-            f"'iterations' must be an integer >= 0, got {iterations!r}", code="invalid_state"
+            f"'iterations' must be an integer in [0, 2**53), got {iterations!r}",
+            code="invalid_state",
         )
     optimizer = parse_optimizer(obj["optimizer"])
     weights = _tensors(obj["weights"], field="weights", limits=limits, json_body=False)

@@ -63,7 +63,7 @@ class SessionService:
             max_body_bytes=settings.idempotency_max_bytes,
         )
 
-    def create(self, body: bytes | bytearray, kind: str) -> dict[str, Any]:
+    def create(self, body: bytes | bytearray | memoryview, kind: str) -> dict[str, Any]:
         session_id, optimizer, weights = parse_create(body, kind, self.limits)
         session_id = self.store.new_id() if session_id is None else check_session_id(session_id)
 
@@ -98,7 +98,7 @@ class SessionService:
     def push(
         self,
         session: Session,
-        body: bytes | bytearray,
+        body: bytes | bytearray | memoryview,
         *,
         return_weights: bool,
         idempotency_key: str | None = None,
@@ -114,15 +114,29 @@ class SessionService:
         with session.locked() as trainer:
             if session.deleted:  # deleted while this push waited for the lock
                 raise SessionNotFound(f"no session {session.id!r}")
+            if journal is not None:
+                # A failed journal acknowledges nothing, replays included: the first answer of
+                # a replayed key may be one whose fsync failed.
+                journal.check()
             if idempotency_key is not None:
                 seen = self.idempotency.get(session.id, idempotency_key)
                 if seen is not None:
                     if seen.body is not None:
                         return seen.body, True
                     return weights_message(seen.iterations, None), True
-            if journal is not None:
-                journal.check()  # a failed journal acknowledges nothing: refuse before applying
             try:
+                if journal is not None:
+                    # Write-ahead: validate, log, then apply (a validated step cannot fail), so
+                    # a push that could not be logged changes nothing.
+                    trainer.check_gradients(grads)
+                    lsn = journal.append(
+                        "push",
+                        session.id,
+                        body=body,
+                        iterations=trainer.iterations + 1,
+                        key=idempotency_key,
+                        time=time.time(),
+                    )
                 trainer.apply(grads)
             except GradientError as exc:
                 raise InvalidRequest(str(exc), code=exc.code) from None
@@ -130,15 +144,6 @@ class SessionService:
             answer = weights_message(
                 trainer.iterations, trainer.weights() if return_weights else None
             )
-            if journal is not None:
-                lsn = journal.append(
-                    "push",
-                    session.id,
-                    body=body,
-                    iterations=trainer.iterations,
-                    key=idempotency_key,
-                    time=time.time(),
-                )
             if idempotency_key is not None:
                 self.idempotency.remember(session.id, idempotency_key, trainer.iterations, answer)
         if journal is not None:
@@ -153,7 +158,9 @@ class SessionService:
         with session.locked() as trainer:
             return state_message(trainer.state())
 
-    def load_state(self, session_id: str, body: bytes | bytearray) -> tuple[dict[str, Any], bool]:
+    def load_state(
+        self, session_id: str, body: bytes | bytearray | memoryview
+    ) -> tuple[dict[str, Any], bool]:
         """Replace a session's state, or create the session from it; returns (summary, created)."""
         check_session_id(session_id)
         state = parse_state(body, self.limits)
@@ -176,9 +183,9 @@ class SessionService:
                     if journal is not None:
                         journal.check()
                     self.store.check_memory(trainer.nbytes(), replacing=session.trainer.nbytes())
-                    self.store.replace(session, trainer)
-                    if journal is not None:
+                    if journal is not None:  # write-ahead: logged before it takes effect
                         lsn = journal.append("state", session.id, body=body, time=time.time())
+                    self.store.replace(session, trainer)
                     summary = session.summary()
             if replaced:
                 if journal is not None:

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         512 * MiB, ge=1024, description="Largest request body, enforced while it streams in."
     )
+    max_json_body_bytes: int = Field(
+        16 * MiB,
+        ge=1024,
+        description="Largest JSON body (POST /sessions); JSON numbers cost far more memory "
+        "than msgpack bytes, so large models should be sent as msgpack.",
+    )
     max_tensors: int = Field(4096, ge=1, description="Most tensors in one request.")
     max_dims: int = Field(32, ge=0, le=64, description="Most dimensions of one tensor.")
     max_elements: int = Field(1 << 31, ge=1, description="Most elements of one tensor.")

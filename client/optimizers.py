@@ -110,7 +110,10 @@ def _check_value(owner: str, arg: _Argument, value: Any) -> Any:
         value, (int, float, np.integer, np.floating)
     ):
         raise fail(f"got {value!r} of type {type(value).__name__}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float64's range
+        raise fail("got an integer too large for a float") from None
     if not math.isfinite(number):
         raise fail(f"got {number!r}")
     if arg.check is not None and not arg.check(number):

@@ -279,6 +279,9 @@ def _check_shape(shape: Any, where: str, limits: DecodeLimits) -> tuple[int, ...
         raise TensorError(f"{where}: 'shape' must be a list of integers >= 0, got {shape!r}")
     if len(shape) > limits.max_dims:
         raise TensorError(f"{where}: {len(shape)} dimensions; at most {limits.max_dims} allowed")
+    if limits.max_elements is not None and any(d > limits.max_elements for d in shape):
+        # checked per dimension too: [0, 2**62, 2**62] has no elements but cannot be shaped
+        raise TensorError(f"{where}: a dimension over {limits.max_elements} elements")
     n = math.prod(shape)
     if limits.max_elements is not None and n > limits.max_elements:
         raise TensorError(f"{where}: {n} elements; at most {limits.max_elements} allowed")
@@ -332,7 +335,10 @@ def decode_tensor(
             f"{where}: 'data' holds {len(data)} bytes; shape {list(shape)} of {obj['dtype']} "
             f"needs {expected}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except ValueError as exc:  # e.g. an empty shape with a dimension numpy cannot index
+        raise TensorError(f"{where}: shape {list(shape)} cannot be used: {exc}") from None
 
 
 def decode_json_tensor(
@@ -352,8 +358,12 @@ def decode_json_tensor(
         )
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
         raise TensorError(f"{where}: 'data' must hold only numbers")
-    with np.errstate(over="ignore"):
-        return np.asarray(data, dtype=np.float64).astype(dtype.newbyteorder("=")).reshape(shape)
+    try:
+        with np.errstate(over="ignore"):
+            values = np.asarray(data, dtype=np.float64).astype(dtype.newbyteorder("="))
+        return values.reshape(shape)
+    except (OverflowError, ValueError) as exc:  # an integer beyond float64, an odd shape
+        raise TensorError(f"{where}: 'data' cannot be read as {obj['dtype']}: {exc}") from None
 
 
 def decode_tensor_map(

@@ -577,3 +577,41 @@ def test_casting_gradients_allocates_only_on_the_first_step(
     opt.step(params, grads)
     peak = _peak_bytes_of(lambda: opt.step(params, grads))
     assert peak < param_bytes // 8, f"a step allocated {peak} bytes for a {param_bytes}-byte model"
+
+
+def test_parallel_numpy_steps_of_different_sessions_do_not_share_scratch() -> None:
+    # float16 runs on the shared numpy backend (numba has no float16 kernels): steps of four
+    # sessions in parallel threads must give what the same steps give one after another.
+    import threading
+
+    from app.optim import default_backend
+
+    rng = np.random.default_rng(7)
+    n = 200_000
+    grads = [
+        [rng.standard_normal(n).astype(np.float16) for _ in range(10)] for _ in range(4)
+    ]
+
+    def run(parallel: bool) -> list[np.ndarray]:
+        params = [{"w": np.ones(n, np.float16)} for _ in range(4)]
+        opts = [
+            KerasOptimizer(optimizers.RMSprop(), p, backend=default_backend()) for p in params
+        ]
+
+        def steps(i: int) -> None:
+            for g in grads[i]:
+                opts[i].step(params[i], {"w": g})
+
+        if parallel:
+            threads = [threading.Thread(target=steps, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        else:
+            for i in range(4):
+                steps(i)
+        return [p["w"] for p in params]
+
+    for seq, par in zip(run(False), run(True), strict=True):
+        np.testing.assert_array_equal(seq, par)

@@ -437,7 +437,7 @@ def test_a_failed_journal_refuses_every_change(
     with pytest.raises(JournalFailed) as refused:
         server.push("a", grads())  # refused before it is applied
     assert refused.value.status == 503 and refused.value.code == "journal_failed"
-    assert server.service.store.get("a").trainer.iterations == 1  # the unacknowledged one
+    assert server.service.store.get("a").trainer.iterations == 0  # write-ahead: never applied
     with pytest.raises(JournalFailed):
         server.create("b", "sgd", WEIGHTS)
     assert server.service.store.find("b") is None

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import anyio
+import numpy as np
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 from ..errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 
-async def read_body(request: Request, limit: int, *, timeout: float | None = None) -> bytearray:
+async def read_body(
+    request: Request, limit: int, *, timeout: float | None = None
+) -> bytearray | memoryview:
     """The whole body within ``timeout`` seconds (408 past it); see :func:`_read`."""
     try:
         if timeout is None:
@@ -26,7 +29,7 @@ async def read_body(request: Request, limit: int, *, timeout: float | None = Non
         ) from None
 
 
-async def _read(request: Request, limit: int) -> bytearray:
+async def _read(request: Request, limit: int) -> bytearray | memoryview:
     """The whole body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
 
     A declared ``Content-Length`` over the limit is refused before any byte is read; a body
@@ -44,8 +47,9 @@ async def _read(request: Request, limit: int) -> bytearray:
             raise BadRequest("invalid Content-Length header")
         if size > limit:
             raise too_large
-        buf = bytearray(size)
-        view = memoryview(buf)
+        # np.empty, not bytearray(size): the buffer is not zero-filled, so for a large body
+        # its pages become resident only as the bytes arrive, not when the header does.
+        view = np.empty(size, dtype=np.uint8).data
         pos = 0
         async for chunk in request.stream():
             end = pos + len(chunk)
@@ -55,7 +59,7 @@ async def _read(request: Request, limit: int) -> bytearray:
             pos = end
         if pos != size:
             raise BadRequest("the body is shorter than its Content-Length")
-        return buf
+        return view
     out = bytearray()
     async for chunk in request.stream():
         if len(out) + len(chunk) > limit:

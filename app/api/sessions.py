@@ -29,7 +29,7 @@ SessionId = Annotated[
 ]
 
 
-def get_service(request: Request) -> SessionService:
+async def get_service(request: Request) -> SessionService:  # async: no threadpool hop
     service: SessionService = request.app.state.service
     return service
 
@@ -37,7 +37,7 @@ def get_service(request: Request) -> SessionService:
 ServiceDep = Annotated[SessionService, Depends(get_service)]
 
 
-def get_session(session_id: SessionId, service: ServiceDep) -> Session:
+async def get_session(session_id: SessionId, service: ServiceDep) -> Session:
     return service.store.get(session_id)
 
 
@@ -71,12 +71,14 @@ async def turn(session: Session, service: SessionService) -> AsyncIterator[None]
         session.turn.release()
 
 
-async def body_of(request: Request, service: SessionService) -> bytearray:
-    return await read_body(
-        request,
-        service.settings.max_body_bytes,
-        timeout=service.settings.request_timeout_seconds,
-    )
+async def body_of(
+    request: Request, service: SessionService, *, json: bool = False
+) -> bytearray | memoryview:
+    settings = service.settings
+    limit = settings.max_body_bytes
+    if json:
+        limit = min(limit, settings.max_json_body_bytes)
+    return await read_body(request, limit, timeout=settings.request_timeout_seconds)
 
 
 @router.post(
@@ -92,7 +94,7 @@ async def body_of(request: Request, service: SessionService) -> bytearray:
 )
 async def create_session(request: Request, service: ServiceDep) -> dict:  # type: ignore[type-arg]
     kind = body_kind(request.headers.get("content-type"), allow_json=True)
-    body = await body_of(request, service)
+    body = await body_of(request, service, json=kind == "json")
     return await run_in_threadpool(service.create, body, kind)
 
 

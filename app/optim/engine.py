@@ -18,6 +18,7 @@ Nothing here knows about HTTP, storage or threads; callers serialise access.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -104,26 +105,35 @@ class KernelBackend(Protocol):
 
 
 class NumpyBackend:
-    """Chunked in-place numpy kernels: no allocation proportional to the parameter size."""
+    """Chunked in-place numpy kernels: no allocation proportional to the parameter size.
+
+    One instance serves every session, and steps of different sessions run in parallel
+    threads (numpy releases the GIL), so the scratch buffers are per thread.
+    """
 
     name = "numpy"
 
     def __init__(self, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.chunk = chunk_elements
-        self._scratch: dict[np.dtype, tuple[Scratch, np.ndarray]] = {}
+        self._local = threading.local()
 
     def supports(self, rule: str, dtype: np.dtype) -> bool:
         return rule in RULES and dtype in FLOAT_DTYPES
 
     def _buffers(self, dtype: np.dtype) -> tuple[Scratch, np.ndarray]:
-        buffers = self._scratch.get(dtype)
+        scratch: dict[np.dtype, tuple[Scratch, np.ndarray]] | None = getattr(
+            self._local, "scratch", None
+        )
+        if scratch is None:
+            scratch = self._local.scratch = {}
+        buffers = scratch.get(dtype)
         if buffers is None:
             n = self.chunk
             buffers = (
                 Scratch(np.empty(n, dtype), np.empty(n, dtype)),
                 np.empty(n, dtype),
             )
-            self._scratch[dtype] = buffers
+            scratch[dtype] = buffers
         return buffers
 
     def sum_squares(self, g: np.ndarray) -> float:
@@ -359,8 +369,8 @@ class KerasOptimizer:
     def check_state(self, state: OptimizerState) -> None:
         """Raise :class:`StateError` unless ``state`` fits this optimizer exactly."""
         it = state.iterations
-        if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or it < 0:
-            raise StateError(f"iterations must be an integer >= 0, got {it!r}")
+        if isinstance(it, bool) or not isinstance(it, (int, np.integer)) or not 0 <= it < 2**53:
+            raise StateError(f"iterations must be an integer in [0, 2**53), got {it!r}")
         if set(state.slots) != set(self.slot_names):
             raise StateError(
                 f"{self.config.class_name} has slots {sorted(self.slot_names)}, "

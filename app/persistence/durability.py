@@ -25,7 +25,7 @@ from ..protocol import state_message
 from ..sessions import Session
 from ..settings import Settings
 from .dirlock import DirectoryLock
-from .journal import Journal, JournalReader, list_segments
+from .journal import Journal, JournalFailed, JournalReader, list_segments
 from .recovery import load_snapshots, replay_journal
 from .snapshots import SNAPSHOT_FORMAT, SnapshotStore
 
@@ -162,6 +162,10 @@ class Durability:
 
         ``None`` if the session was deleted, or unchanged and ``only_if_changed``.
         """
+        if self.journal is not None:
+            # After a journal failure the memory may hold a step that was never made durable
+            # (its fsync failed): it must not reach disk through a snapshot either.
+            self.journal.check()
         with session.locked() as trainer:
             if session.deleted:
                 return None
@@ -204,6 +208,11 @@ class Durability:
                     written += 1
             except OSError as exc:
                 log.error("snapshot of session %r failed: %s", session.id, exc)
+            except JournalFailed:
+                log.error("snapshots stopped: the journal has failed")
+                return written
+            except Exception:  # one bad session must not stop the others' snapshots
+                log.exception("snapshot of session %r failed", session.id)
         if self.journal is not None:
             self.journal.truncate()
         return written
