@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 __all__ = ["IdempotencyCache", "Remembered", "check_key"]
@@ -49,6 +49,9 @@ class IdempotencyCache:
         self._entries: OrderedDict[tuple[str, str], Remembered] = OrderedDict()
         self._by_session: dict[str, set[str]] = {}  # session id -> its keys in _entries
         self._body_bytes = 0
+        # Entries that still hold an answer, oldest first (stale ones are skipped when met):
+        # shrinking answers to fit max_body_bytes never walks the bodiless entries.
+        self._with_body: deque[Remembered] = deque()
         self._lock = threading.Lock()
 
     @property
@@ -76,6 +79,7 @@ class IdempotencyCache:
             self._add(session_id, key, Remembered(iterations, keep, now + self.window))
             if keep is not None:
                 self._body_bytes += len(keep)
+                self._with_body.append(self._entries[(session_id, key)])
             self._trim(now)
 
     def restore(self, session_id: str, key: str, iterations: int, expires_at: float) -> None:
@@ -127,6 +131,7 @@ class IdempotencyCache:
             del self._by_session[k[0]]
         if entry.body is not None:
             self._body_bytes -= len(entry.body)
+            entry.body = None  # so that its place in _with_body counts for nothing
 
     def _trim(self, now: float) -> None:
         # Oldest first: expired entries, then whatever exceeds the key bound.
@@ -136,10 +141,10 @@ class IdempotencyCache:
                 self._drop(k)
             else:
                 break
-        if self._body_bytes > self.max_body_bytes:
-            for entry in self._entries.values():
-                if self._body_bytes <= self.max_body_bytes:
-                    break
-                if entry.body is not None:
-                    self._body_bytes -= len(entry.body)
-                    entry.body = None
+        while self._with_body and self._with_body[0].body is None:
+            self._with_body.popleft()  # dropped or expired: forget them in order
+        while self._body_bytes > self.max_body_bytes and self._with_body:
+            entry = self._with_body.popleft()
+            if entry.body is not None:  # None: dropped or already shrunk
+                self._body_bytes -= len(entry.body)
+                entry.body = None

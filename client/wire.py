@@ -42,7 +42,6 @@ __all__ = [
     "decode_tensor",
     "decode_tensor_map",
     "decode_json_tensor",
-    "encode_tensor_meta",
     "pack",
     "unpack",
 ]
@@ -399,11 +398,6 @@ def check_parameter_name(name: Any) -> str:
     return name
 
 
-def encode_tensor_meta(arr: np.ndarray) -> dict[str, Any]:
-    """``{"dtype", "shape"}`` of an array, as the protocol names them."""
-    return {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape)}
-
-
 def dtype_name(dtype: np.dtype) -> str:
     dt = np.dtype(dtype).newbyteorder("<")
     try:
@@ -416,7 +410,6 @@ def dtype_name(dtype: np.dtype) -> str:
 
 # --- encoding ------------------------------------------------------------------------------
 
-_packer = msgpack.Packer(autoreset=True, use_bin_type=True)
 _packb = msgpack.packb
 
 
