@@ -56,7 +56,10 @@ def msgpack_response(
 async def turn(session: Session, service: SessionService) -> AsyncIterator[None]:
     """Wait (on the event loop) for the session's turn; 503 if it does not come in time."""
     try:
-        with anyio.fail_after(service.settings.request_timeout_seconds):
+        if session.turn.locked():  # only a wait needs a deadline (fail_after costs a scope)
+            with anyio.fail_after(service.settings.request_timeout_seconds):
+                await session.turn.acquire()
+        else:
             await session.turn.acquire()
     except TimeoutError:
         raise ServiceUnavailable(
