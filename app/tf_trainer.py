@@ -45,7 +45,8 @@ import numpy as np
 from client.optimizers import TFOptimizer
 
 from .errors import InvalidRequest
-from .optim import FLOAT_DTYPES, GradientError, NumpyBackend, StateError
+from .optim import FLOAT_DTYPES, NumpyBackend, StateError
+from .optim.engine import prepare_gradients
 from .training import SessionState, check_weights
 
 __all__ = [
@@ -278,44 +279,15 @@ class _StateVariable:
 
 def check_gradients(
     specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], grads: Mapping[str, np.ndarray]
-) -> None:
-    """The numpy engine's rules (``KerasOptimizer.check_gradients``) for ``specs``.
+) -> dict[str, np.ndarray]:
+    """The numpy engine's rules (:func:`app.optim.engine.prepare_gradients`) for ``specs``;
+    returns the gradients cast to their parameters' dtypes (flat). Changes nothing."""
 
-    A missing or extra name, an unsupported dtype or a shape that does not fit raises
-    :class:`GradientError` ``parameter_mismatch``; a NaN or inf element, or a global sum of
-    squares that overflows float64, raises ``non_finite_gradient``. Changes nothing.
-    """
-    missing = [n for n in specs if n not in grads]
-    extra = [n for n in grads if n not in specs]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing gradient(s) for {', '.join(map(repr, missing))}")
-        if extra:
-            parts.append(f"gradient(s) for unknown parameter(s) {', '.join(map(repr, extra))}")
-        raise GradientError("; ".join(parts))
-    total = 0.0
-    for name, (shape, _dtype) in specs.items():
-        g = grads[name]
-        if np.dtype(g.dtype) not in FLOAT_DTYPES:
-            raise GradientError(
-                f"gradient {name!r} has dtype {g.dtype}; supported: float16, float32, float64"
-            )
-        if tuple(g.shape) != shape:
-            raise GradientError(
-                f"gradient {name!r} has shape {list(g.shape)}, parameter has {list(shape)}"
-            )
-        sq = _SUM_SQUARES(g.reshape(-1))
-        if not math.isfinite(sq):
-            raise GradientError(
-                f"gradient {name!r} contains NaN or infinite values", code="non_finite_gradient"
-            )
-        total += sq
-    if not math.isfinite(total):
-        raise GradientError(
-            "gradients are too large: their global norm overflows float64",
-            code="non_finite_gradient",
-        )
+    def cast(name: str, g: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused after
+            return g.astype(dtype, copy=False)
+
+    return prepare_gradients(specs, grads, cast=cast, sum_squares=_SUM_SQUARES)[0]
 
 
 _TRACE_LOCK = threading.Lock()
@@ -486,10 +458,10 @@ class TFTrainer:
 
     def apply(self, grads: Mapping[str, np.ndarray]) -> None:
         """One ``apply_gradients`` with ``grads`` cast to the parameters' dtypes."""
-        self.check_gradients(grads)
+        flat = check_gradients(self._specs, grads)
         tensors = [
-            self._tf.convert_to_tensor(np.asarray(grads[n], dtype=dtype))
-            for n, (_shape, dtype) in self._specs.items()
+            self._tf.convert_to_tensor(flat[n].reshape(shape))
+            for n, (shape, _dtype) in self._specs.items()
         ]
         self._weights = None
         self._step(tensors)

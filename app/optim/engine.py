@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ __all__ = [
     "OptimizerState",
     "StateError",
     "default_backend",
+    "prepare_gradients",
 ]
 
 #: The float dtypes a parameter, gradient or slot may have.
@@ -184,6 +185,59 @@ def default_backend() -> KernelBackend:
     return _DEFAULT_BACKEND
 
 
+def prepare_gradients(
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    grads: Mapping[str, np.ndarray],
+    *,
+    cast: Callable[[str, np.ndarray, np.dtype], np.ndarray],
+    sum_squares: Callable[[np.ndarray], float],
+) -> tuple[dict[str, np.ndarray], float]:
+    """Check ``grads`` against ``specs`` (name -> (shape, dtype)); cast, then check finiteness.
+
+    Returns the gradients as flat arrays of their parameters' dtypes (``cast(name, flat,
+    dtype)`` makes them) and their global sum of squares. A missing or extra name, an
+    unsupported dtype or a shape that does not fit raises :class:`GradientError`
+    ``parameter_mismatch``; a NaN or inf, also one that appears in the cast (a finite float64
+    beyond float32's range), or a global sum that overflows float64 raises
+    ``non_finite_gradient``. Changes nothing. Shared by every trainer (numpy and TensorFlow).
+    """
+    missing = [n for n in specs if n not in grads]
+    extra = [n for n in grads if n not in specs]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing gradient(s) for {', '.join(map(repr, missing))}")
+        if extra:
+            parts.append(f"gradient(s) for unknown parameter(s) {', '.join(map(repr, extra))}")
+        raise GradientError("; ".join(parts))
+    total = 0.0
+    flat: dict[str, np.ndarray] = {}
+    for name, (shape, dtype) in specs.items():
+        g = grads[name]
+        if np.dtype(g.dtype) not in FLOAT_DTYPES:
+            raise GradientError(
+                f"gradient {name!r} has dtype {g.dtype}; supported: float16, float32, float64"
+            )
+        if tuple(g.shape) != shape:
+            raise GradientError(
+                f"gradient {name!r} has shape {list(g.shape)}, parameter has {list(shape)}"
+            )
+        g = cast(name, _flat(g), dtype)
+        flat[name] = g
+        sq = sum_squares(g)
+        if not math.isfinite(sq):
+            raise GradientError(
+                f"gradient {name!r} contains NaN or infinite values", code="non_finite_gradient"
+            )
+        total += sq
+    if not math.isfinite(total):  # finite parts whose float64 sum overflows
+        raise GradientError(
+            "gradients are too large: their global norm overflows float64",
+            code="non_finite_gradient",
+        )
+    return flat, total
+
+
 class KerasOptimizer:
     """A Keras 2.2.4 optimizer bound to a model's parameters; it owns the optimizer state.
 
@@ -245,41 +299,12 @@ class KerasOptimizer:
         A gradient of another float dtype is cast first (into a reused buffer), then checked,
         so that a finite float64 value that overflows float32 is refused like an inf.
         """
-        missing = [n for n in self.specs if n not in grads]
-        extra = [n for n in grads if n not in self.specs]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing gradient(s) for {', '.join(map(repr, missing))}")
-            if extra:
-                parts.append(f"gradient(s) for unknown parameter(s) {', '.join(map(repr, extra))}")
-            raise GradientError("; ".join(parts))
-        total = 0.0
-        flat: dict[str, np.ndarray] = {}
-        for name, (shape, dtype) in self.specs.items():
-            g = grads[name]
-            if np.dtype(g.dtype) not in FLOAT_DTYPES:
-                raise GradientError(
-                    f"gradient {name!r} has dtype {g.dtype}; supported: float16, float32, float64"
-                )
-            if tuple(g.shape) != shape:
-                raise GradientError(
-                    f"gradient {name!r} has shape {list(g.shape)}, parameter has {list(shape)}"
-                )
-            g = self._as_dtype(name, _flat(g), dtype)
-            flat[name] = g
-            sq = self.backend.sum_squares(g)
-            if not math.isfinite(sq):
-                raise GradientError(
-                    f"gradient {name!r} contains NaN or infinite values", code="non_finite_gradient"
-                )
-            total += sq
-        if not math.isfinite(total):  # finite parts whose float64 sum overflows
-            raise GradientError(
-                "gradients are too large: their global norm overflows float64",
-                code="non_finite_gradient",
-            )
-        return flat, total
+        return prepare_gradients(
+            self.specs,
+            grads,
+            cast=lambda name, g, dtype: self._as_dtype(name, g, dtype),
+            sum_squares=self.backend.sum_squares,
+        )
 
     def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
         """Apply one optimizer step to ``params`` in place (Keras's ``get_updates``, once).
