@@ -6,9 +6,10 @@ Each method validates everything before it changes anything, so an error leaves 
 as it was.
 
 With a :class:`~app.persistence.Durability` (``--snapshot-dir``), a change is made durable
-before it is answered: with the journal, each change is appended under the session's lock
-right after it succeeded and committed before the answer; without it, creating a session or
-loading a state writes a snapshot at once (pushes wait for the periodic snapshot).
+before it is answered: with the journal, a push or a state load is validated, appended under
+the session's lock and only then applied (write-ahead), and the record is committed (fsynced)
+before the answer; without it, creating a session or loading a state writes a snapshot at once
+(pushes wait for the periodic snapshot).
 """
 
 from __future__ import annotations
