@@ -44,6 +44,8 @@ from app.optim.numba_kernels import JIT_OPTIONS, NumbaBackend
 from app.optim.rules import RULES
 from client import optimizers
 
+from .push import format_table as push_table
+
 torch: Any = None
 try:  # optional: only for the torch column
     torch = importlib.import_module("torch")
@@ -356,19 +358,7 @@ _COLUMNS = [
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of :func:`run`'s rows (ns per element; ratios; '-' = not measured)."""
-    cells = [[title for _, title, _ in _COLUMNS]]
-    for row in rows:
-        cells.append(["-" if row.get(k) is None else fmt.format(row[k]) for k, _, fmt in _COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in cells
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return push_table(rows, _COLUMNS)
 
 
 def goal_report(rows: Sequence[dict[str, Any]], sizes: Sequence[int] = (10**6, 10**7)) -> str:
