@@ -40,6 +40,7 @@ print('\n'.join(project['dependencies'] + extra))" "${WITH_TENSORFLOW}" > /tmp/r
 # (pyproject.toml again, so that the pattern for the README, which the metadata embeds, always
 # has a file to match.)
 COPY pyproject.toml README* ./
+COPY paramserver ./paramserver
 COPY app ./app
 COPY client ./client
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \

@@ -1,3 +1,7 @@
-"""paramserver: a parameter server with exact Keras 2.2 optimizer semantics."""
+"""paramserver.server: the parameter server (FastAPI over uvicorn), the ``app/`` folder.
 
-__version__ = "0.1.0"
+:func:`paramserver.server.main.create_app` builds the ASGI app from a
+:class:`~paramserver.server.settings.Settings`; ``paramserver serve`` runs it. The optimizer
+math lives in :mod:`paramserver.server.optim` (numpy in, numpy out), the protocol's messages in
+the shared :mod:`paramserver.messages`.
+"""

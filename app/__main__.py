@@ -1,4 +1,4 @@
-"""``python -m app serve`` is ``paramserver serve``."""
+"""``python -m paramserver.server serve`` is ``paramserver serve``."""
 
 import sys
 

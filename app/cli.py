@@ -1,6 +1,6 @@
 """``paramserver serve``: run the service with uvicorn.
 
-Every field of :class:`app.settings.Settings` is an option (``max_body_bytes`` is
+Every field of :class:`paramserver.server.settings.Settings` is an option (``max_body_bytes`` is
 ``--max-body-bytes``); an option not given falls back to its ``PARAMSERVER_*`` environment
 variable and then to the default. uvicorn handles SIGTERM and SIGINT: it stops accepting
 connections, lets requests in flight finish, runs the app's shutdown (final snapshots) and
@@ -19,7 +19,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import __version__
+from paramserver import __version__
+
 from .settings import Settings
 
 

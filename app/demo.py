@@ -31,7 +31,7 @@ def demo_url(host: str, port: int) -> str:
 
 def run_demo(url: str, *, token: str | None = None, steps: int = STEPS) -> list[float]:
     """Train ``y = X @ w + b`` through the server at ``url``; returns the loss history."""
-    from client import Client, optimizers
+    from paramserver.client import Client, optimizers
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2000, 8)).astype(np.float32)
@@ -46,8 +46,9 @@ def run_demo(url: str, *, token: str | None = None, steps: int = STEPS) -> list[
     print(f"demo: training a linear regression through {url}", flush=True)
     with Client(url, token=token) as client:
         session = client.create_session(weights, optimizers.Adam(lr=0.05))
-        print(f"demo: session {session.id} (Adam, lr=0.05); step 0 loss {history[0]:.5f}",
-              flush=True)
+        print(
+            f"demo: session {session.id} (Adam, lr=0.05); step 0 loss {history[0]:.5f}", flush=True
+        )
         try:
             for step in range(1, steps + 1):
                 idx = rng.integers(0, len(y), size=64)

@@ -15,7 +15,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from . import __version__
+from paramserver import __version__
+
 from .api import health, sessions
 from .api.schemas import CreateSessionRequest
 from .auth import AuthMiddleware, load_tokens

@@ -1,6 +1,6 @@
 """Protocol version 1: turn request bodies into domain values and domain values into bodies.
 
-The byte-level format lives in :mod:`client.wire`; this module knows the messages (what a
+The byte-level format lives in :mod:`paramserver.wire`; this module knows the messages (what a
 create, a push or a state body holds) and maps every problem to the protocol's error codes:
 400 for a body that is not well-formed, 415 for a content type we do not speak, 422 for a
 well-formed body whose content is invalid.
@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from client import wire
-from client.optimizers import InvalidOptimizerConfig, UnknownOptimizer
-from client.optimizers import Optimizer as OptimizerConfig
-from client.optimizers import get as get_optimizer
+from paramserver import wire
+from paramserver.optimizers import InvalidOptimizerConfig, UnknownOptimizer
+from paramserver.optimizers import Optimizer as OptimizerConfig
+from paramserver.optimizers import get as get_optimizer
 
 from .errors import BadRequest, InvalidRequest, UnsupportedMediaType
 from .settings import Settings

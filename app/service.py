@@ -5,11 +5,11 @@ megabytes of weights); the HTTP layer runs them in a worker thread, never on the
 Each method validates everything before it changes anything, so an error leaves every session
 as it was.
 
-With a :class:`~app.persistence.Durability` (``--snapshot-dir``), a change is made durable
-before it is answered: with the journal, a push or a state load is validated, appended under
-the session's lock and only then applied (write-ahead), and the record is committed (fsynced)
-before the answer; without it, creating a session or loading a state writes a snapshot at once
-(pushes wait for the periodic snapshot).
+With a :class:`~paramserver.server.persistence.Durability` (``--snapshot-dir``), a change is made
+durable before it is answered: with the journal, a push or a state load is validated, appended under
+the session's lock and only then applied (write-ahead), and the record is committed (fsynced) before
+the answer; without it, creating a session or loading a state writes a snapshot at once (pushes wait
+for the periodic snapshot).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from client import wire
+from paramserver import wire
 
 from .errors import InvalidRequest, ServiceError, ServiceUnavailable, SessionNotFound
 from .idempotency import IdempotencyCache

@@ -1,9 +1,9 @@
 """Optimizer sessions held in memory, and the store that names them.
 
-A :class:`Session` wraps one :class:`~app.training.Trainer` with a lock: pushes to one session
-are applied one at a time and a reader never sees a half-applied step, while sessions are
-independent of each other (the numba kernels release the GIL, so steps of different sessions
-run in parallel threads).
+A :class:`Session` wraps one :class:`~paramserver.server.training.Trainer` with a lock: pushes to
+one session are applied one at a time and a reader never sees a half-applied step, while sessions
+are independent of each other (the numba kernels release the GIL, so steps of different sessions run
+in parallel threads).
 """
 
 from __future__ import annotations

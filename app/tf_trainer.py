@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from client.optimizers import TFOptimizer
+from paramserver.optimizers import TFOptimizer
 
 from .errors import InvalidRequest
 from .optim import FLOAT_DTYPES, NumpyBackend, StateError
@@ -280,8 +280,8 @@ class _StateVariable:
 def check_gradients(
     specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], grads: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """The numpy engine's rules (:func:`app.optim.engine.prepare_gradients`) for ``specs``;
-    returns the gradients cast to their parameters' dtypes (flat). Changes nothing."""
+    """The numpy engine's rules (:func:`paramserver.server.optim.engine.prepare_gradients`) for
+    ``specs``; returns the gradients cast to their parameters' dtypes (flat). Changes nothing."""
 
     def cast(name: str, g: np.ndarray, dtype: np.dtype) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused after
@@ -323,7 +323,7 @@ def _forgetting_custom_gradients() -> Iterator[None]:
 class TFTrainer:
     """Weights in TensorFlow variables, updated by a native TensorFlow optimizer.
 
-    ``optimizer`` is the session's :class:`client.optimizers.TFOptimizer` configuration. The
+    ``optimizer`` is the session's :class:`paramserver.optimizers.TFOptimizer` configuration. The
     constructor imports TensorFlow, builds the optimizer (422 ``unknown_optimizer`` or
     ``invalid_optimizer`` with TensorFlow's message), creates its slots and traces the step once,
     so that an optimizer that cannot update these parameters (ProximalAdagradOptimizer and

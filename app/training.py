@@ -2,8 +2,9 @@
 
 A :class:`Trainer` is what a session holds: the weights, the update rule and its state. The
 Keras rules (:class:`KerasTrainer`) keep the weights as numpy arrays and update them in place
-with :class:`app.optim.KerasOptimizer`; ``TFOptimizer`` sessions use a trainer that keeps them
-as TensorFlow variables (:mod:`app.tf_trainer`, imported only when such a session is made).
+with :class:`paramserver.server.optim.KerasOptimizer`; ``TFOptimizer`` sessions use a trainer that
+keeps them as TensorFlow variables (:mod:`paramserver.server.tf_trainer`, imported only when such a
+session is made).
 
 Trainers are not thread-safe: the session serialises access.
 """
@@ -16,8 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from client.optimizers import Optimizer as OptimizerConfig
-from client.optimizers import TFOptimizer
+from paramserver.optimizers import Optimizer as OptimizerConfig
+from paramserver.optimizers import TFOptimizer
 
 from .optim import FLOAT_DTYPES, KerasOptimizer, OptimizerState, StateError
 
@@ -48,7 +49,7 @@ class Trainer(Protocol):
         ...
 
     def check_gradients(self, grads: Mapping[str, np.ndarray]) -> None:
-        """Raise ``app.optim.GradientError`` if ``grads`` cannot be applied; change nothing."""
+        """Raise ``GradientError`` if ``grads`` cannot be applied; change nothing."""
         ...
 
     def apply(self, grads: Mapping[str, np.ndarray]) -> None:

@@ -5,10 +5,10 @@ answer without weights, and with the journal append and commit) for each model s
 a journal and with each fsync policy, sampled in turn over rounds. The difference is the
 journal's own cost per push.
 
-Then over HTTP: one ``python -m app serve`` child process per durability mode, all running at
-once on a scratch directory (``--dir``, by default a temporary directory under ``/tmp``). For
-each model size (one float32 parameter, Adam), ``--rounds`` rounds each sample every mode in
-turn (so that a change of machine load hits all modes alike):
+Then over HTTP: one ``python -m paramserver serve`` child process per durability mode, all running
+at once on a scratch directory (``--dir``, by default a temporary directory under ``/tmp``). For
+each model size (one float32 parameter, Adam), ``--rounds`` rounds each sample every mode in turn
+(so that a change of machine load hits all modes alike):
 
 * one client pushes ``--pushes-*`` times in a row and each push is timed from request to
   answer, with and without the weights in the answer (``return_weights``): the median and the
@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from client import wire
+from paramserver import wire
 
 MODES: dict[str, list[str]] = {
     "off": [],
@@ -67,7 +67,7 @@ def _free_port() -> int:
 class Server:
     def __init__(self, args: list[str]) -> None:
         self.url = f"http://127.0.0.1:{_free_port()}"
-        argv = [sys.executable, "-m", "app", "serve", "--port", self.url.rsplit(":", 1)[1]]
+        argv = [sys.executable, "-m", "paramserver", "serve", "--port", self.url.rsplit(":", 1)[1]]
         argv += ["--log-level", "warning", "--snapshot-interval-seconds", "3600", *args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVER_")}
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
@@ -106,10 +106,10 @@ def _push(http: httpx.Client, url: str, sid: str, body: bytes, return_weights: b
 
 def in_process(size: int, rounds: int, directory: Path) -> dict[str, float]:
     """Median ms of ``SessionService.push`` (no HTTP, no weights back) per journal mode."""
-    from app.persistence import Durability
-    from app.service import SessionService
-    from app.sessions import SessionStore
-    from app.settings import Settings
+    from paramserver.server.persistence import Durability
+    from paramserver.server.service import SessionService
+    from paramserver.server.sessions import SessionStore
+    from paramserver.server.settings import Settings
 
     services: dict[str, SessionService] = {}
     opened: list[Durability] = []

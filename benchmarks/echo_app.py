@@ -102,7 +102,7 @@ def serve_http(
     port: int, *, host: str = "127.0.0.1", log_level: str = "warning", bare: bool = False
 ) -> None:
     """Serve :func:`create_echo_app` (or :class:`BareASGIEcho` with ``bare``) as
-    ``app.cli.serve`` serves ours: the same ``uvicorn.Config`` arguments."""
+    ``paramserver.server.cli.serve`` serves ours: the same ``uvicorn.Config`` arguments."""
     import uvicorn
 
     config = uvicorn.Config(

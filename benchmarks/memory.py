@@ -1,6 +1,6 @@
 """Server memory: resident size per session, and the peak during a large push.
 
-Both figures are read from the server process's ``/proc/<pid>/status`` (``python -m app
+Both figures are read from the server process's ``/proc/<pid>/status`` (``python -m paramserver
 serve`` in a subprocess, default settings):
 
 * ``session_rss``: the resident size a session adds, against the bytes of its weights and
@@ -31,8 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-from client import Client, wire
+from paramserver.client import Client, wire
 
 from .push import RawHTTPConnection, ServerProcess
 

@@ -16,7 +16,7 @@ times one push, request out and answer back, in four ways, sampled in turn:
   the answer (and the fresh ``Idempotency-Key`` of every push). Against ``raw`` it measures
   the client library.
 
-Every server is a subprocess (``python -m app serve``, ``python -m benchmarks.echo_app tcp``
+Every server is a subprocess (``python -m paramserver serve``, ``python -m benchmarks.echo_app tcp``
 and ``... asgi``) so that the benchmark does not share a GIL with it. Figures are
 per-request latencies in milliseconds: p50 and p99 over all samples of a method.
 
@@ -44,8 +44,7 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-
-from client import Client, wire
+from paramserver.client import Client, wire
 
 from .echo_app import ECHO_HEADER
 
@@ -124,9 +123,9 @@ class ServerProcess:
 
     @classmethod
     def paramserver(cls, **settings: Any) -> ServerProcess:
-        """``python -m app serve`` on a free port; ``settings`` are Settings fields."""
+        """``python -m paramserver serve`` on a free port; ``settings`` are Settings fields."""
         port = free_port()
-        argv = ["-m", "app", "serve", "--port", str(port), "--log-level", "warning"]
+        argv = ["-m", "paramserver", "serve", "--port", str(port), "--log-level", "warning"]
         for name, value in settings.items():
             flag = "--" + name.replace("_", "-")
             if isinstance(value, bool):

@@ -2,7 +2,7 @@
 
 ::
 
-    from client import Client, optimizers
+    from paramserver.client import Client, optimizers
 
     with Client("http://127.0.0.1:8000") as client:
         session = client.create_session(model.get_weights(), optimizers.SGD(momentum=0.9))
@@ -12,14 +12,17 @@
 
 * :class:`Client` / :class:`AsyncClient`: blocking and asyncio twins (``httpx`` underneath).
 * :class:`Session` / :class:`AsyncSession`: push, pull, info, state, load_state, delete.
-* :mod:`client.optimizers`: Keras 2.2 optimizer objects, validated by the rules the server uses.
-* :mod:`client.errors`: one exception per error status, with the server's code and message.
-* :mod:`client.wire`: the msgpack tensor format, shared with the server.
+* :mod:`paramserver.optimizers`: Keras 2.2 optimizer objects, validated as the server does.
+* :mod:`paramserver.client.errors`: one exception per error status, with the server's code and
+  message.
+* :mod:`paramserver.wire`: the msgpack tensor format, shared with the server.
 
 See ``docs/client.md`` for the retry policy and the forms weights take.
 """
 
-from . import errors, optimizers, wire
+from paramserver import optimizers, wire
+
+from . import errors
 from ._base import (
     DEFAULT_RETRY_POLICY,
     DEFAULT_TIMEOUT,

@@ -2,8 +2,9 @@
 
 Nothing here does I/O. An operation is described by a :class:`Call` (method, path, body,
 headers, how safe it is to repeat, and how to read a successful answer); :class:`Attempts`
-decides after each try whether to retry and how long to wait. :mod:`client.sync` and
-:mod:`client.aio` only send calls over ``httpx`` and sleep, so the two clients cannot drift.
+decides after each try whether to retry and how long to wait. :mod:`paramserver.client.sync` and
+:mod:`paramserver.client.aio` only send calls over ``httpx`` and sleep, so the two clients cannot
+drift.
 
 Retries (the one policy of the package, :class:`RetryPolicy`; see ``docs/client.md``):
 
@@ -20,14 +21,14 @@ Retries (the one policy of the package, :class:`RetryPolicy`; see ``docs/client.
   (``SessionNotFound``): ``delete(missing_ok=True)`` accepts that.
 * **Create** (``POST /sessions``) is retried only when the request cannot have reached the
   server (``httpx.ConnectError``, ``ConnectTimeout``, ``PoolTimeout``); after any later failure
-  the session may exist, and the error (:class:`~client.errors.TransportError`) says so.
+  the session may exist, and the error (:class:`~paramserver.client.errors.TransportError`) says so.
 * Nothing else is retried: no other status (4xx are final; 500 may have changed state), and
   no ``httpx`` error that is a local mistake (unsupported URL scheme, invalid header, proxy).
 
 Waits use exponential backoff with full jitter: before retry ``n`` (from 0) the client sleeps
 a uniform random time in ``[0, min(backoff_cap, backoff_base * 2**n)]``, or the server's
 ``Retry-After`` if that is longer; a ``Retry-After`` beyond ``max_retry_after`` ends the
-retries at once (the :class:`~client.errors.ServiceUnavailable` carries it).
+retries at once (the :class:`~paramserver.client.errors.ServiceUnavailable` carries it).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from . import errors, optimizers, wire
+from paramserver import optimizers, wire
+
+from . import errors
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
@@ -191,8 +194,8 @@ class BodyBuffer:
 class Call(Generic[T]):
     """One protocol operation: the request, its retry safety and how to read its answer.
 
-    ``finish(reply)`` raises the mapped :class:`~client.errors.ServerError` for any status not
-    in ``expect``, else returns ``parse(reply)``.
+    ``finish(reply)`` raises the mapped :class:`~paramserver.client.errors.ServerError` for any
+    status not in ``expect``, else returns ``parse(reply)``.
     """
 
     method: str
@@ -240,8 +243,8 @@ class Attempts:
         return self.count <= self.policy.retries
 
     def after_exception(self, exc: httpx.RequestError) -> float:
-        """A delay before the next try, or raises :class:`~client.errors.TransportError`
-        (:class:`~client.errors.ProtocolError` for an answer ``httpx`` could not decode)."""
+        """A delay before the next try, or raises :class:`~.errors.TransportError`
+        (:class:`~.errors.ProtocolError` for an answer ``httpx`` could not decode)."""
         self.count += 1
         if isinstance(exc, httpx.DecodingError):
             raise errors.ProtocolError(f"{self.call.describe()}: {exc}") from exc

@@ -1,15 +1,15 @@
 """The asyncio client: :class:`AsyncClient` and :class:`AsyncSession`, on ``httpx.AsyncClient``.
 
-The twin of :mod:`client.sync`, method for method; every operation is a coroutine::
+The twin of :mod:`paramserver.client.sync`, method for method; every operation is a coroutine::
 
-    from client import AsyncClient, optimizers
+    from paramserver.client import AsyncClient, optimizers
 
     async with AsyncClient("http://127.0.0.1:8000") as client:
         session = await client.create_session(weights, optimizers.Adam(lr=1e-3))
         weights = await session.push(gradients)
 
 An ``AsyncClient`` belongs to the event loop it is first used on. Requests, answers and
-retries are built by :mod:`client._base`, shared with the blocking client.
+retries are built by :mod:`paramserver.client._base`, shared with the blocking client.
 """
 
 from __future__ import annotations

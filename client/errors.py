@@ -26,9 +26,9 @@
 
 A status without a class of its own (a proxy's 502, say) raises :class:`ServerError` itself,
 with the status kept. Mistakes caught before anything is sent are ``ValueError`` or
-``TypeError``: :class:`client.optimizers.InvalidOptimizerConfig`,
-:class:`client.optimizers.UnknownOptimizer`, :class:`client.wire.TensorError` (an array of a
-dtype that cannot travel), or a list of gradients of the wrong length.
+``TypeError``: :class:`paramserver.optimizers.InvalidOptimizerConfig`,
+:class:`paramserver.optimizers.UnknownOptimizer`, :class:`paramserver.wire.TensorError` (an array of
+a dtype that cannot travel), or a list of gradients of the wrong length.
 """
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 ::
 
-    from client import Client, optimizers
+    from paramserver.client import Client, optimizers
 
     with Client("http://127.0.0.1:8000") as client:
         session = client.create_session(model.get_weights(), optimizers.Adam(lr=1e-3))
         weights = session.push(gradients)      # one optimizer step; the new weights
 
 One ``Client`` keeps a pool of keep-alive connections and may be shared by threads. What is
-retried, and when, is described in :mod:`client._base` and ``docs/client.md``.
+retried, and when, is described in :mod:`paramserver.client._base` and ``docs/client.md``.
 """
 
 from __future__ import annotations

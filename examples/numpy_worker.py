@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from client import Client, ListWeights, Session, optimizers
+from paramserver import Client, ListWeights, Session, optimizers
 
 
 def make_data(

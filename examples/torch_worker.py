@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from client import Client, DictWeights, Session, optimizers
+from paramserver import Client, DictWeights, Session, optimizers
 
 try:
     import torch

@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-
-from app.main import create_app
-from app.settings import Settings
+from paramserver.server.main import create_app
+from paramserver.server.settings import Settings
 
 
 @dataclass

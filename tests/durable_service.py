@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from paramserver.server.persistence import Durability
+from paramserver.server.service import SessionService
+from paramserver.server.sessions import SessionStore
+from paramserver.server.settings import Settings
 
-from app.persistence import Durability
-from app.service import SessionService
-from app.sessions import SessionStore
-from app.settings import Settings
-from client import wire
+from paramserver import wire
 
 
 class DurableService:

@@ -1,4 +1,5 @@
-"""``python -m app serve`` as a child process on a free loopback port, for the durability tests.
+"""``python -m paramserver serve`` as a child process on a free loopback port, for the durability
+tests.
 
 :meth:`ServerProcess.wait_ready` waits for ``/health``. Everything the process prints goes to a
 file, so that a test can show it when an assertion fails. :func:`start` tries another port if
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from client import wire
+from paramserver import wire
 
 MSGPACK = {"content-type": wire.MSGPACK_MEDIA_TYPE}
 #: One client for the helpers: a new httpx client per request costs tens of milliseconds.
@@ -38,7 +39,7 @@ class ServerProcess:
         self.log_path = workdir / f"server-{os.getpid()}-{next(_counter)}.log"
         self.url = f"http://127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVER_")}
-        argv = [sys.executable, "-m", "app", "serve", "--no-warm-up-kernels"]
+        argv = [sys.executable, "-m", "paramserver", "serve", "--no-warm-up-kernels"]
         argv += ["--port", self.url.rsplit(":", 1)[1], *args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(

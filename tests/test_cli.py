@@ -1,6 +1,6 @@
 """``paramserver serve`` as a real process: start-up, configuration, one push, clean shutdown.
 
-Each test starts the installed console script (or ``python -m app``) as a subprocess on a
+Each test starts the installed console script (or ``python -m paramserver``) as a subprocess on a
 loopback port, talks to it over HTTP and stops it with a signal, as a process manager or
 ``docker stop`` would. A clean shutdown is exit code 0 with uvicorn's shutdown lines in the log
 and no traceback.
@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from paramserver.server.settings import Settings
 
-from app.settings import Settings
-from client import wire
+from paramserver import wire
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 40.0  # above uvicorn's 30 s graceful-shutdown limit
@@ -50,7 +50,7 @@ def console_script() -> list[str]:
 
 
 def python_m_app() -> list[str]:
-    return [sys.executable, "-m", "app"]
+    return [sys.executable, "-m", "paramserver"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -274,7 +274,7 @@ def test_help_lists_every_setting() -> None:
 
 
 def test_version() -> None:
-    from app import __version__
+    from paramserver import __version__
 
     result = run_cli("--version")
     assert result.returncode == 0
@@ -291,7 +291,7 @@ def test_a_command_is_required() -> None:
 
 DEPLOYMENT_DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
 TABLE_START = (
-    "<!-- settings table: generated from app.settings.Settings by "
+    "<!-- settings table: generated from paramserver.server.settings.Settings by "
     "`python tests/test_cli.py --write-settings-table`; do not edit by hand -->"
 )
 TABLE_END = "<!-- end of settings table -->"

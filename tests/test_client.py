@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
-from client import (
+from paramserver.client import (
     Client,
     InvalidRequest,
     RetryPolicy,
@@ -32,8 +31,8 @@ from client import (
     optimizers,
     wire,
 )
-from client._base import session_path
-from client.errors import parse_retry_after
+from paramserver.client._base import session_path
+from paramserver.client.errors import parse_retry_after
 
 FAST = RetryPolicy(retries=3, backoff_base=0.001, backoff_cap=0.01)
 

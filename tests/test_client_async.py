@@ -12,8 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
-from client import (
+from paramserver.client import (
     AsyncClient,
     AsyncSession,
     InvalidRequest,
@@ -250,7 +249,7 @@ def test_context_manager_closes(base_url: str) -> None:
 
 
 def test_same_methods_as_the_blocking_client() -> None:
-    from client import Client, Session
+    from paramserver.client import Client, Session
 
     def public(cls: type[Any]) -> set[str]:
         return {n for n in dir(cls) if not n.startswith("_")}

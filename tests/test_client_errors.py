@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
-from client import (
+from paramserver.client import (
     BadRequest,
     Client,
     Forbidden,
@@ -39,7 +38,7 @@ from client import (
     optimizers,
     wire,
 )
-from client._base import Call, Reply
+from paramserver.client._base import Call, Reply
 
 NO_RETRY = RetryPolicy(retries=0)
 
@@ -371,7 +370,7 @@ def test_error_classes() -> None:
 
 
 def test_reply_without_json_error_fields() -> None:
-    from client._base import server_error
+    from paramserver.client._base import server_error
 
     reply = Reply(409, httpx.Headers({"content-type": "application/json"}), bytearray(b"[1]"))
     exc = server_error(reply, "POST /sessions")

@@ -28,11 +28,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from paramserver.server.protocol import parse_optimizer, state_message
+from paramserver.server.training import build_trainer
 from server_process import HTTP, MSGPACK, create, session_ids, start, state
 
-from app.protocol import parse_optimizer, state_message
-from app.training import build_trainer
-from client import wire
+from paramserver import wire
 
 ROUNDS = 5
 CLIENTS_PER_SESSION = 2

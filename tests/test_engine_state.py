@@ -1,4 +1,4 @@
-"""The engine's state and its refusals (``app.optim.engine.KerasOptimizer``).
+"""The engine's state and its refusals (``paramserver.server.optim.engine.KerasOptimizer``).
 
 * A state exported mid-run and imported (into the same optimizer or a fresh one) continues bit
   for bit.
@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from app.optim import (
+from paramserver.server.optim import (
     GradientError,
     KerasOptimizer,
     NumpyBackend,
@@ -25,7 +24,8 @@ from app.optim import (
     StateError,
     default_backend,
 )
-from client import optimizers
+
+from paramserver import optimizers
 
 SHAPES: dict[str, tuple[int, ...]] = {"bias": (), "vector": (11,), "kernel": (3, 4, 5)}
 
@@ -584,7 +584,7 @@ def test_parallel_numpy_steps_of_different_sessions_do_not_share_scratch() -> No
     # sessions in parallel threads must give what the same steps give one after another.
     import threading
 
-    from app.optim import default_backend
+    from paramserver.server.optim import default_backend
 
     rng = np.random.default_rng(7)
     n = 200_000

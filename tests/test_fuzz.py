@@ -1,7 +1,7 @@
 """Property-based fuzzing of the decoder, the protocol parsers and the live endpoints.
 
 * In process: random bytes and mutations of valid create, push and state bodies (at the level
-  of the decoded objects, then of the bytes) go through :func:`client.wire.unpack`, the tensor
+  of the decoded objects, then of the bytes) go through :func:`paramserver.wire.unpack`, the tensor
   decoder and the protocol parsers. Only the protocol's own errors may come out.
 * Over real HTTP: the same mutated bodies, with random content types, session ids, query
   strings and idempotency keys, against every write and read endpoint of a live server. Never
@@ -26,11 +26,11 @@ import pytest
 from conftest import RunningServer, start_server
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
+from paramserver.server.errors import ServiceError
+from paramserver.server.protocol import decode_limits, parse_create, parse_gradients, parse_state
+from paramserver.server.settings import Settings
 
-from app.errors import ServiceError
-from app.protocol import decode_limits, parse_create, parse_gradients, parse_state
-from app.settings import Settings
-from client import wire
+from paramserver import wire
 
 LIMITS = decode_limits(Settings())
 FUZZ = settings(
@@ -63,8 +63,9 @@ def plain(value: Any) -> Any:
 
 
 def _valid_bodies() -> dict[str, Any]:
-    from app.training import build_trainer
-    from client.optimizers import get as get_optimizer
+    from paramserver.server.training import build_trainer
+
+    from paramserver.optimizers import get as get_optimizer
 
     trainer = build_trainer(get_optimizer("adam"), dict(ALPHA_WEIGHTS))
     trainer.apply({k: np.ones_like(v) for k, v in ALPHA_WEIGHTS.items()})
@@ -428,7 +429,7 @@ def _operations() -> list[tuple[str, str]]:
     Negative cases need something the schema constrains: a body, a query or a header (a
     path's session id is any string, so there is no invalid one to generate).
     """
-    from app.main import create_app
+    from paramserver.server.main import create_app
 
     schema = create_app(Settings(warm_up_kernels=False)).openapi()
     out = []

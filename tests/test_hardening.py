@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from client import wire
+from paramserver import wire
 
 MSGPACK = {"content-type": "application/msgpack"}
 

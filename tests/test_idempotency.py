@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import RunningServer
 
-from client import wire
+from paramserver import wire
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 REPLAYED = "idempotent-replayed"

@@ -2,7 +2,7 @@
 
 Unit tests drive :class:`Journal` and :class:`JournalReader` on a directory; replay tests drive
 a service with ``durability="journal"`` in-process (a "crash" drops it without the final
-snapshot); the last tests SIGKILL a real ``python -m app serve`` process.
+snapshot); the last tests SIGKILL a real ``python -m paramserver serve`` process.
 """
 
 from __future__ import annotations
@@ -18,11 +18,17 @@ from typing import Any
 import numpy as np
 import pytest
 from durable_service import DurableService, opened_services
+from paramserver.server.persistence import (
+    CorruptJournal,
+    Journal,
+    JournalFailed,
+    JournalReader,
+    RecoveryError,
+)
+from paramserver.server.persistence.journal import list_segments
 from server_process import HTTP, MSGPACK, ServerProcess, create, push, session_ids, start, state
 
-from app.persistence import CorruptJournal, Journal, JournalFailed, JournalReader, RecoveryError
-from app.persistence.journal import list_segments
-from client import wire
+from paramserver import wire
 
 RNG = np.random.default_rng(7)
 

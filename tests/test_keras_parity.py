@@ -11,7 +11,7 @@ the variables held before the step and then assigns them all, like one ``session
 operation is computed in its tensor's dtype (``floatx``: float32, or float64 in the float64
 cases), Python numbers are rounded to that dtype before they are combined (as
 ``tf.convert_to_tensor`` does), and ``K.variable(0.001)`` holds ``float32(0.001)``. None of our
-engine's code (``app.optim``) runs on the reference side.
+engine's code (``paramserver.server.optim``) runs on the reference side.
 
 Each case runs the same seeded parameters (a scalar, a vector, a matrix and a 4-D kernel) and
 at least 50 steps of random gradients (their scale varies per step, so that clipnorm and
@@ -44,9 +44,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paramserver.server.optim import KerasOptimizer, NumpyBackend, OptimizerState, default_backend
 
-from app.optim import KerasOptimizer, NumpyBackend, OptimizerState, default_backend
-from client import optimizers
+from paramserver import optimizers
 from tests.reference import keras_2_2_4_optimizers as keras_optimizers
 from tests.reference import numpy_graph_backend as K
 
@@ -372,8 +372,8 @@ def test_steps_match_keras(case: Case, dtype: Any, make_backend: Callable[[], An
 
 
 #: Cases whose every operation is an IEEE add, subtract, multiply, divide or sqrt (no pow, no
-#: clipnorm reduction): Keras's order of operations, which app.optim.rules follows, then gives
-#: the same bits on any machine.
+#: clipnorm reduction): Keras's order of operations, which paramserver.server.optim.rules follows,
+#: then gives the same bits on any machine.
 EXACT_CASES = [
     c
     for c in CASES

@@ -21,10 +21,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from client import wire
+from paramserver import wire
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("app", "client")
+PACKAGES = ("paramserver", "app", "client")
 
 FORBIDDEN_MODULES = frozenset(
     {
@@ -139,7 +139,7 @@ ALLOWED_SNIPPETS = [
     "import numpy as np\nnp.frombuffer(b, dtype=np.float32)",
     "x = f(allow_pickle=False)",
     "import msgpack\nmsgpack.packb(x, use_bin_type=True)",
-    "import importlib\nimportlib.import_module('app.tf_trainer')",
+    "import importlib\nimportlib.import_module('paramserver.server.tf_trainer')",
     "s = 'pickle'  # a string is not an import",
 ]
 
@@ -159,7 +159,7 @@ def test_checker_allows(snippet: str) -> None:
 
 def test_every_module_is_found() -> None:
     found = {p.relative_to(ROOT).as_posix() for p in module_files()}
-    for expected in ("app/main.py", "app/protocol.py", "app/auth.py", "client/wire.py"):
+    for expected in ("app/main.py", "app/protocol.py", "app/auth.py", "paramserver/wire.py"):
         assert expected in found
     assert any(p.startswith("app/optim/") for p in found)
     assert any(p.startswith("app/api/") for p in found)

@@ -1,4 +1,4 @@
-"""Optimizer configurations (``client.optimizers``): names, defaults, round trips, refusals.
+"""Optimizer configurations (``paramserver.optimizers``): names, defaults, round trips, refusals.
 
 Every refusal is an :class:`InvalidOptimizerConfig` whose message names the argument at fault,
 so that a worker sees what to fix; an unknown optimizer name lists the valid names.
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client import optimizers
-from client.optimizers import InvalidOptimizerConfig, UnknownOptimizer
+from paramserver import optimizers
+from paramserver.optimizers import InvalidOptimizerConfig, UnknownOptimizer
 
 KERAS_NAMES = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "Adamax", "Nadam"]
 

@@ -3,7 +3,7 @@
 A real uvicorn server runs on a free loopback port (``tests/conftest.py``); bodies are built
 with the reference ``msgpack`` package, not with our client or codec, so these tests check the
 wire format as a third party would speak it. Trajectories are compared bit for bit with the
-engine used directly (``app.optim.KerasOptimizer``).
+engine used directly (``paramserver.server.optim.KerasOptimizer``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+from paramserver.server.optim import KerasOptimizer
 
-from app.optim import KerasOptimizer
-from client.optimizers import get as get_optimizer
+from paramserver.optimizers import get as get_optimizer
 
 MSGPACK = "application/msgpack"
 

@@ -1,8 +1,9 @@
 """Snapshots: bit-exact round trips, refused damaged files, keep-last-N, the directory lock,
 ``POST /sessions/{id}/snapshot`` and the final snapshot on SIGTERM.
 
-Most tests drive :class:`app.service.SessionService` with a :class:`Durability` directly (no
-HTTP); the lock and SIGTERM tests run ``python -m app serve`` as a child process.
+Most tests drive :class:`paramserver.server.service.SessionService` with a :class:`Durability`
+directly (no HTTP); the lock and SIGTERM tests run ``python -m paramserver serve`` as a child
+process.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 from durable_service import DurableService, opened_services
+from paramserver.server.errors import ServiceUnavailable
+from paramserver.server.persistence import CorruptSnapshot, DirectoryLock, DirectoryLocked
+from paramserver.server.persistence.snapshots import decode_snapshot, encode_snapshot
+from paramserver.server.settings import Settings
 from pydantic import ValidationError
 from server_process import HTTP, MSGPACK, ServerProcess, create, push, session_ids, start, state
 
-from app.errors import ServiceUnavailable
-from app.persistence import CorruptSnapshot, DirectoryLock, DirectoryLocked
-from app.persistence.snapshots import decode_snapshot, encode_snapshot
-from app.settings import Settings
-from client import wire
+from paramserver import wire
 
 OPTIMIZERS: list[Any] = [
     "sgd",

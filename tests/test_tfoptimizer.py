@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import pytest
 
-from client import optimizers, wire
+from paramserver import optimizers, wire
 
 pytestmark = pytest.mark.tensorflow
 
@@ -483,7 +483,7 @@ def test_a_dropped_trainer_frees_its_graph(tf: Any) -> None:
     """Tracing a step must leave nothing behind that keeps the graph (and with it the
     variables it captured) alive: Keras's optimizers trace a ``tf.custom_gradient``, which TF
     registers process-wide unless the trainer removes it."""
-    from app.tf_trainer import TFTrainer
+    from paramserver.server.tf_trainer import TFTrainer
 
     def graphs() -> int:
         gc.collect()
@@ -543,7 +543,7 @@ def test_the_client_library_drives_a_tfoptimizer_session(
     tf: Any, base_url: str, session_ids: Callable[[str], str]
 ) -> None:
     """Same client, same protocol: create from a tf.keras instance, push, export, restore."""
-    from client import Client, InvalidRequest
+    from paramserver.client import Client, InvalidRequest
 
     instance = tf.keras.optimizers.RMSprop(learning_rate=0.01, momentum=0.5, centered=True)
     weights = initial_weights(15)
@@ -569,7 +569,8 @@ def test_the_client_library_drives_a_tfoptimizer_session(
 
 def test_importing_the_app_does_not_import_tensorflow() -> None:
     code = (
-        "import sys, app.main, app.training, app.service\n"
+        "import sys, paramserver.server.main, paramserver.server.training\n"
+        "import paramserver.server.service\n"
         "loaded = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
         "assert not loaded, loaded\n"
     )
@@ -593,8 +594,8 @@ _NO_TENSORFLOW_SERVER = textwrap.dedent(
 
     import uvicorn
 
-    from app.main import create_app
-    from app.settings import Settings
+    from paramserver.server.main import create_app
+    from paramserver.server.settings import Settings
 
     app = create_app(Settings(warm_up_kernels=False))
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")

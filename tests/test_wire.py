@@ -1,4 +1,4 @@
-"""Unit tests of ``client.wire``: the msgpack codec and the tensor framing of protocol v1.
+"""Unit tests of ``paramserver.wire``: the msgpack codec and the tensor framing of protocol v1.
 
 The reference ``msgpack`` package is the oracle in both directions: what it packs we unpack to
 the same value, and what we pack it unpacks to the same value. The decoder's refusals (ext
@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from client import wire
-from client.wire import DecodeLimits, MalformedBody, TensorError
+from paramserver import wire
+from paramserver.wire import DecodeLimits, MalformedBody, TensorError
 
 # Limits wide enough for the largest containers these tests build (the defaults are tuned for
 # request bodies, whose arrays are short shapes).

@@ -1,1 +1,2 @@
-"""The HTTP layer: thin routes that read bodies and hand them to :mod:`app.service`."""
+"""The HTTP layer: thin routes that read bodies and hand them to
+:mod:`paramserver.server.service`."""

@@ -1,7 +1,7 @@
 """Pydantic models of the JSON messages, for the OpenAPI schema served at ``/docs``.
 
-Bodies are parsed by :mod:`app.protocol` (the same code for JSON and msgpack); these models
-document them and shape the JSON responses.
+Bodies are parsed by :mod:`paramserver.server.protocol` (the same code for JSON and msgpack); these
+models document them and shape the JSON responses.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from client.wire import MSGPACK_MEDIA_TYPE
+from paramserver.wire import MSGPACK_MEDIA_TYPE
 
 
 class TensorMeta(BaseModel):

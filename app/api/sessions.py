@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, 
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from client.wire import MSGPACK_MEDIA_TYPE
+from paramserver.wire import MSGPACK_MEDIA_TYPE
 
 from ..errors import InvalidRequest, ServiceUnavailable
 from ..idempotency import check_key

@@ -1,13 +1,13 @@
 """Apply Keras 2.2.4 optimizer steps to named numpy parameters, in place.
 
-:class:`KerasOptimizer` is bound to a configuration (``client.optimizers``) and to the names,
+:class:`KerasOptimizer` is bound to a configuration (``paramserver.optimizers``) and to the names,
 shapes and dtypes of a model's parameters. It owns the optimizer's state (per-parameter slots,
 the iteration counter, Nadam's ``m_schedule``) and applies one step at a time:
 
 1. check the gradients (names, shapes, supported float dtypes) and take the sum of squares of
    every gradient in float64: a non-finite sum means a NaN or inf element, and the step is
    refused before anything changes; the same sums give Keras 2.2's global ``clipnorm`` norm;
-2. compute the step's coefficients in the compute dtype (:mod:`app.optim.rules`);
+2. compute the step's coefficients in the compute dtype (:mod:`paramserver.server.optim.rules`);
 3. run the update kernel over each parameter, in place: the fused numba kernel where it is
    available, else the chunked numpy kernel with fixed-size scratch buffers;
 4. count the step.
@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from client.optimizers import Optimizer as OptimizerConfig
-from client.optimizers import TFOptimizer
+from paramserver.optimizers import Optimizer as OptimizerConfig
+from paramserver.optimizers import TFOptimizer
 
 from .rules import RULES, Scratch, UpdateRule
 

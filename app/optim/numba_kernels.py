@@ -1,18 +1,19 @@
 """Fused numba kernels for the Keras 2.2.4 update rules: one pass over memory per step.
 
-:class:`NumbaBackend` runs each rule of :mod:`app.optim.rules` as one loop that reads every
-array once and writes each updated array once, where the chunked numpy kernel makes several
-passes through scratch buffers. The gradient transform (clipnorm's scale, clipvalue's clip) is
-fused into the same loop.
+:class:`NumbaBackend` runs each rule of :mod:`paramserver.server.optim.rules` as one loop that reads
+every array once and writes each updated array once, where the chunked numpy kernel makes several
+passes through scratch buffers. The gradient transform (clipnorm's scale, clipvalue's clip) is fused
+into the same loop.
 
 Exactness: each kernel performs the same IEEE operations, in the same order and in the array's
 dtype, as the numpy kernel of its rule (float32 arrays are computed in float32: coefficients
 are passed as float32 scalars and no float64 literal appears in a kernel). The kernels are
 compiled with ``fastmath=False``, so LLVM neither contracts ``a*b + c`` into an FMA nor
-reassociates, and results are bit-identical to :class:`~app.optim.engine.NumpyBackend` for
-float32 and float64. Other dtypes (float16), arrays that are not 1-D and C-contiguous or not
-all of one dtype, read-only parameters or slots, and numpy coefficients of another dtype (with
-which numpy would compute in the wider dtype) go to the fallback backend.
+reassociates, and results are bit-identical to
+:class:`~paramserver.server.optim.engine.NumpyBackend` for float32 and float64. Other dtypes
+(float16), arrays that are not 1-D and C-contiguous or not all of one dtype, read-only parameters or
+slots, and numpy coefficients of another dtype (with which numpy would compute in the wider dtype)
+go to the fallback backend.
 
 Compilation: each kernel is compiled for one fixed signature per dtype (the gradient typed as
 a read-only array, so that writable and read-only gradients share it), on first use or by
@@ -92,7 +93,7 @@ def _maximum(x, y):  # type: ignore[no-untyped-def]
     return x if (x > y or x != x) else y
 
 
-# --- the kernels: same operations, same order as app.optim.rules --------------------------
+# --- the kernels: same operations, same order as paramserver.server.optim.rules -------------------
 #
 # Signature of every kernel: (p, g, *slots, *coefficients, scale, clip). Comments give the
 # numpy kernel's grouping; each binary operation rounds to the array dtype.

@@ -10,8 +10,8 @@ Each rule is two pure pieces:
   rounded where TensorFlow would convert them.
 * ``numpy_kernel(p, g, slots, coeffs, scratch)``: the elementwise update, in place, over 1-D
   contiguous arrays of one dtype, with the same operations in the same order as Keras, so that
-  every element rounds the same way. The fused numba kernels (``app.optim.numba_kernels``)
-  follow the same order and give bit-identical results.
+  every element rounds the same way. The fused numba kernels
+  (``paramserver.server.optim.numba_kernels``) follow the same order and give bit-identical results.
 
 Keras reads ``iterations`` before its own increment lands, so ``iterations`` here is the count
 of steps already applied; ``t = iterations + 1`` is the step being taken.

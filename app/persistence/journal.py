@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from client import wire
+from paramserver import wire
 
 from ..errors import ServiceUnavailable
 from .snapshots import fsync_directory

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, cast
 
-from client import wire
+from paramserver import wire
 
 from ..errors import ServiceError
 from ..optim import GradientError, StateError

@@ -8,14 +8,14 @@ File layout (all integers big-endian)::
     header     H bytes   UTF-8 JSON: format, session_id, created_at, iterations, lsn,
                          session_created_at, session_updated_at, idempotency
     B          u64       length of the body
-    body       B bytes   the state exactly as ``app.protocol.state_message`` encodes it (msgpack)
+    body       B bytes   the state exactly as ``paramserver.messages.encode_state`` encodes it
     sha256     32 bytes  of every byte before it
 
 A file is written to ``<name>.tmp`` in the same directory, flushed and fsynced, renamed over
 its final name (``os.replace`` is atomic) and the directory is fsynced, so after a crash a
 snapshot is either absent or whole. A file that is short, long, of another format or whose
 checksum does not match is refused by :func:`read_snapshot` with the reason. Nothing is ever
-unpickled: the body is msgpack read by :mod:`client.wire`.
+unpickled: the body is msgpack read by :mod:`paramserver.wire`.
 
 Files are named ``<session_id>.<seq>.snapshot`` with ``seq`` a 16-digit counter that grows
 across all sessions of the directory; the newest file of a session has the largest ``seq``.

@@ -3,7 +3,7 @@
 This module is the single definition of what an optimizer configuration may hold. Workers use
 it to build a configuration the Keras way (``optimizers.Adam(amsgrad=True, clipnorm=1.0)``) and
 the server uses the very same classes to validate what arrives over the network, so the two can
-never disagree. It holds no math: the update rules live in ``app.optim``.
+never disagree. It holds no math: the update rules live in ``paramserver.server.optim``.
 
 Arguments and defaults follow ``keras==2.2.4`` (``keras/optimizers.py``), with one documented
 difference: Nadam's ``schedule_decay`` defaults to 0.001 here (Keras 2.2.4 shipped 0.004).
@@ -197,8 +197,10 @@ class Optimizer:
         return {"class_name": self.class_name, "config": self.get_config()}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Optimizer) and type(other) is type(self) and (
-            other.get_config() == self.get_config()
+        return (
+            isinstance(other, Optimizer)
+            and type(other) is type(self)
+            and (other.get_config() == self.get_config())
         )
 
     def __hash__(self) -> int:

@@ -1,0 +1,7 @@
+"""``python -m paramserver serve`` is ``paramserver serve``."""
+
+import sys
+
+from paramserver.server.cli import main
+
+sys.exit(main())
