@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from paramserver.codes import ErrorCode, error_json
 
 __all__ = ["AuthMiddleware", "TokenTable", "load_tokens"]
 
@@ -74,9 +75,9 @@ def load_tokens(tokens: str | None, tokens_file: Path | None) -> TokenTable:
 
 
 def _error(
-    status: int, code: str, message: str, extra: Iterable[tuple[bytes, bytes]] = ()
+    status: int, code: ErrorCode, message: str, extra: Iterable[tuple[bytes, bytes]] = ()
 ) -> tuple[dict[str, Any], bytes]:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = error_json(code, message)
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -107,12 +108,12 @@ class AuthMiddleware:
         if can_write is None:
             start, body = _error(
                 401,
-                "unauthorized",
+                ErrorCode.UNAUTHORIZED,
                 "a valid bearer token is required (Authorization: Bearer <token>)",
                 [(b"www-authenticate", b'Bearer realm="paramserver"')],
             )
         elif not can_write and scope["method"] not in READ_METHODS:
-            start, body = _error(403, "forbidden", "this token is read-only")
+            start, body = _error(403, ErrorCode.FORBIDDEN, "this token is read-only")
         else:
             await self.app(scope, receive, send)
             return

@@ -7,9 +7,9 @@ a retry is always safe). ``/health`` is never refused.
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from paramserver.codes import ErrorCode, error_json
 
 __all__ = ["ConcurrencyLimitMiddleware"]
 
@@ -19,15 +19,10 @@ class ConcurrencyLimitMiddleware:
         self.app = app
         self.limit = limit
         self.in_flight = 0
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "service_unavailable",
-                    "message": f"the server is at its limit of {limit} requests in progress; "
-                    "retry later",
-                }
-            }
-        ).encode()
+        body = error_json(
+            ErrorCode.SERVICE_UNAVAILABLE,
+            f"the server is at its limit of {limit} requests in progress; retry later",
+        )
         self._start = {
             "type": "http.response.start",
             "status": 503,

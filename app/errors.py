@@ -1,8 +1,9 @@
 """Domain errors and their one mapping to HTTP.
 
-Every error body is ``{"error": {"code": str, "message": str}}``. Handlers never put a
-traceback or an internal detail into a body: an unexpected exception is logged and answered
-with a generic 500.
+Every error body is ``{"error": {"code": str, "message": str}}`` (built by
+:func:`paramserver.codes.error_json`, for these handlers and the middlewares alike); a code's
+status comes from :data:`paramserver.codes.STATUS`. Handlers never put a traceback or an
+internal detail into a body: an unexpected exception is logged and answered with a generic 500.
 """
 
 from __future__ import annotations
@@ -11,110 +12,114 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from paramserver.codes import STATUS, ErrorCode, MessageError, error_json
 
 log = logging.getLogger("paramserver")
 
 
 class ServiceError(Exception):
-    """An error a client caused or must know about; carries its HTTP status and code."""
+    """An error a client caused or must know about; its ``code`` gives the HTTP status."""
 
-    status = 500
-    code = "internal_error"
+    code: ErrorCode = ErrorCode.INTERNAL_ERROR
 
     def __init__(
-        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        message: str,
+        *,
+        code: ErrorCode | str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
-            self.code = code
+            self.code = ErrorCode(code)
         self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+    @classmethod
+    def of(cls, exc: MessageError) -> ServiceError:
+        """The service error of a message that could not be read."""
+        return cls(exc.message, code=exc.code)
 
 
 class BadRequest(ServiceError):
     """The body is not well-formed (HTTP 400)."""
 
-    status = 400
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class Unauthorized(ServiceError):
-    status = 401
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
 
 
 class Forbidden(ServiceError):
-    status = 403
-    code = "forbidden"
+    code = ErrorCode.FORBIDDEN
 
 
 class SessionNotFound(ServiceError):
-    status = 404
-    code = "session_not_found"
+    code = ErrorCode.SESSION_NOT_FOUND
 
 
 class SessionExists(ServiceError):
-    status = 409
-    code = "session_exists"
+    code = ErrorCode.SESSION_EXISTS
 
 
 class RequestTimeout(ServiceError):
-    status = 408
-    code = "request_timeout"
+    code = ErrorCode.REQUEST_TIMEOUT
 
 
 class PayloadTooLarge(ServiceError):
-    status = 413
-    code = "payload_too_large"
+    code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
 class UnsupportedMediaType(ServiceError):
-    status = 415
-    code = "unsupported_media_type"
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 class InvalidRequest(ServiceError):
     """Well-formed but invalid (HTTP 422); ``code`` says what kind."""
 
-    status = 422
-    code = "invalid_request"
+    code = ErrorCode.INVALID_REQUEST
 
 
 class ServiceUnavailable(ServiceError):
-    status = 503
-    code = "service_unavailable"
+    code = ErrorCode.SERVICE_UNAVAILABLE
 
 
 class InsufficientStorage(ServiceError):
     """A session or memory quota would be exceeded (HTTP 507)."""
 
-    status = 507
-    code = "insufficient_storage"
-
-
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+    code = ErrorCode.INSUFFICIENT_STORAGE
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        error_json(code, message),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_request",
-    503: "service_unavailable",
+_HTTP_CODES: dict[int, ErrorCode] = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    406: ErrorCode.NOT_ACCEPTABLE,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorCode.INVALID_REQUEST,
+    503: ErrorCode.SERVICE_UNAVAILABLE,
 }
 
 
@@ -122,24 +127,29 @@ def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, FastAPI's validation errors and stray HTTP errors to our body."""
 
     @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    async def _service_error(request: Request, exc: ServiceError) -> Response:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
+    @app.exception_handler(MessageError)
+    async def _message_error(request: Request, exc: MessageError) -> Response:
+        return error_response(exc.status, exc.code, exc.message)
+
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         parts = []
         for err in exc.errors():
             loc = ".".join(str(x) for x in err.get("loc", ()))
             parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+        return error_response(422, ErrorCode.INVALID_REQUEST, "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        known = _HTTP_CODES.get(exc.status_code)
+        code = "http_error" if known is None else known.value
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error")
+        return error_response(500, ErrorCode.INTERNAL_ERROR, "internal server error")

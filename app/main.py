@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Lock the directory, load the snapshots, replay the journal: a failure here
             # (another server on the directory, a damaged journal) stops the start-up.
             try:
-                await run_in_threadpool(durability.open, service)
+                await run_in_threadpool(durability.open, service.store, service.idempotency)
             except Exception as exc:
                 log.critical("cannot start: %s", exc)
                 raise

@@ -19,22 +19,24 @@ import time
 from typing import Any
 
 from paramserver import wire
+from paramserver.codes import ErrorCode
+from paramserver.messages import (
+    BodyKind,
+    decode_create,
+    decode_push,
+    decode_state,
+    encode_state,
+    encode_weights,
+)
 
 from .errors import InvalidRequest, ServiceError, ServiceUnavailable, SessionNotFound
 from .idempotency import IdempotencyCache
 from .optim import GradientError, StateError
 from .persistence import Durability, SnapshotInfo
-from .protocol import (
-    decode_limits,
-    parse_create,
-    parse_gradients,
-    parse_state,
-    state_message,
-    weights_message,
-)
+from .protocol import decode_limits
 from .sessions import Session, SessionStore, check_session_id
 from .settings import Settings
-from .training import build_trainer, restore_trainer
+from .training import Trainer, build_trainer, restore_trainer
 
 __all__ = ["SessionService", "SnapshotsDisabled"]
 
@@ -44,8 +46,7 @@ log = logging.getLogger("paramserver")
 class SnapshotsDisabled(ServiceError):
     """A snapshot was asked of a server started without ``--snapshot-dir`` (HTTP 409)."""
 
-    status = 409
-    code = "snapshots_disabled"
+    code = ErrorCode.SNAPSHOTS_DISABLED
 
 
 class SessionService:
@@ -64,15 +65,19 @@ class SessionService:
             max_body_bytes=settings.idempotency_max_bytes,
         )
 
-    def create(self, body: bytes | bytearray | memoryview, kind: str) -> dict[str, Any]:
-        session_id, optimizer, weights = parse_create(body, kind, self.limits)
-        session_id = self.store.new_id() if session_id is None else check_session_id(session_id)
+    def create(self, body: bytes | bytearray | memoryview, kind: BodyKind) -> dict[str, Any]:
+        message = decode_create(body, kind, self.limits)
+        session_id = (
+            self.store.new_id()
+            if message.session_id is None
+            else check_session_id(message.session_id)
+        )
 
-        def build() -> Any:
+        def build() -> Trainer:
             try:
-                return build_trainer(optimizer, weights)
+                return build_trainer(message.optimizer, message.weights)
             except (StateError, GradientError) as exc:
-                raise InvalidRequest(str(exc), code="invalid_weights") from None
+                raise InvalidRequest(str(exc), code=ErrorCode.INVALID_WEIGHTS) from None
 
         session = self.store.add(session_id, build)
         self._persist_new(session)
@@ -93,7 +98,7 @@ class SessionService:
                 raise
             raise ServiceUnavailable(
                 f"the session could not be saved ({exc}); it was not created",
-                code="snapshot_failed",
+                code=ErrorCode.SNAPSHOT_FAILED,
             ) from None
 
     def push(
@@ -109,7 +114,7 @@ class SessionService:
         With an ``idempotency_key`` already seen on this session (within the window), nothing
         is applied and the first answer is returned again.
         """
-        grads = parse_gradients(body, self.limits)
+        grads = decode_push(body, self.limits)
         journal = None if self.durability is None else self.durability.journal
         lsn = 0
         with session.locked() as trainer:
@@ -124,25 +129,25 @@ class SessionService:
                 if seen is not None:
                     if seen.body is not None:
                         return seen.body, True
-                    return weights_message(seen.iterations, None), True
+                    return encode_weights(seen.iterations, None), True
             try:
-                if journal is not None:
-                    # Write-ahead: validate, log, then apply (a validated step cannot fail), so
-                    # a push that could not be logged changes nothing.
-                    trainer.check_gradients(grads)
-                    lsn = journal.append(
-                        "push",
-                        session.id,
-                        body=body,
-                        iterations=trainer.iterations + 1,
-                        key=idempotency_key,
-                        time=time.time(),
-                    )
-                trainer.apply(grads)
+                prepared = trainer.check_gradients(grads)
             except GradientError as exc:
                 raise InvalidRequest(str(exc), code=exc.code) from None
+            if journal is not None:
+                # Write-ahead: validate, log, then apply (a validated step cannot fail), so a
+                # push that could not be logged changes nothing.
+                lsn = journal.append(
+                    "push",
+                    session.id,
+                    body=body,
+                    iterations=trainer.iterations + 1,
+                    key=idempotency_key,
+                    time=time.time(),
+                )
+            trainer.apply(prepared)
             session.touch()
-            answer = weights_message(
+            answer = encode_weights(
                 trainer.iterations, trainer.weights() if return_weights else None
             )
             if idempotency_key is not None:
@@ -153,24 +158,24 @@ class SessionService:
 
     def weights(self, session: Session) -> bytes:
         with session.locked() as trainer:
-            return weights_message(trainer.iterations, trainer.weights())
+            return encode_weights(trainer.iterations, trainer.weights())
 
     def state(self, session: Session) -> bytes:
         with session.locked() as trainer:
-            return state_message(trainer.state())
+            return encode_state(trainer.state())
 
     def load_state(
         self, session_id: str, body: bytes | bytearray | memoryview
     ) -> tuple[dict[str, Any], bool]:
         """Replace a session's state, or create the session from it; returns (summary, created)."""
         check_session_id(session_id)
-        state = parse_state(body, self.limits)
+        state = decode_state(body, self.limits)
 
-        def restore() -> Any:
+        def restore() -> Trainer:
             try:
                 return restore_trainer(state)
             except (StateError, GradientError) as exc:
-                raise InvalidRequest(str(exc), code="invalid_state") from None
+                raise InvalidRequest(str(exc), code=ErrorCode.INVALID_STATE) from None
 
         session = self.store.find(session_id)
         if session is not None:

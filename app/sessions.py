@@ -9,7 +9,6 @@ in parallel threads).
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,22 +16,21 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
+from paramserver.codes import SESSION_ID_RULE, ErrorCode, is_session_id
+
 from .errors import InsufficientStorage, InvalidRequest, SessionExists, SessionNotFound
 from .training import Trainer
 
-__all__ = ["SESSION_ID_PATTERN", "Session", "SessionStore", "check_session_id"]
-
-# "." and ".." are excluded: URL normalisation would turn /sessions/.. into another route.
-SESSION_ID_PATTERN = r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}$"
-_SESSION_ID = re.compile(SESSION_ID_PATTERN)
+__all__ = ["Session", "SessionStore", "check_session_id"]
 
 
 def check_session_id(session_id: Any) -> str:
-    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+    """``session_id`` if it is valid (:data:`paramserver.codes.SESSION_ID_PATTERN`), else 422."""
+    if not is_session_id(session_id):
         raise InvalidRequest(
-            "session_id must be 1-128 characters of [A-Za-z0-9._-]", code="invalid_session_id"
+            f"session_id must be {SESSION_ID_RULE}", code=ErrorCode.INVALID_SESSION_ID
         )
-    return session_id
+    return str(session_id)
 
 
 def _now() -> datetime:
@@ -135,7 +133,7 @@ class SessionStore:
                 raise InsufficientStorage(
                     f"the server holds its maximum of {self.max_sessions} sessions; "
                     "delete one first",
-                    code="too_many_sessions",
+                    code=ErrorCode.TOO_MANY_SESSIONS,
                 )
             self._reserved.add(session_id)
         try:
@@ -155,7 +153,7 @@ class SessionStore:
             raise InsufficientStorage(
                 f"the session needs {needed} bytes of weights and optimizer state; the "
                 f"per-session limit is {self.max_session_bytes}",
-                code="memory_quota_exceeded",
+                code=ErrorCode.MEMORY_QUOTA_EXCEEDED,
             )
         if self.max_total_bytes is None:
             return
@@ -164,7 +162,7 @@ class SessionStore:
             raise InsufficientStorage(
                 f"the session needs {needed} bytes; the server holds {used} of its "
                 f"{self.max_total_bytes}-byte limit",
-                code="memory_quota_exceeded",
+                code=ErrorCode.MEMORY_QUOTA_EXCEEDED,
             )
 
     def delete(self, session_id: str) -> None:

@@ -42,12 +42,18 @@ from typing import Any
 
 import numpy as np
 
+from paramserver.messages import SessionState
 from paramserver.optimizers import TFOptimizer
 
 from .errors import InvalidRequest
-from .optim import FLOAT_DTYPES, NumpyBackend, StateError
-from .optim.engine import prepare_gradients
-from .training import SessionState, check_weights
+from .optim import (
+    FLOAT_DTYPES,
+    NumpyBackend,
+    PreparedGradients,
+    StateError,
+    check_weights,
+    prepare_gradients,
+)
 
 __all__ = [
     "INSTALL_HINT",
@@ -279,7 +285,7 @@ class _StateVariable:
 
 def check_gradients(
     specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], grads: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+) -> PreparedGradients:
     """The numpy engine's rules (:func:`paramserver.server.optim.engine.prepare_gradients`) for
     ``specs``; returns the gradients cast to their parameters' dtypes (flat). Changes nothing."""
 
@@ -287,7 +293,7 @@ def check_gradients(
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused after
             return g.astype(dtype, copy=False)
 
-    return prepare_gradients(specs, grads, cast=cast, sum_squares=_SUM_SQUARES)[0]
+    return prepare_gradients(specs, grads, cast=cast, sum_squares=_SUM_SQUARES)
 
 
 _TRACE_LOCK = threading.Lock()
@@ -453,12 +459,12 @@ class TFTrainer:
     def parameters(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         return {n: (dtype, shape) for n, (shape, dtype) in self._specs.items()}
 
-    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> None:
-        check_gradients(self._specs, grads)
+    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> PreparedGradients:
+        return check_gradients(self._specs, grads)
 
-    def apply(self, grads: Mapping[str, np.ndarray]) -> None:
-        """One ``apply_gradients`` with ``grads`` cast to the parameters' dtypes."""
-        flat = check_gradients(self._specs, grads)
+    def apply(self, prepared: PreparedGradients) -> None:
+        """One ``apply_gradients`` with the prepared gradients (cast to the parameters' dtypes)."""
+        flat = prepared.flat
         tensors = [
             self._tf.convert_to_tensor(flat[n].reshape(shape))
             for n, (shape, _dtype) in self._specs.items()

@@ -2,44 +2,39 @@
 
 A :class:`Trainer` is what a session holds: the weights, the update rule and its state. The
 Keras rules (:class:`KerasTrainer`) keep the weights as numpy arrays and update them in place
-with :class:`paramserver.server.optim.KerasOptimizer`; ``TFOptimizer`` sessions use a trainer that
-keeps them as TensorFlow variables (:mod:`paramserver.server.tf_trainer`, imported only when such a
-session is made).
+with :class:`~paramserver.server.optim.KerasOptimizer`; ``TFOptimizer`` sessions use a trainer
+that keeps them as TensorFlow variables (:mod:`paramserver.server.tf_trainer`, imported only
+when such a session is made).
 
-Trainers are not thread-safe: the session serialises access.
+A step is two calls: :meth:`Trainer.check_gradients` validates and prepares the gradients
+(changing nothing), :meth:`Trainer.apply` applies the prepared gradients and cannot fail; the
+journal logs a push between the two. Trainers are not thread-safe: the session serialises
+access.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from paramserver.messages import SessionState
 from paramserver.optimizers import Optimizer as OptimizerConfig
 from paramserver.optimizers import TFOptimizer
 
-from .optim import FLOAT_DTYPES, KerasOptimizer, OptimizerState, StateError
+from .optim import KerasOptimizer, OptimizerState, PreparedGradients, check_weights
 
-__all__ = ["KerasTrainer", "SessionState", "Trainer", "build_trainer", "check_weights"]
-
-
-@dataclass
-class SessionState:
-    """Everything needed to rebuild a session exactly (the body of the state endpoints)."""
-
-    optimizer: OptimizerConfig
-    weights: dict[str, np.ndarray]
-    iterations: int
-    slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    scalars: dict[str, float] = field(default_factory=dict)
+__all__ = ["KerasTrainer", "Trainer", "build_trainer", "restore_trainer"]
 
 
 class Trainer(Protocol):
     """Weights plus an update rule. Implementations: :class:`KerasTrainer`, ``TFTrainer``."""
 
-    optimizer: OptimizerConfig
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        """The session's optimizer configuration."""
+        ...
 
     @property
     def iterations(self) -> int: ...
@@ -48,12 +43,13 @@ class Trainer(Protocol):
         """Name -> (dtype, shape) of every parameter, in the model's order."""
         ...
 
-    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> None:
-        """Raise ``GradientError`` if ``grads`` cannot be applied; change nothing."""
+    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> PreparedGradients:
+        """The gradients prepared for :meth:`apply`; raises ``GradientError`` if they cannot
+        be applied. Changes nothing."""
         ...
 
-    def apply(self, grads: Mapping[str, np.ndarray]) -> None:
-        """One optimizer step. Validates first: on error nothing changes."""
+    def apply(self, prepared: PreparedGradients) -> None:
+        """One optimizer step with gradients from :meth:`check_gradients` (the latest call)."""
         ...
 
     def weights(self) -> Mapping[str, np.ndarray]:
@@ -64,20 +60,14 @@ class Trainer(Protocol):
         """The state with live arrays (hold the lock while encoding it)."""
         ...
 
+    def load_state(self, state: SessionState) -> None:
+        """Load the optimizer state of an exported state (the weights are the constructor's);
+        raises ``StateError`` and changes nothing when it does not fit."""
+        ...
+
     def nbytes(self) -> int:
         """Bytes held by weights and optimizer state."""
         ...
-
-
-def check_weights(weights: Mapping[str, np.ndarray]) -> None:
-    """Weights are a non-empty map of finite float16/32/64 arrays."""
-    if not weights:
-        raise StateError("a session needs at least one parameter in 'weights'")
-    for name, value in weights.items():
-        if np.dtype(value.dtype) not in FLOAT_DTYPES:
-            raise StateError(f"weight {name!r} has dtype {value.dtype}; use float16/32/64")
-        if not np.isfinite(value).all():
-            raise StateError(f"weight {name!r} contains NaN or infinite values")
 
 
 class KerasTrainer:
@@ -100,11 +90,11 @@ class KerasTrainer:
     def parameters(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         return {n: (w.dtype, w.shape) for n, w in self._weights.items()}
 
-    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> None:
-        self.engine.check_gradients(grads)
+    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> PreparedGradients:
+        return self.engine.check_gradients(grads)
 
-    def apply(self, grads: Mapping[str, np.ndarray]) -> None:
-        self.engine.step(self._weights, grads)
+    def apply(self, prepared: PreparedGradients) -> None:
+        self.engine.apply(self._weights, prepared)
 
     def weights(self) -> Mapping[str, np.ndarray]:
         return self._weights
@@ -127,16 +117,18 @@ class KerasTrainer:
         return sum(w.nbytes for w in self._weights.values()) + self.engine.state_nbytes
 
 
-def build_trainer(optimizer: OptimizerConfig, weights: Mapping[str, np.ndarray]) -> Any:
+def build_trainer(optimizer: OptimizerConfig, weights: Mapping[str, np.ndarray]) -> Trainer:
     """A fresh trainer for ``optimizer`` over copies of ``weights``."""
     if isinstance(optimizer, TFOptimizer):
-        from .tf_trainer import TFTrainer  # TensorFlow is imported only for these sessions
+        # TensorFlow is imported only for these sessions. (tf_trainer does not import this
+        # module: it implements the Trainer protocol structurally, so there is no cycle.)
+        from .tf_trainer import TFTrainer
 
         return TFTrainer(optimizer, weights)
     return KerasTrainer(optimizer, weights)
 
 
-def restore_trainer(state: SessionState) -> Any:
+def restore_trainer(state: SessionState) -> Trainer:
     """A trainer rebuilt from an exported state; raises ``StateError`` if it does not fit."""
     trainer = build_trainer(state.optimizer, state.weights)
     trainer.load_state(state)

@@ -128,7 +128,7 @@ def in_process(size: int, rounds: int, directory: Path) -> dict[str, float]:
                 durability = Durability(settings)
             service = SessionService(SessionStore(max_sessions=4), settings, durability)
             if durability is not None:
-                durability.open(service)
+                durability.open(service.store, service.idempotency)
                 opened.append(durability)
             weights = {"w": np.zeros(size, np.float32)}
             service.create(

@@ -38,11 +38,11 @@ from typing import Any
 
 import numba
 import numpy as np
+
+from paramserver import optimizers
 from paramserver.server.optim.engine import KerasOptimizer, NumpyBackend
 from paramserver.server.optim.numba_kernels import JIT_OPTIONS, NumbaBackend
 from paramserver.server.optim.rules import RULES
-
-from paramserver import optimizers
 
 from .push import format_table as push_table
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from paramserver.client import Client, wire
 
 from .push import RawHTTPConnection, ServerProcess

@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+
 from paramserver.client import Client, wire
 
 from .echo_app import ECHO_HEADER

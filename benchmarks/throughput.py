@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from paramserver.client import Client, wire
 
 from .push import HOST, ServerProcess, format_table

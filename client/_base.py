@@ -38,15 +38,16 @@ import json
 import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Generic, NamedTuple, TypeAlias, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
 import numpy as np
 
-from paramserver import optimizers, wire
+from paramserver import messages, optimizers, wire
+from paramserver.messages import ANSWER_LIMITS, SessionState
 
 from . import errors
 
@@ -74,13 +75,6 @@ DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0, pool=60.0)
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
 
 USER_AGENT = "paramserver-client/1"
-
-#: Bounds for decoding answers. The answers come from the server the user chose and are
-#: already in memory, so only the shapes' rules stay (the server's limits are configurable and
-#: may be far above the defaults meant for untrusted request bodies).
-ANSWER_LIMITS = wire.DecodeLimits(
-    max_objects=1 << 48, max_map_items=1 << 32, max_tensors=None, max_dims=64
-)
 
 ArrayLike = Any  # numpy arrays, or anything numpy.asarray accepts (CPU torch tensors, lists)
 Weights: TypeAlias = Mapping[str, ArrayLike] | Sequence[ArrayLike]
@@ -360,71 +354,6 @@ class SessionInfo:
         )
 
 
-@dataclass
-class SessionState:
-    """Everything needed to rebuild a session exactly: what ``GET .../state`` answers.
-
-    ``weights`` and every ``slots[slot]`` map parameter names to arrays; ``optimizer`` is the
-    Keras form ``{"class_name", "config"}``; ``scalars`` holds scalar optimizer state (Nadam's
-    ``m_schedule``). :meth:`to_bytes` / :meth:`from_bytes` give a checkpoint file's contents.
-    """
-
-    iterations: int
-    optimizer: dict[str, Any]
-    weights: dict[str, np.ndarray]
-    slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-    scalars: dict[str, float] = field(default_factory=dict)
-
-    _KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"iterations", "optimizer", "weights", "slots", "scalars"}
-    )
-
-    def to_message(self) -> dict[str, Any]:
-        """The wire message; the optimizer is validated (and normalised) on the way."""
-        return {
-            "iterations": self.iterations,
-            "optimizer": optimizers.get(self.optimizer).to_dict(),
-            "weights": _arrays(self.weights, "weights"),
-            "slots": {slot: _arrays(per, f"slots[{slot!r}]") for slot, per in self.slots.items()},
-            "scalars": dict(self.scalars),
-        }
-
-    def to_bytes(self) -> bytes:
-        return wire.pack(self.to_message())
-
-    @classmethod
-    def from_message(cls, obj: Any) -> SessionState:
-        if not isinstance(obj, dict) or set(obj) != cls._KEYS:
-            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise TypeError(f"a state holds {sorted(cls._KEYS)}, got {keys}")
-        return cls(
-            iterations=int(obj["iterations"]),
-            optimizer=dict(obj["optimizer"]),
-            weights=wire.decode_tensor_map(obj["weights"], field="weights", limits=ANSWER_LIMITS),
-            slots={
-                str(slot): wire.decode_tensor_map(
-                    per, field=f"slots[{slot!r}]", limits=ANSWER_LIMITS
-                )
-                for slot, per in obj["slots"].items()
-            },
-            scalars={str(k): float(v) for k, v in obj["scalars"].items()},
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview) -> SessionState:
-        """Read :meth:`to_bytes` output (arrays view ``data``: pass a bytearray to write them)."""
-        return cls.from_message(wire.unpack(data, ANSWER_LIMITS))
-
-
-def _arrays(values: Mapping[str, ArrayLike], what: str) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for name, value in values.items():
-        if not isinstance(name, str):
-            raise TypeError(f"{what}: names must be strings, got {name!r}")
-        out[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
-    return out
-
-
 def named_arrays(
     values: Weights, names: Sequence[str] | None, what: str
 ) -> tuple[dict[str, np.ndarray], bool]:
@@ -433,7 +362,7 @@ def named_arrays(
     A list is matched with ``names`` in order (with ``names=None`` it names them "0", "1", ...).
     """
     if isinstance(values, Mapping):
-        return _arrays(values, what), False
+        return messages.arrays(values, what), False
     if isinstance(values, (list, tuple)):
         if names is None:
             names = [str(i) for i in range(len(values))]
@@ -442,7 +371,7 @@ def named_arrays(
                 f"{what}: got a list of {len(values)} arrays; the session has "
                 f"{len(names)} parameters ({', '.join(names)[:200]}), one array each, in order"
             )
-        return _arrays(dict(zip(names, values, strict=True)), what), True
+        return messages.arrays(dict(zip(names, values, strict=True)), what), True
     raise TypeError(
         f"{what} must be a dict of name -> array or a list of arrays (model.get_weights() "
         f"order), got {type(values).__name__}"
@@ -474,26 +403,24 @@ def session_path(session_id: str, *rest: str) -> str:
 # --- answers ------------------------------------------------------------------------------
 
 
-def _msgpack(reply: Reply) -> Any:
-    media = reply.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media not in wire.MSGPACK_CONTENT_TYPES:
-        raise ValueError(f"expected a msgpack answer, got Content-Type {media!r}")
-    return wire.unpack(reply.body, ANSWER_LIMITS)
-
-
 def _json(reply: Reply) -> Any:
     return json.loads(reply.body)
 
 
+def _check_msgpack(reply: Reply) -> None:
+    media = reply.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media not in wire.MSGPACK_CONTENT_TYPES:
+        raise ValueError(f"expected a msgpack answer, got Content-Type {media!r}")
+
+
 def _weights_message(reply: Reply) -> tuple[int, dict[str, np.ndarray] | None]:
-    obj = _msgpack(reply)
-    iterations = obj["iterations"]
-    if not isinstance(iterations, int) or isinstance(iterations, bool):
-        raise TypeError(f"'iterations' must be an integer, got {iterations!r}")
-    weights = obj.get("weights")
-    if weights is None:
-        return iterations, None
-    return iterations, wire.decode_tensor_map(weights, field="weights", limits=ANSWER_LIMITS)
+    _check_msgpack(reply)
+    return messages.decode_weights(reply.body, ANSWER_LIMITS)
+
+
+def _state_message(reply: Reply) -> SessionState:
+    _check_msgpack(reply)
+    return messages.decode_state(reply.body, ANSWER_LIMITS)
 
 
 # --- the shared halves of the clients and sessions ----------------------------------------
@@ -549,7 +476,7 @@ class SessionCore(Generic[W]):
             session_path(self.id, "gradients"),
             parse,
             params=None if return_weights else {"return_weights": "false"},
-            body=wire.pack({"gradients": grads}),
+            body=messages.encode_push(grads),
             idempotency_key=key,
         )
 
@@ -573,7 +500,7 @@ class SessionCore(Generic[W]):
 
     def _state_call(self) -> Call[SessionState]:
         def parse(reply: Reply) -> SessionState:
-            state = SessionState.from_message(_msgpack(reply))
+            state = _state_message(reply)
             self._seen(state.iterations)
             return state
 
@@ -609,7 +536,7 @@ def load_state_call(session_id: str, state: SessionState, parse: Callable[[Reply
         session_path(session_id, "state"),
         parse,
         expect=frozenset({200, 201}),
-        body=state.to_bytes(),
+        body=messages.encode_state(state),
     )
 
 
@@ -677,11 +604,8 @@ class ClientCore(Generic[S]):
     def _create_call(
         self, weights: Weights, optimizer: OptimizerLike, session_id: str | None
     ) -> Call[S]:
-        config = optimizers.get(optimizer)
         arrays, as_list = named_arrays(weights, None, "weights")
-        message: dict[str, Any] = {"optimizer": config.to_dict(), "weights": arrays}
-        if session_id is not None:
-            message["session_id"] = session_id
+        body = messages.encode_create(optimizers.get(optimizer), arrays, session_id)
 
         return Call(
             "POST",
@@ -689,7 +613,7 @@ class ClientCore(Generic[S]):
             self._session_parser(as_list),
             safety=Safety.UNSENT_ONLY,
             expect=frozenset({201}),
-            body=wire.pack(message),
+            body=body,
         )
 
     def _attach_call(self, session_id: str, *, as_list: bool) -> Call[S]:

@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
+from paramserver.codes import STATUS, ErrorCode
+
 __all__ = [
     "BadRequest",
     "Forbidden",
@@ -124,77 +126,77 @@ class ServerError(ParamServerError):
 class BadRequest(ServerError):
     """400: the body was not well-formed for the protocol."""
 
-    status = 400
-    default_code = "bad_request"
+    default_code = ErrorCode.BAD_REQUEST.value
+    status = STATUS[ErrorCode.BAD_REQUEST]
 
 
 class Unauthorized(ServerError):
     """401: no bearer token, or an unknown one."""
 
-    status = 401
-    default_code = "unauthorized"
+    default_code = ErrorCode.UNAUTHORIZED.value
+    status = STATUS[ErrorCode.UNAUTHORIZED]
 
 
 class Forbidden(ServerError):
     """403: the token may not do this (a read-only token pushing, say)."""
 
-    status = 403
-    default_code = "forbidden"
+    default_code = ErrorCode.FORBIDDEN.value
+    status = STATUS[ErrorCode.FORBIDDEN]
 
 
 class NotFound(ServerError):
     """404 for a route the server does not have: usually a wrong base URL."""
 
-    status = 404
-    default_code = "not_found"
+    default_code = ErrorCode.NOT_FOUND.value
+    status = STATUS[ErrorCode.NOT_FOUND]
 
 
 class SessionNotFound(NotFound):
     """404: no session has that id (it was never made, was deleted, or the server restarted)."""
 
-    default_code = "session_not_found"
+    default_code = ErrorCode.SESSION_NOT_FOUND.value
 
 
 class RequestTimeout(ServerError):
     """408: the request body did not arrive in time."""
 
-    status = 408
-    default_code = "request_timeout"
+    default_code = ErrorCode.REQUEST_TIMEOUT.value
+    status = STATUS[ErrorCode.REQUEST_TIMEOUT]
 
 
 class SessionExists(ServerError):
     """409: a session with that id already exists."""
 
-    status = 409
-    default_code = "session_exists"
+    default_code = ErrorCode.SESSION_EXISTS.value
+    status = STATUS[ErrorCode.SESSION_EXISTS]
 
 
 class PayloadTooLarge(ServerError):
     """413: the body is over the server's size limit."""
 
-    status = 413
-    default_code = "payload_too_large"
+    default_code = ErrorCode.PAYLOAD_TOO_LARGE.value
+    status = STATUS[ErrorCode.PAYLOAD_TOO_LARGE]
 
 
 class UnsupportedMediaType(ServerError):
     """415: the Content-Type is not one the endpoint reads."""
 
-    status = 415
-    default_code = "unsupported_media_type"
+    default_code = ErrorCode.UNSUPPORTED_MEDIA_TYPE.value
+    status = STATUS[ErrorCode.UNSUPPORTED_MEDIA_TYPE]
 
 
 class InvalidRequest(ServerError):
     """422: a well-formed request whose content is invalid; ``code`` says what is wrong."""
 
-    status = 422
-    default_code = "invalid_request"
+    default_code = ErrorCode.INVALID_REQUEST.value
+    status = STATUS[ErrorCode.INVALID_REQUEST]
 
 
 class InternalServerError(ServerError):
     """500: the server failed; the message is generic and the server's log has the details."""
 
-    status = 500
-    default_code = "internal_error"
+    default_code = ErrorCode.INTERNAL_ERROR.value
+    status = STATUS[ErrorCode.INTERNAL_ERROR]
 
 
 class ServiceUnavailable(ServerError):
@@ -204,8 +206,8 @@ class ServiceUnavailable(ServerError):
     ``retry_after`` is the server's ``Retry-After`` in seconds, or ``None``.
     """
 
-    status = 503
-    default_code = "service_unavailable"
+    default_code = ErrorCode.SERVICE_UNAVAILABLE.value
+    status = STATUS[ErrorCode.SERVICE_UNAVAILABLE]
 
     @property
     def retry_after(self) -> float | None:
@@ -215,8 +217,8 @@ class ServiceUnavailable(ServerError):
 class InsufficientStorage(ServerError):
     """507: a session or memory quota would be exceeded; ``code`` says which."""
 
-    status = 507
-    default_code = "insufficient_storage"
+    default_code = ErrorCode.INSUFFICIENT_STORAGE.value
+    status = STATUS[ErrorCode.INSUFFICIENT_STORAGE]
 
 
 _BY_STATUS: dict[int, type[ServerError]] = {

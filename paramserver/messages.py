@@ -1,1 +1,323 @@
-"""placeholder"""
+"""The messages of protocol version 1, each encoded and decoded by one pair of functions.
+
+Server and client both use these; nothing here does I/O or knows HTTP. The byte-level format
+(msgpack with framed tensors) is :mod:`paramserver.wire`; this module knows what each body
+holds:
+
+=====================  ========================================  ============================
+message                body                                      functions
+=====================  ========================================  ============================
+create                 ``{"session_id"?, "optimizer", "weights"}``  :func:`encode_create`,
+                                                                 :func:`decode_create`
+push                   ``{"gradients": {name: tensor}}``         :func:`encode_push`,
+                                                                 :func:`decode_push`
+weights answer         ``{"iterations", "weights"?}``            :func:`encode_weights`,
+                                                                 :func:`decode_weights`
+state                  ``{"iterations", "optimizer", "weights",  :func:`encode_state`,
+                       "slots", "scalars"}``                     :func:`decode_state`
+=====================  ========================================  ============================
+
+Decoding checks everything and raises :class:`~paramserver.codes.MessageError` with the
+protocol's code: ``bad_request`` (400) for a body that is not well-formed, ``invalid_tensor``,
+``unknown_optimizer``, ``invalid_optimizer``, ``invalid_state`` or ``invalid_request`` (422)
+for a well-formed body whose content is invalid. Encoding takes numpy arrays (or anything
+``numpy.asarray`` accepts) and writes one copy of their bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from . import optimizers, wire
+from .codes import ErrorCode, MessageError
+from .optimizers import InvalidOptimizerConfig, Optimizer, UnknownOptimizer
+
+__all__ = [
+    "ANSWER_LIMITS",
+    "JSON_MEDIA_TYPE",
+    "MAX_ITERATIONS",
+    "BodyKind",
+    "CreateMessage",
+    "SessionState",
+    "decode_create",
+    "decode_optimizer",
+    "decode_push",
+    "decode_state",
+    "decode_weights",
+    "encode_create",
+    "encode_push",
+    "encode_state",
+    "encode_weights",
+]
+
+JSON_MEDIA_TYPE = "application/json"
+
+#: Iteration counts stay below 2**53: exact as floats (Keras casts them) and as msgpack ints.
+MAX_ITERATIONS = 2**53
+
+#: Bounds for decoding answers and files a user chose to read (not untrusted requests): only
+#: the shapes' rules stay. The server's limits are configurable and may be far above the
+#: defaults meant for untrusted request bodies.
+ANSWER_LIMITS = wire.DecodeLimits(
+    max_objects=1 << 48, max_map_items=1 << 32, max_tensors=None, max_dims=64
+)
+
+BodyKind = Literal["msgpack", "json"]
+Body = bytes | bytearray | memoryview
+
+
+@dataclass
+class SessionState:
+    """Everything needed to rebuild a session exactly: the body of ``GET/PUT .../state``.
+
+    ``weights`` and every ``slots[slot]`` map parameter names to arrays; ``optimizer`` is the
+    session's optimizer configuration; ``scalars`` holds scalar optimizer state (Nadam's
+    ``m_schedule``). :meth:`to_bytes` / :meth:`from_bytes` give a checkpoint file's contents.
+    """
+
+    iterations: int
+    optimizer: Optimizer
+    weights: dict[str, np.ndarray]
+    slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return encode_state(self)
+
+    @classmethod
+    def from_bytes(cls, data: Body) -> SessionState:
+        """Read :meth:`to_bytes` output (arrays view ``data``: pass a bytearray to write them)."""
+        return decode_state(data, ANSWER_LIMITS)
+
+
+@dataclass(frozen=True)
+class CreateMessage:
+    """A decoded create body."""
+
+    session_id: str | None
+    optimizer: Optimizer
+    weights: dict[str, np.ndarray]
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise MessageError(f"duplicate JSON key {key!r}", code=ErrorCode.BAD_REQUEST)
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> float:
+    raise MessageError(f"{name} is not valid JSON", code=ErrorCode.BAD_REQUEST)
+
+
+def _load(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> Any:
+    if kind == "msgpack":
+        try:
+            return wire.unpack(body, limits)
+        except wire.LimitExceeded as exc:
+            raise MessageError(
+                f"the request exceeds this server's limits: {exc} (max_tensors="
+                f"{limits.max_tensors}, max_dims={limits.max_dims})",
+                code=ErrorCode.INVALID_TENSOR,
+            ) from None
+        except wire.MalformedBody as exc:
+            raise MessageError(
+                f"malformed msgpack body: {exc}", code=ErrorCode.BAD_REQUEST
+            ) from None
+    try:
+        return json.loads(
+            bytes(body) if isinstance(body, memoryview) else body,
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, MessageError):
+            raise
+        raise MessageError(f"malformed JSON body: {exc}", code=ErrorCode.BAD_REQUEST) from None
+
+
+def _top_level(
+    obj: Any, *, required: frozenset[str], optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise MessageError(
+            "the body must be a map (a msgpack map or a JSON object)", code=ErrorCode.BAD_REQUEST
+        )
+    missing = sorted(required - set(obj))
+    extra = sorted(set(obj) - required - optional)
+    if missing:
+        raise MessageError(f"the body is missing {', '.join(map(repr, missing))}")
+    if extra:
+        allowed = ", ".join(map(repr, sorted(required | optional)))
+        raise MessageError(
+            f"the body has unexpected key(s) {', '.join(map(repr, extra))}; allowed: {allowed}"
+        )
+    return obj
+
+
+def _tensors(
+    obj: Any, *, field: str, limits: wire.DecodeLimits, json_body: bool = False
+) -> dict[str, np.ndarray]:
+    try:
+        return wire.decode_tensor_map(obj, field=field, limits=limits, json=json_body)
+    except wire.TensorError as exc:
+        raise MessageError(str(exc), code=ErrorCode.INVALID_TENSOR) from None
+
+
+def _iterations(value: Any, code: ErrorCode) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_ITERATIONS:
+        raise MessageError(
+            f"'iterations' must be an integer in [0, 2**53), got {value!r}", code=code
+        )
+    return value
+
+
+def decode_optimizer(obj: Any) -> Optimizer:
+    """A name (defaults) or a Keras ``{"class_name", "config"}`` object; 422 when invalid."""
+    try:
+        if isinstance(obj, (str, dict)):
+            return optimizers.get(obj)
+        raise InvalidOptimizerConfig(
+            "'optimizer' must be a name such as 'adam' or a {'class_name', 'config'} object"
+        )
+    except UnknownOptimizer as exc:
+        raise MessageError(str(exc), code=ErrorCode.UNKNOWN_OPTIMIZER) from None
+    except InvalidOptimizerConfig as exc:
+        raise MessageError(str(exc), code=ErrorCode.INVALID_OPTIMIZER) from None
+
+
+def decode_create(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> CreateMessage:
+    """``POST /sessions``: ``{"session_id"?, "optimizer", "weights"}`` (msgpack or JSON).
+
+    The session id is returned as sent; the server checks it (``invalid_session_id``).
+    """
+    obj = _top_level(
+        _load(body, kind, limits),
+        required=frozenset({"optimizer", "weights"}),
+        optional=frozenset({"session_id"}),
+    )
+    optimizer = decode_optimizer(obj["optimizer"])
+    weights = _tensors(obj["weights"], field="weights", limits=limits, json_body=kind == "json")
+    return CreateMessage(obj.get("session_id"), optimizer, weights)
+
+
+def decode_push(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
+    """``POST /sessions/{id}/gradients``: msgpack ``{"gradients": {name: tensor}}``."""
+    obj = _top_level(_load(body, "msgpack", limits), required=frozenset({"gradients"}))
+    return _tensors(obj["gradients"], field="gradients", limits=limits)
+
+
+def decode_weights(
+    body: Body, limits: wire.DecodeLimits = ANSWER_LIMITS
+) -> tuple[int, dict[str, np.ndarray] | None]:
+    """A push's or pull's answer: ``(iterations, weights)``, weights ``None`` when absent."""
+    obj = _load(body, "msgpack", limits)
+    if not isinstance(obj, dict) or "iterations" not in obj:
+        raise MessageError("an answer with weights is a map with 'iterations'")
+    iterations = _iterations(obj["iterations"], ErrorCode.INVALID_REQUEST)
+    if "weights" not in obj:
+        return iterations, None
+    return iterations, _tensors(obj["weights"], field="weights", limits=limits)
+
+
+_STATE_KEYS = frozenset({"iterations", "optimizer", "weights", "slots", "scalars"})
+
+
+def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
+    """``GET``/``PUT /sessions/{id}/state``: the state, checked (``invalid_state``)."""
+    # Weights and up to three slots of every parameter: four times a push's budget.
+    state_limits = dataclasses.replace(limits, max_objects=4 * limits.max_objects)
+    obj = _top_level(_load(body, "msgpack", state_limits), required=_STATE_KEYS)
+    iterations = _iterations(obj["iterations"], ErrorCode.INVALID_STATE)
+    optimizer = decode_optimizer(obj["optimizer"])
+    weights = _tensors(obj["weights"], field="weights", limits=limits)
+    slots_obj = obj["slots"]
+    if not isinstance(slots_obj, dict):
+        raise MessageError(
+            "'slots' must be a map of slot name to tensors", code=ErrorCode.INVALID_STATE
+        )
+    slots = {
+        str(slot): _tensors(per, field=f"slots[{slot!r}]", limits=limits)
+        for slot, per in slots_obj.items()
+    }
+    scalars = obj["scalars"]
+    if not isinstance(scalars, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in scalars.values()
+    ):
+        raise MessageError(
+            "'scalars' must be a map of finite numbers", code=ErrorCode.INVALID_STATE
+        )
+    return SessionState(
+        iterations=iterations,
+        optimizer=optimizer,
+        weights=weights,
+        slots=slots,
+        scalars={str(k): float(v) for k, v in scalars.items()},
+    )
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def arrays(values: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
+    """``{name: array}`` from a mapping of names to array-likes; names must be strings."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in values.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: names must be strings, got {name!r}")
+        out[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
+    return out
+
+
+def encode_create(
+    optimizer: Optimizer | str | Mapping[str, Any],
+    weights: Mapping[str, Any],
+    session_id: str | None = None,
+) -> bytes:
+    """The create body; the optimizer is validated (and normalised) on the way."""
+    message: dict[str, Any] = {
+        "optimizer": optimizers.get(optimizer).to_dict(),
+        "weights": arrays(weights, "weights"),
+    }
+    if session_id is not None:
+        message["session_id"] = session_id
+    return wire.pack(message)
+
+
+def encode_push(gradients: Mapping[str, Any]) -> bytes:
+    return wire.pack({"gradients": arrays(gradients, "gradients")})
+
+
+def encode_weights(iterations: int, weights: Mapping[str, np.ndarray] | None) -> bytes:
+    """``{"iterations", "weights"?}``: one copy of the weights' bytes, straight from memory."""
+    if weights is None:
+        return wire.pack({"iterations": iterations})
+    return wire.pack({"iterations": iterations, "weights": weights})
+
+
+def encode_state(state: SessionState) -> bytes:
+    """The state body. The optimizer may also be given as a name or a Keras config (it is
+    validated on the way); the iteration count and arrays are sent as they are, for the
+    server to check."""
+    return wire.pack(
+        {
+            "iterations": state.iterations,
+            "optimizer": optimizers.get(state.optimizer).to_dict(),
+            "weights": arrays(state.weights, "weights"),
+            "slots": {slot: arrays(per, f"slots[{slot!r}]") for slot, per in state.slots.items()},
+            "scalars": dict(state.scalars),
+        }
+    )

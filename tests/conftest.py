@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+
 from paramserver.server.main import create_app
 from paramserver.server.settings import Settings
 

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from paramserver import wire
 from paramserver.server.persistence import Durability
 from paramserver.server.service import SessionService
 from paramserver.server.sessions import SessionStore
 from paramserver.server.settings import Settings
-
-from paramserver import wire
 
 
 class DurableService:
@@ -32,7 +32,7 @@ class DurableService:
         self.service = SessionService(
             SessionStore(max_sessions=self.settings.max_sessions), self.settings, self.durability
         )
-        self.durability.open(self.service)
+        self.durability.open(self.service.store, self.service.idempotency)
         self.closed = False
 
     def create(self, session_id: str, optimizer: Any, weights: dict[str, np.ndarray]) -> None:

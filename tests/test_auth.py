@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from conftest import RunningServer, start_server
 from fastapi import FastAPI
+
+from paramserver import wire
 from paramserver.server import auth
 from paramserver.server.main import create_app
 from paramserver.server.settings import Settings
-
-from paramserver import wire
 
 RW_TOKEN = "rw-secret-7f3a"
 PLAIN_TOKEN = "plain-secret-91c2"  # no suffix: read-write

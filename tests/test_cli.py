@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from paramserver.server.settings import Settings
 
 from paramserver import wire
+from paramserver.server.settings import Settings
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 40.0  # above uvicorn's 30 s graceful-shutdown limit

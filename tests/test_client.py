@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
 from paramserver.client import (
     Client,
     InvalidRequest,
@@ -162,7 +163,7 @@ def test_state_round_trip(client: Client) -> None:
     state = session.state()
     assert isinstance(state, SessionState)
     assert state.iterations == 1
-    assert state.optimizer["class_name"] == "Nadam"
+    assert state.optimizer.class_name == "Nadam"
     assert set(state.weights) == {"kernel", "bias"}
     assert state.slots and all(set(per) == {"kernel", "bias"} for per in state.slots.values())
     assert "m_schedule" in state.scalars

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
 from paramserver.client import (
     AsyncClient,
     AsyncSession,

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
 from paramserver.client import (
     BadRequest,
     Client,

@@ -4,7 +4,7 @@ times in a row, and restarted on the same snapshot directory.
 Four client threads (two per session) push the same gradient to their session over raw HTTP,
 each push with its own Idempotency-Key. Because every push of a session carries the same
 gradient, the state after N pushes is known exactly whatever the order: the test steps a local
-trainer N times and compares its ``state_message`` with ``GET /state`` byte for byte (weights,
+trainer N times and compares its ``encode_state`` with ``GET /state`` byte for byte (weights,
 slots, scalars, iterations), so a torn snapshot or a half-replayed journal cannot pass.
 
 * ``durability=snapshot``: after each restart every session loads, its state is exactly the
@@ -28,11 +28,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from paramserver.server.protocol import parse_optimizer, state_message
-from paramserver.server.training import build_trainer
 from server_process import HTTP, MSGPACK, create, session_ids, start, state
 
 from paramserver import wire
+from paramserver.messages import decode_optimizer, encode_state
+from paramserver.server.training import build_trainer
 
 ROUNDS = 5
 CLIENTS_PER_SESSION = 2
@@ -61,12 +61,12 @@ class Model:
         self.answered[0] = self.weights["w"].tobytes()
 
     def expected_state(self, iterations: int) -> bytes:
-        """``state_message`` after ``iterations`` pushes, from a local trainer."""
+        """``encode_state`` after ``iterations`` pushes, from a local trainer."""
         if self._trainer is None or self._trainer.iterations > iterations:
-            self._trainer = build_trainer(parse_optimizer(self.optimizer), self.weights)
+            self._trainer = build_trainer(decode_optimizer(self.optimizer), self.weights)
         while self._trainer.iterations < iterations:
-            self._trainer.apply(self.grads)
-        return state_message(self._trainer.state())
+            self._trainer.apply(self._trainer.check_gradients(self.grads))
+        return encode_state(self._trainer.state())
 
 
 @dataclass

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from paramserver import optimizers
 from paramserver.server.optim import (
     GradientError,
     KerasOptimizer,
@@ -24,8 +26,6 @@ from paramserver.server.optim import (
     StateError,
     default_backend,
 )
-
-from paramserver import optimizers
 
 SHAPES: dict[str, tuple[int, ...]] = {"bias": (), "vector": (11,), "kernel": (3, 4, 5)}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
 from paramserver.client import Client
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -26,11 +26,12 @@ import pytest
 from conftest import RunningServer, start_server
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
-from paramserver.server.errors import ServiceError
-from paramserver.server.protocol import decode_limits, parse_create, parse_gradients, parse_state
-from paramserver.server.settings import Settings
 
 from paramserver import wire
+from paramserver.codes import MessageError
+from paramserver.messages import decode_create, decode_push, decode_state
+from paramserver.server.protocol import decode_limits
+from paramserver.server.settings import Settings
 
 LIMITS = decode_limits(Settings())
 FUZZ = settings(
@@ -63,12 +64,11 @@ def plain(value: Any) -> Any:
 
 
 def _valid_bodies() -> dict[str, Any]:
+    from paramserver.optimizers import get as get_optimizer
     from paramserver.server.training import build_trainer
 
-    from paramserver.optimizers import get as get_optimizer
-
     trainer = build_trainer(get_optimizer("adam"), dict(ALPHA_WEIGHTS))
-    trainer.apply({k: np.ones_like(v) for k, v in ALPHA_WEIGHTS.items()})
+    trainer.apply(trainer.check_gradients({k: np.ones_like(v) for k, v in ALPHA_WEIGHTS.items()}))
     state = trainer.state()
     state_body = wire.pack(
         {
@@ -256,22 +256,22 @@ def test_the_parsers_raise_only_protocol_errors(data: st.DataObject) -> None:
     body = data.draw(mutated_body(name))
     try:
         if name == "push":
-            parse_gradients(body, LIMITS)
+            decode_push(body, LIMITS)
         elif name == "state":
-            parse_state(body, LIMITS)
+            decode_state(body, LIMITS)
         else:
-            parse_create(body, "json" if name == "create_json" else "msgpack", LIMITS)
-    except ServiceError as exc:
+            decode_create(body, "json" if name == "create_json" else "msgpack", LIMITS)
+    except MessageError as exc:
         assert exc.status in (400, 422), exc
         assert "Traceback" not in exc.message
 
 
 def test_the_valid_bodies_parse() -> None:
     """The fuzzers start from valid bodies: check that they are."""
-    parse_gradients(pack_any(VALID["push"]), LIMITS)
-    parse_state(pack_any(VALID["state"]), LIMITS)
-    parse_create(pack_any(VALID["create"]), "msgpack", LIMITS)
-    parse_create(json.dumps(VALID["create_json"]).encode(), "json", LIMITS)
+    decode_push(pack_any(VALID["push"]), LIMITS)
+    decode_state(pack_any(VALID["state"]), LIMITS)
+    decode_create(pack_any(VALID["create"]), "msgpack", LIMITS)
+    decode_create(json.dumps(VALID["create_json"]).encode(), "json", LIMITS)
 
 
 @FUZZ

@@ -23,10 +23,10 @@ import httpx
 import numpy as np
 import pytest
 from conftest import RunningServer, start_server
-from paramserver.server.protocol import decode_limits
-from paramserver.server.settings import Settings
 
 from paramserver import wire
+from paramserver.server.protocol import decode_limits
+from paramserver.server.settings import Settings
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 LEAKS = ("Traceback", 'File "', ".py", "/work/", "site-packages", "Error(", "0x7f")

@@ -44,9 +44,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paramserver.server.optim import KerasOptimizer, NumpyBackend, OptimizerState, default_backend
 
 from paramserver import optimizers
+from paramserver.server.optim import KerasOptimizer, NumpyBackend, OptimizerState, default_backend
 from tests.reference import keras_2_2_4_optimizers as keras_optimizers
 from tests.reference import numpy_graph_backend as K
 

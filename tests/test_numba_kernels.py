@@ -21,12 +21,12 @@ from typing import Any
 import numba
 import numpy as np
 import pytest
+
+from paramserver import optimizers
 from paramserver.server.optim import numba_kernels
 from paramserver.server.optim.engine import KerasOptimizer, NumpyBackend
 from paramserver.server.optim.numba_kernels import NumbaBackend
 from paramserver.server.optim.rules import RULES
-
-from paramserver import optimizers
 
 CONFIGS: dict[str, Callable[[], optimizers.Optimizer]] = {
     "sgd": lambda: optimizers.SGD(lr=0.05),

@@ -17,9 +17,9 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from paramserver.server.optim import KerasOptimizer
 
 from paramserver.optimizers import get as get_optimizer
+from paramserver.server.optim import KerasOptimizer
 
 MSGPACK_HEADERS = {"Content-Type": "application/msgpack"}
 

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 from durable_service import DurableService, opened_services
-from paramserver.server.errors import ServiceUnavailable
-from paramserver.server.persistence import CorruptSnapshot, DirectoryLock, DirectoryLocked
-from paramserver.server.persistence.snapshots import decode_snapshot, encode_snapshot
-from paramserver.server.settings import Settings
 from pydantic import ValidationError
 from server_process import HTTP, MSGPACK, ServerProcess, create, push, session_ids, start, state
 
 from paramserver import wire
+from paramserver.server.errors import ServiceUnavailable
+from paramserver.server.persistence import CorruptSnapshot, DirectoryLock, DirectoryLocked
+from paramserver.server.persistence.snapshots import decode_snapshot, encode_snapshot
+from paramserver.server.settings import Settings
 
 OPTIMIZERS: list[Any] = [
     "sgd",

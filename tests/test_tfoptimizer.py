@@ -498,7 +498,7 @@ def test_a_dropped_trainer_frees_its_graph(tf: Any) -> None:
     before = graphs()
     for name in ("AdamOptimizer", "Adam", "Nadam"):
         trainer = TFTrainer(optimizers.TFOptimizer(name), weights)
-        trainer.apply(grads)
+        trainer.apply(trainer.check_gradients(grads))
         del trainer
     assert graphs() == before
 

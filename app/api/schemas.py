@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from paramserver.codes import SESSION_ID_PATTERN, SESSION_ID_RULE
 from paramserver.wire import MSGPACK_MEDIA_TYPE
 
 
@@ -28,10 +29,14 @@ class OptimizerSpec(BaseModel):
 
 
 class CreateSessionRequest(BaseModel):
+    # The session-id pattern excludes "." and ".." with a look-ahead, which pydantic's default
+    # (Rust) regex engine does not support.
+    model_config = ConfigDict(regex_engine="python-re")
+
     session_id: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9._-]{1,128}$",
-        description="1-128 characters of [A-Za-z0-9._-]; a uuid4 hex is generated if absent.",
+        pattern=SESSION_ID_PATTERN,
+        description=f"{SESSION_ID_RULE}; a uuid4 hex is generated if absent.",
     )
     optimizer: str | OptimizerSpec = Field(
         description="A name ('sgd', 'Adam', ... case-insensitive; defaults used) or a Keras "
@@ -146,7 +151,7 @@ def msgpack_body(
     return {"requestBody": {"required": True, "content": content}}
 
 
-def msgpack_response(schema: dict[str, Any], description: str) -> dict[str, Any]:
+def msgpack_response_doc(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {MSGPACK_MEDIA_TYPE: {"schema": schema}}}
 
 
@@ -170,5 +175,5 @@ CREATE_BODY = msgpack_body(
     also_json={"$ref": "#/components/schemas/CreateSessionRequest"},
 )
 STATE_BODY = msgpack_body(_STATE_MESSAGE)
-WEIGHTS_RESPONSE = msgpack_response(_WEIGHTS_MESSAGE, "The step's iteration count and weights.")
-STATE_RESPONSE = msgpack_response(_STATE_MESSAGE, "Everything needed to rebuild the session.")
+WEIGHTS_RESPONSE = msgpack_response_doc(_WEIGHTS_MESSAGE, "The step's iteration count and weights.")
+STATE_RESPONSE = msgpack_response_doc(_STATE_MESSAGE, "Everything needed to rebuild the session.")

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from paramserver.codes import SESSION_ID_PATTERN, SESSION_ID_RULE, ErrorCode
 from paramserver.wire import MSGPACK_MEDIA_TYPE
 
 from ..errors import InvalidRequest, ServiceUnavailable
 from ..idempotency import check_key
 from ..protocol import body_kind
 from ..service import SessionService
-from ..sessions import SESSION_ID_PATTERN, Session
+from ..sessions import Session
 from . import schemas
 from .bodies import read_body
 
@@ -25,7 +26,7 @@ router = APIRouter(prefix="/sessions", tags=["sessions"])
 
 SessionId = Annotated[
     str,
-    Path(description=f"1-128 characters of [A-Za-z0-9._-] (pattern {SESSION_ID_PATTERN})"),
+    Path(description=f"{SESSION_ID_RULE} (pattern {SESSION_ID_PATTERN})"),
 ]
 
 
@@ -44,12 +45,10 @@ async def get_session(session_id: SessionId, service: ServiceDep) -> Session:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def msgpack_response(
-    content: bytes, status_code: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(
-        content=content, status_code=status_code, media_type=MSGPACK_MEDIA_TYPE, headers=headers
-    )
+class MsgpackResponse(Response):
+    """An answer whose body is already msgpack (encoded by :mod:`paramserver.messages`)."""
+
+    media_type = MSGPACK_MEDIA_TYPE
 
 
 @asynccontextmanager
@@ -65,7 +64,7 @@ async def turn(session: Session, service: SessionService) -> AsyncIterator[None]
         raise ServiceUnavailable(
             f"session {session.id!r} stayed busy for "
             f"{service.settings.request_timeout_seconds:g} s; retry later",
-            code="session_busy",
+            code=ErrorCode.SESSION_BUSY,
             headers={"Retry-After": "1"},
         ) from None
     try:
@@ -95,7 +94,7 @@ async def body_of(
     openapi_extra=schemas.CREATE_BODY,
     responses=schemas.error_responses(400, 409, 413, 415, 422, 507),
 )
-async def create_session(request: Request, service: ServiceDep) -> dict:  # type: ignore[type-arg]
+async def create_session(request: Request, service: ServiceDep) -> dict[str, Any]:
     kind = body_kind(request.headers.get("content-type"), allow_json=True)
     body = await body_of(request, service, json=kind == "json")
     return await run_in_threadpool(service.create, body, kind)
@@ -106,7 +105,7 @@ async def create_session(request: Request, service: ServiceDep) -> dict:  # type
     response_model=schemas.SessionList,
     summary="List sessions",
 )
-async def list_sessions(service: ServiceDep) -> dict:  # type: ignore[type-arg]
+async def list_sessions(service: ServiceDep) -> dict[str, Any]:
     return {"sessions": await run_in_threadpool(service.list)}
 
 
@@ -116,7 +115,7 @@ async def list_sessions(service: ServiceDep) -> dict:  # type: ignore[type-arg]
     summary="Describe a session",
     responses=schemas.error_responses(404),
 )
-async def get_session_summary(session: SessionDep, service: ServiceDep) -> dict:  # type: ignore[type-arg]
+async def get_session_summary(session: SessionDep, service: ServiceDep) -> dict[str, Any]:
     async with turn(session, service):
         return await run_in_threadpool(service.summary, session)
 
@@ -155,7 +154,7 @@ class SnapshotTaken(BaseModel):
         409: {"model": schemas.ErrorBody, "description": "The server keeps no snapshots."},
     },
 )
-async def snapshot_session(session: SessionDep, service: ServiceDep) -> dict:  # type: ignore[type-arg]
+async def snapshot_session(session: SessionDep, service: ServiceDep) -> dict[str, Any]:
     return await run_in_threadpool(service.snapshot, session)
 
 
@@ -189,7 +188,7 @@ async def push_gradients(
     if idempotency_key is not None and not check_key(idempotency_key):
         raise InvalidRequest(
             "Idempotency-Key must be 1-255 printable ASCII characters",
-            code="invalid_idempotency_key",
+            code=ErrorCode.INVALID_IDEMPOTENCY_KEY,
         )
     body = await body_of(request, service)
     async with turn(session, service):
@@ -198,7 +197,7 @@ async def push_gradients(
                 session, body, return_weights=return_weights, idempotency_key=idempotency_key
             )
         )
-    return msgpack_response(content, headers={"Idempotent-Replayed": "true"} if replayed else None)
+    return MsgpackResponse(content, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 @router.get(
@@ -209,7 +208,7 @@ async def push_gradients(
 )
 async def get_weights(session: SessionDep, service: ServiceDep) -> Response:
     async with turn(session, service):
-        return msgpack_response(await run_in_threadpool(service.weights, session))
+        return MsgpackResponse(await run_in_threadpool(service.weights, session))
 
 
 @router.get(
@@ -222,7 +221,7 @@ async def get_weights(session: SessionDep, service: ServiceDep) -> Response:
 )
 async def get_state(session: SessionDep, service: ServiceDep) -> Response:
     async with turn(session, service):
-        return msgpack_response(await run_in_threadpool(service.state, session))
+        return MsgpackResponse(await run_in_threadpool(service.state, session))
 
 
 @router.put(
@@ -240,7 +239,7 @@ async def get_state(session: SessionDep, service: ServiceDep) -> Response:
 )
 async def put_state(
     session_id: SessionId, request: Request, response: Response, service: ServiceDep
-) -> dict:  # type: ignore[type-arg]
+) -> dict[str, Any]:
     body_kind(request.headers.get("content-type"), allow_json=False)
     body = await body_of(request, service)
     existing = service.store.find(session_id)

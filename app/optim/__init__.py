@@ -1,19 +1,21 @@
 """The optimizer engine: Keras 2.2.4 update rules as pure in-place numpy (and numba) kernels.
 
 No HTTP, no storage, no globals beyond the compiled-kernel cache: numpy arrays in, numpy arrays
-out. See :class:`KerasOptimizer`.
+out. It imports numpy, numba and the shared configs (:mod:`paramserver.optimizers`,
+:mod:`paramserver.codes`) only. See :class:`KerasOptimizer`.
 """
 
 from .engine import (
-    FLOAT_DTYPES,
     GradientError,
     KerasOptimizer,
-    KernelBackend,
-    NumpyBackend,
     OptimizerState,
+    PreparedGradients,
     StateError,
+    check_weights,
     default_backend,
+    prepare_gradients,
 )
+from .kernels import FLOAT_DTYPES, KernelBackend, NumpyBackend, UpdateKernel
 from .rules import RULES, UpdateRule
 
 __all__ = [
@@ -24,7 +26,11 @@ __all__ = [
     "KernelBackend",
     "NumpyBackend",
     "OptimizerState",
+    "PreparedGradients",
     "StateError",
+    "UpdateKernel",
     "UpdateRule",
+    "check_weights",
     "default_backend",
+    "prepare_gradients",
 ]

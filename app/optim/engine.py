@@ -8,8 +8,9 @@ the iteration counter, Nadam's ``m_schedule``) and applies one step at a time:
    every gradient in float64: a non-finite sum means a NaN or inf element, and the step is
    refused before anything changes; the same sums give Keras 2.2's global ``clipnorm`` norm;
 2. compute the step's coefficients in the compute dtype (:mod:`paramserver.server.optim.rules`);
-3. run the update kernel over each parameter, in place: the fused numba kernel where it is
-   available, else the chunked numpy kernel with fixed-size scratch buffers;
+3. run each parameter's update kernel, in place: the fused numba kernel where it is available,
+   else the chunked numpy kernel with fixed-size scratch buffers (chosen once per parameter,
+   when the optimizer is bound to its parameters);
 4. count the step.
 
 Nothing here knows about HTTP, storage or threads; callers serialise access.
@@ -18,17 +19,18 @@ Nothing here knows about HTTP, storage or threads; callers serialise access.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from paramserver.codes import ErrorCode
 from paramserver.optimizers import Optimizer as OptimizerConfig
 from paramserver.optimizers import TFOptimizer
 
-from .rules import RULES, Scratch, UpdateRule
+from .kernels import CHUNK_ELEMENTS, FLOAT_DTYPES, KernelBackend, NumpyBackend, UpdateKernel
+from .rules import RULES
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -38,22 +40,18 @@ __all__ = [
     "KernelBackend",
     "NumpyBackend",
     "OptimizerState",
+    "PreparedGradients",
     "StateError",
+    "check_weights",
     "default_backend",
     "prepare_gradients",
 ]
-
-#: The float dtypes a parameter, gradient or slot may have.
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-#: Elements per block of the numpy kernels: small enough for the scratch to stay in L2.
-CHUNK_ELEMENTS = 1 << 14
 
 
 class GradientError(ValueError):
     """The gradients do not fit the parameters, or hold NaN or inf. Nothing was changed."""
 
-    def __init__(self, message: str, *, code: str = "parameter_mismatch") -> None:
+    def __init__(self, message: str, *, code: ErrorCode = ErrorCode.PARAMETER_MISMATCH) -> None:
         super().__init__(message)
         self.code = code
 
@@ -75,98 +73,25 @@ class OptimizerState:
     scalars: dict[str, float] = field(default_factory=dict)
 
 
-class KernelBackend(Protocol):
-    """A way to run the elementwise part of a step (numpy chunks, fused numba loops)."""
+@dataclass(frozen=True)
+class PreparedGradients:
+    """Gradients checked against the parameters: flat arrays of each parameter's dtype (in the
+    parameters' order) and their global sum of squares in float64. What ``check_gradients``
+    returns and ``apply`` takes, so a step prepares its gradients once."""
 
-    name: str
-
-    def supports(self, rule: str, dtype: np.dtype) -> bool: ...
-
-    def sum_squares(self, g: np.ndarray) -> float:
-        """Sum of ``g*g`` over a 1-D array, accumulated in float64."""
-        ...
-
-    def update(
-        self,
-        rule: UpdateRule,
-        p: np.ndarray,
-        g: np.ndarray,
-        slots: tuple[np.ndarray, ...],
-        coeffs: tuple[Any, ...],
-        grad_scale: Any,
-        grad_clip: Any,
-    ) -> None:
-        """One step over 1-D contiguous arrays of one dtype.
-
-        The gradient used is ``clip(g * grad_scale, -grad_clip, grad_clip)`` when clipping is
-        on (``grad_scale`` is None when clipnorm does not apply, ``grad_clip`` None without
-        clipvalue).
-        """
-        ...
+    flat: dict[str, np.ndarray]
+    sum_squares: float
 
 
-class NumpyBackend:
-    """Chunked in-place numpy kernels: no allocation proportional to the parameter size.
-
-    One instance serves every session, and steps of different sessions run in parallel
-    threads (numpy releases the GIL), so the scratch buffers are per thread.
-    """
-
-    name = "numpy"
-
-    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS) -> None:
-        self.chunk = chunk_elements
-        self._local = threading.local()
-
-    def supports(self, rule: str, dtype: np.dtype) -> bool:
-        return rule in RULES and dtype in FLOAT_DTYPES
-
-    def _buffers(self, dtype: np.dtype) -> tuple[Scratch, np.ndarray]:
-        scratch: dict[np.dtype, tuple[Scratch, np.ndarray]] | None = getattr(
-            self._local, "scratch", None
-        )
-        if scratch is None:
-            scratch = self._local.scratch = {}
-        buffers = scratch.get(dtype)
-        if buffers is None:
-            n = self.chunk
-            buffers = (
-                Scratch(np.empty(n, dtype), np.empty(n, dtype)),
-                np.empty(n, dtype),
-            )
-            scratch[dtype] = buffers
-        return buffers
-
-    def sum_squares(self, g: np.ndarray) -> float:
-        total = 0.0
-        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN is the answer, not an error
-            for start in range(0, g.size, self.chunk):
-                block = g[start : start + self.chunk].astype(np.float64, copy=False)
-                total += float(np.dot(block, block))
-        return total
-
-    def update(self, rule, p, g, slots, coeffs, grad_scale, grad_clip):  # type: ignore[no-untyped-def]
-        scratch, gbuf = self._buffers(p.dtype)
-        n = p.size
-        step = self.chunk
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            k = stop - start
-            if k == step:
-                sc = scratch
-            else:
-                sc = Scratch(scratch.a[:k], scratch.b[:k])
-            gc = g[start:stop]
-            if grad_scale is not None or grad_clip is not None:
-                gb = gbuf[:k]
-                if grad_scale is not None:
-                    np.multiply(gc, grad_scale, out=gb)
-                else:
-                    gb[...] = gc
-                if grad_clip is not None:
-                    np.clip(gb, -grad_clip, grad_clip, out=gb)
-                gc = gb
-            rule.numpy_kernel(p[start:stop], gc, tuple(s[start:stop] for s in slots), coeffs, sc)
+def check_weights(weights: Mapping[str, np.ndarray]) -> None:
+    """Initial weights are a non-empty map of finite float16/32/64 arrays."""
+    if not weights:
+        raise StateError("a session needs at least one parameter in 'weights'")
+    for name, value in weights.items():
+        if np.dtype(value.dtype) not in FLOAT_DTYPES:
+            raise StateError(f"weight {name!r} has dtype {value.dtype}; use float16/32/64")
+        if not np.isfinite(value).all():
+            raise StateError(f"weight {name!r} contains NaN or infinite values")
 
 
 _DEFAULT_BACKEND: KernelBackend | None = None
@@ -191,7 +116,7 @@ def prepare_gradients(
     *,
     cast: Callable[[str, np.ndarray, np.dtype], np.ndarray],
     sum_squares: Callable[[np.ndarray], float],
-) -> tuple[dict[str, np.ndarray], float]:
+) -> PreparedGradients:
     """Check ``grads`` against ``specs`` (name -> (shape, dtype)); cast, then check finiteness.
 
     Returns the gradients as flat arrays of their parameters' dtypes (``cast(name, flat,
@@ -223,19 +148,22 @@ def prepare_gradients(
                 f"gradient {name!r} has shape {list(g.shape)}, parameter has {list(shape)}"
             )
         g = cast(name, _flat(g), dtype)
+        if not g.flags.c_contiguous:  # a strided 1-D view: the kernels take contiguous arrays
+            g = np.ascontiguousarray(g)
         flat[name] = g
         sq = sum_squares(g)
         if not math.isfinite(sq):
             raise GradientError(
-                f"gradient {name!r} contains NaN or infinite values", code="non_finite_gradient"
+                f"gradient {name!r} contains NaN or infinite values",
+                code=ErrorCode.NON_FINITE_GRADIENT,
             )
         total += sq
     if not math.isfinite(total):  # finite parts whose float64 sum overflows
         raise GradientError(
             "gradients are too large: their global norm overflows float64",
-            code="non_finite_gradient",
+            code=ErrorCode.NON_FINITE_GRADIENT,
         )
-    return flat, total
+    return PreparedGradients(flat, total)
 
 
 class KerasOptimizer:
@@ -261,6 +189,8 @@ class KerasOptimizer:
         self._cfg = config.get_config()
         self.backend = backend if backend is not None else default_backend()
         self.specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        #: Each parameter's update kernel, chosen here once (fused where the backend has one).
+        self.kernels: dict[str, UpdateKernel] = {}
         for name, value in params.items():
             dtype = np.dtype(value.dtype)
             if dtype not in FLOAT_DTYPES:
@@ -268,6 +198,7 @@ class KerasOptimizer:
                     f"parameter {name!r} has dtype {dtype}; supported: float16, float32, float64"
                 )
             self.specs[name] = (tuple(value.shape), dtype)
+            self.kernels[name] = self.backend.kernel(self.rule, dtype)
         # Keras computes its scalars in floatx; a model of one dtype computes in that dtype,
         # a mixed one in the widest of its dtypes.
         self.compute_dtype = np.result_type(*(d for _, d in self.specs.values()))
@@ -284,25 +215,19 @@ class KerasOptimizer:
 
     # --- stepping ----------------------------------------------------------------------------
 
-    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> float:
-        """Validate ``grads`` against the parameters; return the global sum of squares.
+    def check_gradients(self, grads: Mapping[str, np.ndarray]) -> PreparedGradients:
+        """Validate ``grads`` against the parameters; return them prepared for :meth:`apply`.
 
         Raises :class:`GradientError` for a missing or extra name, a shape or dtype that does
         not fit, or a NaN/inf element (also one that appears when a gradient is cast to its
-        parameter's dtype). Changes nothing.
-        """
-        return self._prepare(grads)[1]
-
-    def _prepare(self, grads: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """The gradients as flat arrays of their parameters' dtypes, and their sum of squares.
-
-        A gradient of another float dtype is cast first (into a reused buffer), then checked,
-        so that a finite float64 value that overflows float32 is refused like an inf.
+        parameter's dtype). Changes nothing. A gradient of another float dtype is cast first
+        (into a reused buffer: the prepared gradients are valid until the next call), then
+        checked, so that a finite float64 value that overflows float32 is refused like an inf.
         """
         return prepare_gradients(
             self.specs,
             grads,
-            cast=lambda name, g, dtype: self._as_dtype(name, g, dtype),
+            cast=self._as_dtype,
             sum_squares=self.backend.sum_squares,
         )
 
@@ -311,6 +236,11 @@ class KerasOptimizer:
 
         Validates first: on :class:`GradientError` neither the parameters nor the state change.
         """
+        self.check_params(params)
+        self.apply(params, self.check_gradients(grads))
+
+    def check_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Raise :class:`GradientError` unless ``params`` can be updated in place."""
         for name, (shape, dtype) in self.specs.items():
             p = params.get(name)
             # A numpy scalar or a read-only array cannot be updated in place: refused here, not
@@ -326,7 +256,11 @@ class KerasOptimizer:
                     f"parameter {name!r} must be a writable C-contiguous {dtype} array of shape "
                     f"{list(shape)}"
                 )
-        flat_grads, sum_sq = self._prepare(grads)
+
+    def apply(self, params: Mapping[str, np.ndarray], prepared: PreparedGradients) -> None:
+        """One step with gradients from :meth:`check_gradients`, onto parameters that passed
+        :meth:`check_params` (the trainer's own arrays); cannot fail half-way."""
+        flat_grads, sum_sq = prepared.flat, prepared.sum_squares
         cfg = self._cfg
         dt = self.compute_dtype.type
         coeffs, new_scalars = self.rule.coefficients(
@@ -345,8 +279,7 @@ class KerasOptimizer:
             p = _flat(params[name])
             g = flat_grads[name]
             kcoeffs = coeffs if dtype == self.compute_dtype else _cast_coeffs(coeffs, ty)
-            self.backend.update(
-                self.rule,
+            self.kernels[name](
                 p,
                 g,
                 tuple(_flat(self.slots[s][name]) for s in self.slot_names),

@@ -38,6 +38,7 @@ identity. Neither a 256-bit vector width nor removing the neutral scale/clip ops
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -49,7 +50,7 @@ import numba
 import numpy as np
 from numba import types as nbt
 
-from .engine import KernelBackend, NumpyBackend
+from .kernels import KernelBackend, NumpyBackend, UpdateKernel
 from .rules import RULES, UpdateRule
 
 __all__ = ["JIT_OPTIONS", "SUPPORTED_DTYPES", "NumbaBackend"]
@@ -74,7 +75,13 @@ JIT_OPTIONS: dict[str, Any] = {
 
 
 @numba.njit(inline="always", error_model="numpy", fastmath=False, boundscheck=False)
-def _grad(g, i, scale, lo, hi):  # type: ignore[no-untyped-def]
+def _grad(
+    g: np.ndarray,
+    i: int,
+    scale: float,
+    lo: float,
+    hi: float,
+) -> float:
     """``clip(g[i] * scale, lo, hi)`` as the numpy backend does it (NaN passes through).
 
     ``scale = 1`` and ``lo, hi = -inf, inf`` are exact no-ops, so one compiled loop serves
@@ -86,7 +93,10 @@ def _grad(g, i, scale, lo, hi):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always", error_model="numpy", fastmath=False, boundscheck=False)
-def _maximum(x, y):  # type: ignore[no-untyped-def]
+def _maximum(
+    x: float,
+    y: float,
+) -> float:
     """``np.maximum(x, y)`` for one element: a NaN in either gives that NaN, and equal values
     give ``y`` (as numpy does: ``maximum(-0.0, 0.0)`` is ``0.0``, ``maximum(0.0, -0.0)`` is
     ``-0.0``)."""
@@ -99,7 +109,15 @@ def _maximum(x, y):  # type: ignore[no-untyped-def]
 # numpy kernel's grouping; each binary operation rounds to the array dtype.
 
 
-def _sgd(p, g, m, momentum, lr, scale, clip):  # type: ignore[no-untyped-def]
+def _sgd(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    momentum: float,
+    lr: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -109,7 +127,15 @@ def _sgd(p, g, m, momentum, lr, scale, clip):  # type: ignore[no-untyped-def]
         p[i] = p[i] + mi
 
 
-def _sgd_nesterov(p, g, m, momentum, lr, scale, clip):  # type: ignore[no-untyped-def]
+def _sgd_nesterov(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    momentum: float,
+    lr: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -119,7 +145,17 @@ def _sgd_nesterov(p, g, m, momentum, lr, scale, clip):  # type: ignore[no-untype
         p[i] = (p[i] + (mi * momentum)) - lrg  # p = (p + momentum * v) - lr * g
 
 
-def _rmsprop(p, g, a, rho, one_minus_rho, lr, eps, scale, clip):  # type: ignore[no-untyped-def]
+def _rmsprop(
+    p: np.ndarray,
+    g: np.ndarray,
+    a: np.ndarray,
+    rho: float,
+    one_minus_rho: float,
+    lr: float,
+    eps: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -128,7 +164,15 @@ def _rmsprop(p, g, a, rho, one_minus_rho, lr, eps, scale, clip):  # type: ignore
         p[i] = p[i] - ((gi * lr) / (math.sqrt(ai) + eps))
 
 
-def _adagrad(p, g, a, lr, eps, scale, clip):  # type: ignore[no-untyped-def]
+def _adagrad(
+    p: np.ndarray,
+    g: np.ndarray,
+    a: np.ndarray,
+    lr: float,
+    eps: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -137,7 +181,18 @@ def _adagrad(p, g, a, lr, eps, scale, clip):  # type: ignore[no-untyped-def]
         p[i] = p[i] - ((gi * lr) / (math.sqrt(ai) + eps))
 
 
-def _adadelta(p, g, a, d_a, rho, one_minus_rho, lr, eps, scale, clip):  # type: ignore[no-untyped-def]
+def _adadelta(
+    p: np.ndarray,
+    g: np.ndarray,
+    a: np.ndarray,
+    d_a: np.ndarray,
+    rho: float,
+    one_minus_rho: float,
+    lr: float,
+    eps: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -149,7 +204,20 @@ def _adadelta(p, g, a, d_a, rho, one_minus_rho, lr, eps, scale, clip):  # type: 
         d_a[i] = (di * rho) + ((u * u) * one_minus_rho)
 
 
-def _adam(p, g, m, v, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, lr_t, eps, scale, clip):  # type: ignore[no-untyped-def]
+def _adam(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    beta_1: float,
+    one_minus_beta_1: float,
+    beta_2: float,
+    one_minus_beta_2: float,
+    lr_t: float,
+    eps: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -160,9 +228,21 @@ def _adam(p, g, m, v, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, lr_t, 
         p[i] = p[i] - ((mi * lr_t) / (math.sqrt(vi) + eps))
 
 
-def _adam_amsgrad(  # type: ignore[no-untyped-def]
-    p, g, m, v, vhat, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, lr_t, eps, scale, clip
-):
+def _adam_amsgrad(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    vhat: np.ndarray,
+    beta_1: float,
+    one_minus_beta_1: float,
+    beta_2: float,
+    one_minus_beta_2: float,
+    lr_t: float,
+    eps: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -175,7 +255,19 @@ def _adam_amsgrad(  # type: ignore[no-untyped-def]
         p[i] = p[i] - ((mi * lr_t) / (math.sqrt(hi) + eps))
 
 
-def _adamax(p, g, m, u, beta_1, one_minus_beta_1, beta_2, lr_t, eps, scale, clip):  # type: ignore[no-untyped-def]
+def _adamax(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    u: np.ndarray,
+    beta_1: float,
+    one_minus_beta_1: float,
+    beta_2: float,
+    lr_t: float,
+    eps: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -186,25 +278,25 @@ def _adamax(p, g, m, u, beta_1, one_minus_beta_1, beta_2, lr_t, eps, scale, clip
         p[i] = p[i] - ((mi * lr_t) / (ui + eps))
 
 
-def _nadam(  # type: ignore[no-untyped-def]
-    p,
-    g,
-    m,
-    v,
-    g_div,
-    beta_1,
-    one_minus_beta_1,
-    m_div,
-    beta_2,
-    one_minus_beta_2,
-    v_div,
-    one_minus_cache_t,
-    cache_t_1,
-    lr,
-    eps,
-    scale,
-    clip,
-):
+def _nadam(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    g_div: float,
+    beta_1: float,
+    one_minus_beta_1: float,
+    m_div: float,
+    beta_2: float,
+    one_minus_beta_2: float,
+    v_div: float,
+    one_minus_cache_t: float,
+    cache_t_1: float,
+    lr: float,
+    eps: float,
+    scale: float,
+    clip: float,
+) -> None:
     lo = -clip
     for i in range(p.size):
         gi = _grad(g, i, scale, lo, clip)
@@ -223,7 +315,9 @@ def _nadam(  # type: ignore[no-untyped-def]
 _SUM_LANES = 64
 
 
-def _sum_squares(g):  # type: ignore[no-untyped-def]
+def _sum_squares(
+    g: np.ndarray,
+) -> float:
     """``sum(g*g)`` in float64: lane ``j`` sums elements ``j, j+64, ...`` in order, the lanes
     are combined pairwise, then the tail is added in order."""
     n = g.size
@@ -392,16 +486,20 @@ class NumbaBackend:
                     self._compiled[("sum_squares", dtype)] = kernel
         return kernel
 
+    def kernel(self, rule: UpdateRule, dtype: np.dtype) -> UpdateKernel:
+        """The fused kernel of ``rule`` for ``dtype``, or the fallback's kernel (float16, a rule
+        that is not one of :data:`~paramserver.server.optim.rules.RULES`)."""
+        dtype = np.dtype(dtype)
+        if dtype not in SUPPORTED_DTYPES or RULES.get(rule.name) is not rule:
+            return self.fallback.kernel(rule, dtype)
+        return functools.partial(self._fused, rule)
+
     def sum_squares(self, g: np.ndarray) -> float:
         """``sum(g*g)`` in float64 in one pass (64 ordered partial sums, see
         :func:`_sum_squares`): not the numpy backend's summation order, so the two may differ
-        in the last bits."""
-        dtype = g.dtype
-        if dtype in SUPPORTED_DTYPES:
-            try:
-                return float(self._sum_squares_kernel(dtype)(g))
-            except TypeError:  # not 1-D and contiguous: not what it was compiled for
-                pass
+        in the last bits. Arrays it was not compiled for go to the fallback."""
+        if g.dtype in SUPPORTED_DTYPES and g.ndim == 1 and g.flags.c_contiguous:
+            return float(self._sum_squares_kernel(g.dtype)(g))
         return self.fallback.sum_squares(g)
 
     def update(
@@ -414,19 +512,44 @@ class NumbaBackend:
         grad_scale: Any,
         grad_clip: Any,
     ) -> None:
+        """One step over any arrays: fused when they are what the kernels were compiled for
+        (1-D, C-contiguous, all of ``p``'s dtype, ``p`` and the slots writable), else the
+        fallback. An optimizer calls :meth:`kernel` once instead, for arrays it owns."""
         dtype = p.dtype
-        chosen = _kernel_for(rule, coeffs) if dtype in SUPPORTED_DTYPES else None
+        n = p.size
+        fits = (
+            dtype in SUPPORTED_DTYPES
+            and RULES.get(rule.name) is rule
+            and all(
+                a.ndim == 1 and a.dtype == dtype and a.size == n and a.flags.c_contiguous
+                for a in (p, g, *slots)
+            )
+            and all(a.flags.writeable for a in (p, *slots))
+        )
+        if fits:
+            self._fused(rule, p, g, slots, coeffs, grad_scale, grad_clip)
+        else:
+            self.fallback.update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
+
+    def _fused(
+        self,
+        rule: UpdateRule,
+        p: np.ndarray,
+        g: np.ndarray,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        grad_scale: Any,
+        grad_clip: Any,
+    ) -> None:
+        """The fused kernel over arrays it was compiled for. Coefficients that numpy would not
+        compute with in the array dtype (a numpy scalar of another dtype) go to the fallback,
+        which then computes exactly as numpy does."""
+        chosen = _kernel_for(rule, coeffs)
+        scalars = None
         if chosen is not None:
             key, floats = chosen
-            scalars = _exact_scalars(floats, grad_scale, grad_clip, dtype.type)
-            n = p.size
-            if scalars is not None and g.size == n and all(s.size == n for s in slots):
-                try:
-                    self._kernel(key, dtype)(p, g, *slots, *scalars)
-                    return
-                except TypeError:
-                    # The compiled signature is the check of the arrays: 1-D, C-contiguous,
-                    # all of p's dtype, p and the slots writable. numba refuses anything else
-                    # before running, and the numpy kernels handle it.
-                    pass
-        self.fallback.update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
+            scalars = _exact_scalars(floats, grad_scale, grad_clip, p.dtype.type)
+        if chosen is None or scalars is None:
+            self.fallback.update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
+            return
+        self._kernel(key, p.dtype)(p, g, *slots, *scalars)

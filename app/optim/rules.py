@@ -52,12 +52,20 @@ def _decayed_lr(config: Mapping[str, Any], iterations: int, dt: Any) -> Any:
 # --- SGD -----------------------------------------------------------------------------------
 
 
-def sgd_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-untyped-def]
+def sgd_coefficients(
+    config: Mapping[str, Any], iterations: int, scalars: Mapping[str, Any], dtype: np.dtype
+) -> tuple[Coefficients, dict[str, Any]]:
     dt = dtype.type
     return (dt(config["momentum"]), _decayed_lr(config, iterations, dt), config["nesterov"]), {}
 
 
-def sgd_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
+def sgd_kernel(
+    p: np.ndarray,
+    g: np.ndarray,
+    slots: tuple[np.ndarray, ...],
+    coeffs: Coefficients,
+    scratch: Scratch,
+) -> None:
     (m,) = slots
     momentum, lr, nesterov = coeffs
     lrg = np.multiply(g, lr, out=scratch.a)
@@ -76,13 +84,21 @@ def sgd_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
 # --- RMSprop -------------------------------------------------------------------------------
 
 
-def rmsprop_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-untyped-def]
+def rmsprop_coefficients(
+    config: Mapping[str, Any], iterations: int, scalars: Mapping[str, Any], dtype: np.dtype
+) -> tuple[Coefficients, dict[str, Any]]:
     dt = dtype.type
     rho = dt(config["rho"])
     return (rho, dt(1.0) - rho, _decayed_lr(config, iterations, dt), dt(config["epsilon"])), {}
 
 
-def rmsprop_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
+def rmsprop_kernel(
+    p: np.ndarray,
+    g: np.ndarray,
+    slots: tuple[np.ndarray, ...],
+    coeffs: Coefficients,
+    scratch: Scratch,
+) -> None:
     (a,) = slots
     rho, one_minus_rho, lr, eps = coeffs
     s = scratch.a
@@ -95,7 +111,14 @@ def rmsprop_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def
     _apply_scaled_quotient(p, g, lr, a, eps, scratch)
 
 
-def _apply_scaled_quotient(p, numerator, scale, denominator_sq, eps, scratch):  # type: ignore[no-untyped-def]
+def _apply_scaled_quotient(
+    p: np.ndarray,
+    numerator: np.ndarray,
+    scale: Any,
+    denominator_sq: np.ndarray,
+    eps: Any,
+    scratch: Scratch,
+) -> None:
     """``p -= (scale * numerator) / (sqrt(denominator_sq) + eps)``, Keras's rounding order."""
     den = np.sqrt(denominator_sq, out=scratch.a)
     np.add(den, eps, out=den)
@@ -107,12 +130,20 @@ def _apply_scaled_quotient(p, numerator, scale, denominator_sq, eps, scratch):  
 # --- Adagrad -------------------------------------------------------------------------------
 
 
-def adagrad_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-untyped-def]
+def adagrad_coefficients(
+    config: Mapping[str, Any], iterations: int, scalars: Mapping[str, Any], dtype: np.dtype
+) -> tuple[Coefficients, dict[str, Any]]:
     dt = dtype.type
     return (_decayed_lr(config, iterations, dt), dt(config["epsilon"])), {}
 
 
-def adagrad_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
+def adagrad_kernel(
+    p: np.ndarray,
+    g: np.ndarray,
+    slots: tuple[np.ndarray, ...],
+    coeffs: Coefficients,
+    scratch: Scratch,
+) -> None:
     (a,) = slots
     lr, eps = coeffs
     s = np.multiply(g, g, out=scratch.a)
@@ -123,7 +154,9 @@ def adagrad_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def
 # --- Adadelta ------------------------------------------------------------------------------
 
 
-def adadelta_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-untyped-def]
+def adadelta_coefficients(
+    config: Mapping[str, Any], iterations: int, scalars: Mapping[str, Any], dtype: np.dtype
+) -> tuple[Coefficients, dict[str, Any]]:
     dt = dtype.type
     # Keras keeps Adadelta's rho as a Python float: (1 - rho) is taken in float64, then rounded.
     rho = config["rho"]
@@ -135,7 +168,13 @@ def adadelta_coefficients(config, iterations, scalars, dtype):  # type: ignore[n
     ), {}
 
 
-def adadelta_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
+def adadelta_kernel(
+    p: np.ndarray,
+    g: np.ndarray,
+    slots: tuple[np.ndarray, ...],
+    coeffs: Coefficients,
+    scratch: Scratch,
+) -> None:
     a, d_a = slots
     rho, one_minus_rho, lr, eps = coeffs
     s, u = scratch.a, scratch.b
@@ -164,7 +203,9 @@ def adadelta_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-de
 # --- Adam ----------------------------------------------------------------------------------
 
 
-def adam_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-untyped-def]
+def adam_coefficients(
+    config: Mapping[str, Any], iterations: int, scalars: Mapping[str, Any], dtype: np.dtype
+) -> tuple[Coefficients, dict[str, Any]]:
     dt = dtype.type
     one = dt(1.0)
     lr = _decayed_lr(config, iterations, dt)
@@ -182,7 +223,13 @@ def adam_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-un
     ), {}
 
 
-def adam_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
+def adam_kernel(
+    p: np.ndarray,
+    g: np.ndarray,
+    slots: tuple[np.ndarray, ...],
+    coeffs: Coefficients,
+    scratch: Scratch,
+) -> None:
     beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, lr_t, eps, amsgrad = coeffs
     m, v = slots[0], slots[1]
     _update_moments(m, v, g, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, scratch)
@@ -194,7 +241,16 @@ def adam_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
         _apply_scaled_quotient(p, m, lr_t, v, eps, scratch)
 
 
-def _update_moments(m, v, g, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, scratch):  # type: ignore[no-untyped-def]
+def _update_moments(
+    m: np.ndarray,
+    v: np.ndarray,
+    g: np.ndarray,
+    beta_1: Any,
+    one_minus_beta_1: Any,
+    beta_2: Any,
+    one_minus_beta_2: Any,
+    scratch: Scratch,
+) -> None:
     """``m = b1*m + (1-b1)*g`` and ``v = b2*v + (1-b2)*g^2`` in Keras's rounding order."""
     s = scratch.a
     np.multiply(m, beta_1, out=m)
@@ -209,7 +265,9 @@ def _update_moments(m, v, g, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2,
 # --- Adamax --------------------------------------------------------------------------------
 
 
-def adamax_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-untyped-def]
+def adamax_coefficients(
+    config: Mapping[str, Any], iterations: int, scalars: Mapping[str, Any], dtype: np.dtype
+) -> tuple[Coefficients, dict[str, Any]]:
     dt = dtype.type
     one = dt(1.0)
     lr = _decayed_lr(config, iterations, dt)
@@ -219,7 +277,13 @@ def adamax_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-
     return (beta_1, one - beta_1, beta_2, dt(lr_t), dt(config["epsilon"])), {}
 
 
-def adamax_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
+def adamax_kernel(
+    p: np.ndarray,
+    g: np.ndarray,
+    slots: tuple[np.ndarray, ...],
+    coeffs: Coefficients,
+    scratch: Scratch,
+) -> None:
     m, u = slots
     beta_1, one_minus_beta_1, beta_2, lr_t, eps = coeffs
     s = scratch.a
@@ -240,7 +304,9 @@ def adamax_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
 # --- Nadam ---------------------------------------------------------------------------------
 
 
-def nadam_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-untyped-def]
+def nadam_coefficients(
+    config: Mapping[str, Any], iterations: int, scalars: Mapping[str, Any], dtype: np.dtype
+) -> tuple[Coefficients, dict[str, Any]]:
     dt = dtype.type
     one, half = dt(1.0), dt(0.5)
     t = dt(iterations) + one
@@ -268,7 +334,13 @@ def nadam_coefficients(config, iterations, scalars, dtype):  # type: ignore[no-u
     return coeffs, {"m_schedule": dt(m_schedule_new)}
 
 
-def nadam_kernel(p, g, slots, coeffs, scratch):  # type: ignore[no-untyped-def]
+def nadam_kernel(
+    p: np.ndarray,
+    g: np.ndarray,
+    slots: tuple[np.ndarray, ...],
+    coeffs: Coefficients,
+    scratch: Scratch,
+) -> None:
     m, v = slots
     (
         g_div,

@@ -19,18 +19,17 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..protocol import state_message
-from ..sessions import Session
+from paramserver.messages import encode_state
+
+from ..idempotency import IdempotencyCache
+from ..sessions import Session, SessionStore
 from ..settings import Settings
 from .dirlock import DirectoryLock
 from .journal import Journal, JournalFailed, JournalReader, list_segments
 from .recovery import load_snapshots, replay_journal
 from .snapshots import SNAPSHOT_FORMAT, SnapshotStore
-
-if TYPE_CHECKING:
-    from ..service import SessionService
 
 __all__ = ["Durability", "SnapshotInfo"]
 
@@ -75,25 +74,33 @@ class Durability:
         self.lock = DirectoryLock(self.directory)
         self.snapshots = SnapshotStore(self.directory, keep=settings.snapshot_keep)
         self.journal: Journal | None = None
-        self._service: SessionService | None = None
+        self._store: SessionStore | None = None
+        self._idempotency: IdempotencyCache | None = None
         self._base_lsn = 0  # the LSN snapshots record when there is no journal
         self._marks: weakref.WeakKeyDictionary[Session, tuple[int, int, datetime]] = (
             weakref.WeakKeyDictionary()
         )
 
     @property
-    def service(self) -> SessionService:
-        if self._service is None:
+    def store(self) -> SessionStore:
+        if self._store is None:
             raise RuntimeError("Durability.open() was not called")
-        return self._service
+        return self._store
+
+    @property
+    def idempotency(self) -> IdempotencyCache:
+        if self._idempotency is None:
+            raise RuntimeError("Durability.open() was not called")
+        return self._idempotency
 
     # --- start-up and shutdown ---------------------------------------------------------------
 
-    def open(self, service: SessionService) -> None:
-        """Lock the directory, restore the sessions into ``service``, open the journal."""
+    def open(self, store: SessionStore, idempotency: IdempotencyCache) -> None:
+        """Lock the directory, restore the sessions into ``store`` (and their remembered
+        idempotency keys into ``idempotency``), open the journal."""
         self.lock.acquire()
         try:
-            self._open(service)
+            self._open(store, idempotency)
         except BaseException:
             if self.journal is not None:
                 self.journal.close()
@@ -101,14 +108,15 @@ class Durability:
             self.lock.release()
             raise
 
-    def _open(self, service: SessionService) -> None:
-        self._service = service
+    def _open(self, store: SessionStore, idempotency: IdempotencyCache) -> None:
+        self._store = store
+        self._idempotency = idempotency
         started = time.monotonic()
-        loaded = load_snapshots(self.snapshots, service)
+        loaded = load_snapshots(self.snapshots, store, idempotency)
         for entry in loaded.values():
             self._marks[entry.session] = _mark(entry.session)
         reader = JournalReader(self.journal_dir)
-        replayed = replay_journal(reader, service, self.snapshots, loaded)
+        replayed = replay_journal(reader, store, idempotency, self.snapshots, loaded)
         next_lsn = 1 + max(
             [replayed.last_lsn, *(e.lsn for e in loaded.values())]
             + [first for first, _ in list_segments(self.journal_dir)]
@@ -142,12 +150,12 @@ class Durability:
             log.info("journal replayed into snapshots and removed (durability=snapshot)")
 
     def _unsaved(self) -> list[Session]:
-        return [s for s in self.service.store.list() if self._marks.get(s) != _mark(s)]
+        return [s for s in self.store.list() if self._marks.get(s) != _mark(s)]
 
     def close(self) -> None:
         """Snapshot every session changed since its last snapshot, close the journal, unlock."""
         try:
-            if self._service is not None:
+            if self._store is not None:
                 written = self.snapshot_changed()
                 log.info("final snapshots written: %d session(s)", written)
         finally:
@@ -183,9 +191,9 @@ class Durability:
                 "session_updated_at": session.updated_at.isoformat(),
                 "iterations": iterations,
                 "lsn": lsn,
-                "idempotency": self.service.idempotency.export_session(session.id),
+                "idempotency": self.idempotency.export_session(session.id),
             }
-            body = state_message(trainer.state())
+            body = encode_state(trainer.state())
         written = self.snapshots.write(reservation, header, body)
         if written is not None:
             self._marks[session] = mark
@@ -202,7 +210,7 @@ class Durability:
         the segments now covered by snapshots are deleted.
         """
         written = 0
-        for session in self.service.store.list():
+        for session in self.store.list():
             try:
                 if self.snapshot(session, only_if_changed=True) is not None:
                     written += 1
@@ -233,7 +241,7 @@ class Durability:
             if session.deleted:
                 return
             lsn = journal.append(
-                "create", session.id, body=state_message(trainer.state()), time=time.time()
+                "create", session.id, body=encode_state(trainer.state()), time=time.time()
             )
         journal.commit(lsn)
 

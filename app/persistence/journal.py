@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from paramserver import wire
+from paramserver.codes import ErrorCode
 
 from ..errors import ServiceUnavailable
 from .snapshots import fsync_directory
@@ -74,7 +75,7 @@ _MAX_PAYLOAD = (1 << 32) - 1
 class JournalFailed(ServiceUnavailable):
     """The journal could not be written or synced: no change can be acknowledged any more."""
 
-    code = "journal_failed"
+    code = ErrorCode.JOURNAL_FAILED
 
 
 class CorruptJournal(RuntimeError):

@@ -17,39 +17,30 @@ Rules (docs/durability.md says the same for operators):
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from paramserver import wire
+from paramserver.codes import MessageError
+from paramserver.messages import ANSWER_LIMITS, decode_push, decode_state
 
 from ..errors import ServiceError
+from ..idempotency import IdempotencyCache
 from ..optim import GradientError, StateError
-from ..protocol import parse_gradients, parse_state
-from ..sessions import Session
-from ..training import restore_trainer
+from ..sessions import Session, SessionStore
+from ..training import Trainer, restore_trainer
 from .journal import JournalReader, Record
 from .snapshots import CorruptSnapshot, SnapshotFile, SnapshotStore, read_snapshot
-
-if TYPE_CHECKING:
-    from ..service import SessionService
 
 __all__ = ["Loaded", "RecoveryError", "Replayed", "load_snapshots", "replay_journal"]
 
 log = logging.getLogger("paramserver.persistence")
 
 #: Limits for reading our own checksummed files: they bound nothing a client sent.
-TRUSTED_LIMITS = wire.DecodeLimits(
-    max_depth=16,
-    max_objects=1 << 62,
-    max_map_items=1 << 32,
-    max_array_items=1024,
-    max_tensors=None,
-    max_dims=64,
-    max_elements=None,
-)
+TRUSTED_LIMITS = ANSWER_LIMITS
 
 
 class RecoveryError(RuntimeError):
@@ -71,8 +62,12 @@ def _buffer(view: memoryview) -> bytes:
     return cast(bytes, view)
 
 
+def _same(trainer: Trainer) -> Trainer:
+    return trainer
+
+
 def _reason(exc: BaseException) -> str:
-    return exc.message if isinstance(exc, ServiceError) else str(exc)
+    return exc.message if isinstance(exc, (ServiceError, MessageError)) else str(exc)
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -82,7 +77,9 @@ def _parse_time(value: Any) -> datetime | None:
         return None
 
 
-def load_snapshots(store: SnapshotStore, service: SessionService) -> dict[str, Loaded]:
+def load_snapshots(
+    store: SnapshotStore, sessions: SessionStore, idempotency: IdempotencyCache
+) -> dict[str, Loaded]:
     """Restore every session of the directory from its newest valid snapshot."""
     loaded: dict[str, Loaded] = {}
     for session_id, files in sorted(store.scan().items()):
@@ -91,10 +88,10 @@ def load_snapshots(store: SnapshotStore, service: SessionService) -> dict[str, L
                 header, body = read_snapshot(snapshot.path)
                 if header.get("session_id") != session_id:
                     raise CorruptSnapshot(f"it holds session {header.get('session_id')!r}")
-                state = parse_state(_buffer(body), TRUSTED_LIMITS)
+                state = decode_state(_buffer(body), TRUSTED_LIMITS)
                 trainer = restore_trainer(state)
                 del body, state
-            except (CorruptSnapshot, ServiceError, StateError, GradientError) as exc:
+            except (CorruptSnapshot, ServiceError, MessageError, StateError, GradientError) as exc:
                 more = index + 1 < len(files)
                 log.warning(
                     "refusing snapshot %s: %s; %s",
@@ -108,7 +105,7 @@ def load_snapshots(store: SnapshotStore, service: SessionService) -> dict[str, L
                 log.warning("kept the refused file as %s", aside)
                 continue
             try:
-                session = service.store.add(session_id, lambda t=trainer: t)  # type: ignore[misc]
+                session = sessions.add(session_id, functools.partial(_same, trainer))
             except ServiceError as exc:
                 raise RecoveryError(
                     f"cannot restore session {session_id!r} from {snapshot.path}: {exc.message}"
@@ -116,7 +113,7 @@ def load_snapshots(store: SnapshotStore, service: SessionService) -> dict[str, L
             session.created_at = _parse_time(header.get("session_created_at")) or session.created_at
             session.updated_at = _parse_time(header.get("session_updated_at")) or session.updated_at
             for key, iterations, expires_at in header.get("idempotency", []):
-                service.idempotency.restore(session_id, key, iterations, expires_at)
+                idempotency.restore(session_id, key, iterations, expires_at)
             lsn = header.get("lsn", 0)
             loaded[session_id] = Loaded(session, snapshot, int(lsn), fallback=index > 0)
             break
@@ -141,9 +138,14 @@ class Replayed:
 
 class _Replay:
     def __init__(
-        self, service: SessionService, snapshots: SnapshotStore, loaded: dict[str, Loaded]
+        self,
+        store: SessionStore,
+        idempotency: IdempotencyCache,
+        snapshots: SnapshotStore,
+        loaded: dict[str, Loaded],
     ) -> None:
-        self.service = service
+        self.store = store
+        self.idempotency = idempotency
         self.snapshots = snapshots
         self.snapshot_lsn = {sid: entry.lsn for sid, entry in loaded.items()}
         self.lossy = {sid for sid, entry in loaded.items() if entry.fallback}
@@ -159,7 +161,7 @@ class _Replay:
                 continue
             try:
                 getattr(self, f"_{record.op}")(record)
-            except (ServiceError, StateError, GradientError) as exc:
+            except (ServiceError, MessageError, StateError, GradientError) as exc:
                 raise RecoveryError(
                     f"journal record {record.where} ({record.op} of session "
                     f"{record.session_id!r}) cannot be replayed: {_reason(exc)}; refusing to "
@@ -167,7 +169,7 @@ class _Replay:
                 ) from None
             self.result.applied += 1
         for session_id, count in self.orphans.items():
-            if self.service.store.find(session_id) is None:
+            if self.store.find(session_id) is None:
                 log.error(
                     "journal: %d push(es) of session %r were not replayed: no snapshot or "
                     "journal record holds that session's state",
@@ -178,8 +180,8 @@ class _Replay:
 
     def _state(self, record: Record) -> None:
         assert record.body is not None
-        trainer = restore_trainer(parse_state(_buffer(record.body), TRUSTED_LIMITS))
-        store = self.service.store
+        trainer = restore_trainer(decode_state(_buffer(record.body), TRUSTED_LIMITS))
+        store = self.store
         session = store.find(record.session_id)
         if session is None:
             session = store.add(record.session_id, lambda: trainer)
@@ -196,11 +198,9 @@ class _Replay:
         sid = record.session_id
         assert record.body is not None and record.iterations is not None
         if record.key is not None and record.time is not None:
-            window = self.service.idempotency.window
-            self.service.idempotency.restore(
-                sid, record.key, record.iterations, record.time + window
-            )
-        session = self.service.store.find(sid)
+            window = self.idempotency.window
+            self.idempotency.restore(sid, record.key, record.iterations, record.time + window)
+        session = self.store.find(sid)
         if session is None:
             # A push can reach the journal just before its session's create record; the create
             # record then holds the state after it.
@@ -226,16 +226,16 @@ class _Replay:
             raise RecoveryError(
                 f"{message}; refusing to start. See docs/durability.md, 'Recovery by hand'."
             )
-        trainer.apply(parse_gradients(_buffer(record.body), TRUSTED_LIMITS))
+        trainer.apply(trainer.check_gradients(decode_push(_buffer(record.body), TRUSTED_LIMITS)))
         if record.time is not None:
             session.updated_at = datetime.fromtimestamp(record.time, timezone.utc)
         self.result.pending.setdefault(sid, record.lsn)
 
     def _delete(self, record: Record) -> None:
         sid = record.session_id
-        if self.service.store.find(sid) is not None:
-            self.service.store.delete(sid)
-        self.service.idempotency.forget_session(sid)
+        if self.store.find(sid) is not None:
+            self.store.delete(sid)
+        self.idempotency.forget_session(sid)
         self.snapshots.remove(sid)
         for tracked in (self.snapshot_lsn, self.result.pending):
             tracked.pop(sid, None)
@@ -245,11 +245,12 @@ class _Replay:
 
 def replay_journal(
     reader: JournalReader,
-    service: SessionService,
+    store: SessionStore,
+    idempotency: IdempotencyCache,
     snapshots: SnapshotStore,
     loaded: dict[str, Loaded],
 ) -> Replayed:
     """Apply the journal's records that the loaded snapshots do not hold; cut a torn tail."""
-    result = _Replay(service, snapshots, loaded).run(reader.records())
+    result = _Replay(store, idempotency, snapshots, loaded).run(reader.records())
     reader.repair()
     return result

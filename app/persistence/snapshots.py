@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..sessions import SESSION_ID_PATTERN
+from paramserver.codes import SESSION_ID_PATTERN
 
 __all__ = [
     "SNAPSHOT_FORMAT",
