@@ -22,13 +22,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import RunningServer, start_server
 from fastapi import FastAPI
 from paramserver.server import auth
 from paramserver.server.main import create_app
 from paramserver.server.settings import Settings
 
 from paramserver import wire
+from tests.harness.servers import ServerThread, start_server_thread
 
 RW_TOKEN = "rw-secret-7f3a"
 PLAIN_TOKEN = "plain-secret-91c2"  # no suffix: read-write
@@ -191,8 +191,8 @@ def route_id(route: tuple[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def auth_server() -> Iterator[RunningServer]:
-    srv = start_server(tokens=TOKENS)
+def auth_server() -> Iterator[ServerThread]:
+    srv = start_server_thread(tokens=TOKENS)
     yield srv
     srv.stop()
 
@@ -205,7 +205,7 @@ def http() -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def world(auth_server: RunningServer, http: httpx.Client) -> World:
+def world(auth_server: ServerThread, http: httpx.Client) -> World:
     """A fresh session on the token-protected server."""
     session_id = f"auth-{uuid.uuid4().hex[:12]}"
     r = http.post(
@@ -402,7 +402,7 @@ def test_health_needs_no_token(world: World) -> None:
 
 
 def test_tokens_file(
-    server_factory: Callable[..., RunningServer], tmp_path: Path, http: httpx.Client
+    server_factory: Callable[..., ServerThread], tmp_path: Path, http: httpx.Client
 ) -> None:
     tokens_file = tmp_path / "tokens"
     tokens_file.write_text(
@@ -436,7 +436,7 @@ def test_tokens_file(
 
 
 def test_tokens_file_and_tokens_together(
-    server_factory: Callable[..., RunningServer], tmp_path: Path, http: httpx.Client
+    server_factory: Callable[..., ServerThread], tmp_path: Path, http: httpx.Client
 ) -> None:
     tokens_file = tmp_path / "tokens"
     tokens_file.write_text("from-the-file\n", encoding="utf-8")
@@ -448,7 +448,7 @@ def test_tokens_file_and_tokens_together(
 
 
 def test_tokens_from_the_environment(
-    server_factory: Callable[..., RunningServer],
+    server_factory: Callable[..., ServerThread],
     monkeypatch: pytest.MonkeyPatch,
     http: httpx.Client,
 ) -> None:
@@ -477,7 +477,7 @@ def test_default_bind_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_startup_says_the_server_is_open_without_tokens(
-    server_factory: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+    server_factory: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="paramserver"):
         server_factory()
@@ -491,7 +491,7 @@ def test_startup_says_the_server_is_open_without_tokens(
 
 
 def test_startup_warns_louder_off_loopback(
-    server_factory: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+    server_factory: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     # The test server binds loopback whatever Settings.host says; the message follows the setting.
     with caplog.at_level(logging.INFO, logger="paramserver"):
@@ -501,7 +501,7 @@ def test_startup_warns_louder_off_loopback(
 
 
 def test_startup_says_authentication_is_on_with_tokens(
-    server_factory: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+    server_factory: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="paramserver"):
         server_factory(tokens="some-token")

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,16 +25,11 @@ import pytest
 from paramserver.server.settings import Settings
 
 from paramserver import wire
+from tests.harness.servers import free_port
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 40.0  # above uvicorn's 30 s graceful-shutdown limit
 RUNNING = re.compile(r"Uvicorn running on http://([0-9.]+):(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def console_script() -> list[str]:

@@ -30,9 +30,10 @@ import numpy as np
 import pytest
 from paramserver.server.protocol import parse_optimizer, state_message
 from paramserver.server.training import build_trainer
-from server_process import HTTP, MSGPACK, create, session_ids, start, state
 
 from paramserver import wire
+from tests.harness.http_api import HTTP, MSGPACK, create_session, get_state, session_ids
+from tests.harness.servers import start_paramserver
 
 ROUNDS = 5
 CLIENTS_PER_SESSION = 2
@@ -156,7 +157,7 @@ def server_args(data: Path, mode: str, round_: int) -> list[str]:
 
 def check_snapshot_mode(url: str, model: Model, floor: int, clients: list[Client]) -> int:
     """The state is the state after N pushes, N within what can have been saved."""
-    saved = state(url, model.session_id)
+    saved = get_state(url, model.session_id)
     n = wire.unpack(saved)["iterations"]
     applied = model.acknowledged + sum(c.in_flight is not None for c in clients if c.model is model)
     assert floor <= n <= applied, (model.session_id, floor, n, applied)
@@ -170,7 +171,7 @@ def check_snapshot_mode(url: str, model: Model, floor: int, clients: list[Client
 
 def check_journal_mode(url: str, model: Model, clients: list[Client]) -> int:
     """Every acknowledged push is there; in-flight pushes count once after their retry."""
-    n = wire.unpack(state(url, model.session_id))["iterations"]
+    n = wire.unpack(get_state(url, model.session_id))["iterations"]
     replays = 0
     retries = 0
     for client in clients:
@@ -187,7 +188,7 @@ def check_journal_mode(url: str, model: Model, clients: list[Client]) -> int:
         client.in_flight = None
     assert n == model.acknowledged + replays, (model.session_id, n, model.acknowledged, replays)
     model.acknowledged += retries
-    saved = state(url, model.session_id)
+    saved = get_state(url, model.session_id)
     assert wire.unpack(saved)["iterations"] == model.acknowledged
     assert saved == model.expected_state(model.acknowledged), model.session_id
     return model.acknowledged
@@ -212,11 +213,11 @@ def test_sigkill_under_push_load_five_times(tmp_path: Path, mode: str) -> None:
     floors = {m.session_id: 0 for m in models}
     clients: list[Client] = []
     for round_ in range(ROUNDS + 1):
-        server = start(tmp_path, *server_args(data, mode, round_))
+        server = start_paramserver(tmp_path, *server_args(data, mode, round_))
         try:
             if round_ == 0:
                 for model in models:
-                    create(server.url, model.session_id, model.optimizer, model.weights)
+                    create_session(server.url, model.session_id, model.optimizer, model.weights)
             else:
                 assert session_ids(server.url) == sorted(SESSIONS), server.log
                 for model in models:

@@ -588,15 +588,11 @@ def test_parallel_numpy_steps_of_different_sessions_do_not_share_scratch() -> No
 
     rng = np.random.default_rng(7)
     n = 200_000
-    grads = [
-        [rng.standard_normal(n).astype(np.float16) for _ in range(10)] for _ in range(4)
-    ]
+    grads = [[rng.standard_normal(n).astype(np.float16) for _ in range(10)] for _ in range(4)]
 
     def run(parallel: bool) -> list[np.ndarray]:
         params = [{"w": np.ones(n, np.float16)} for _ in range(4)]
-        opts = [
-            KerasOptimizer(optimizers.RMSprop(), p, backend=default_backend()) for p in params
-        ]
+        opts = [KerasOptimizer(optimizers.RMSprop(), p, backend=default_backend()) for p in params]
 
         def steps(i: int) -> None:
             for g in grads[i]:

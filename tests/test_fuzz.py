@@ -23,7 +23,6 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-from conftest import RunningServer, start_server
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from paramserver.server.errors import ServiceError
@@ -31,6 +30,7 @@ from paramserver.server.protocol import decode_limits, parse_create, parse_gradi
 from paramserver.server.settings import Settings
 
 from paramserver import wire
+from tests.harness.servers import ServerThread, start_server_thread
 
 LIMITS = decode_limits(Settings())
 FUZZ = settings(
@@ -299,14 +299,14 @@ def test_decode_tensor_raises_only_tensor_error(obj: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server() -> Iterator[RunningServer]:
-    srv = start_server()
+def fuzz_server() -> Iterator[ServerThread]:
+    srv = start_server_thread()
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def http(fuzz_server: RunningServer) -> Iterator[httpx.Client]:
+def http(fuzz_server: ServerThread) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=fuzz_server.url, timeout=30) as client:
         for sid, optimizer, weights in (
             ("alpha", "adam", ALPHA_WEIGHTS),
@@ -447,7 +447,7 @@ ST_CASES = _operations()
 
 
 @pytest.fixture(scope="module")
-def openapi_schema(fuzz_server: RunningServer, http: httpx.Client) -> Any:
+def openapi_schema(fuzz_server: ServerThread, http: httpx.Client) -> Any:
     schemathesis = pytest.importorskip("schemathesis")
 
     @schemathesis.serializer(MSGPACK, "application/x-msgpack")
@@ -463,7 +463,7 @@ def openapi_schema(fuzz_server: RunningServer, http: httpx.Client) -> Any:
 @pytest.mark.parametrize(("label", "mode"), ST_CASES, ids=[f"{lb} {m}" for lb, m in ST_CASES])
 def test_schemathesis_finds_no_server_error(
     openapi_schema: dict[str, Any],
-    fuzz_server: RunningServer,
+    fuzz_server: ServerThread,
     http: httpx.Client,
     label: str,
     mode: str,

@@ -22,11 +22,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import RunningServer, start_server
 from paramserver.server.protocol import decode_limits
 from paramserver.server.settings import Settings
 
 from paramserver import wire
+from tests.harness.servers import ServerThread, start_server_thread
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 LEAKS = ("Traceback", 'File "', ".py", "/work/", "site-packages", "Error(", "0x7f")
@@ -169,7 +169,7 @@ def in_flight_counter(app: Any) -> Callable[[], int]:
 
 
 def test_over_the_concurrency_limit_gets_503_with_retry_after(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     srv = server_factory(limit_concurrency=2)
     url = srv.url
@@ -232,7 +232,7 @@ def parse_raw(raw: bytes) -> httpx.Response:
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_a_body_that_does_not_arrive_gets_408(
-    server_factory: Callable[..., RunningServer], http: httpx.Client, framing: str
+    server_factory: Callable[..., ServerThread], http: httpx.Client, framing: str
 ) -> None:
     url = server_factory(request_timeout_seconds=0.5).url
     sid = new_id()
@@ -261,7 +261,7 @@ def test_a_body_that_does_not_arrive_gets_408(
 
 
 def test_a_session_that_stays_busy_gets_503_session_busy(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     srv = server_factory(request_timeout_seconds=0.5)
     url = srv.url
@@ -302,7 +302,7 @@ def test_a_session_that_stays_busy_gets_503_session_busy(
 
 
 def test_per_session_quota_gets_507_and_changes_nothing(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(max_session_bytes=1000).url
     create(http, url, "small", size=100)  # 800 bytes
@@ -329,7 +329,7 @@ def test_per_session_quota_gets_507_and_changes_nothing(
 
 
 def test_global_quota_gets_507_and_changes_nothing(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(max_total_bytes=2000).url
     create(http, url, "a", size=100)
@@ -352,7 +352,7 @@ def test_global_quota_gets_507_and_changes_nothing(
 
 
 def test_too_many_sessions_gets_507(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(max_sessions=2).url
     create(http, url, "one")
@@ -366,7 +366,7 @@ def test_too_many_sessions_gets_507(
 
 
 def test_a_body_over_the_limit_gets_413(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(max_body_bytes=1024).url
     sid = new_id()
@@ -479,14 +479,14 @@ OBJECT_HEAVY: dict[str, Callable[[], bytes]] = {
 
 
 @pytest.fixture(scope="module")
-def hostile_server() -> Iterator[RunningServer]:
-    srv = start_server()
+def hostile_server() -> Iterator[ServerThread]:
+    srv = start_server_thread()
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def victim(hostile_server: RunningServer) -> str:
+def victim(hostile_server: ServerThread) -> str:
     with httpx.Client() as client:
         create(client, hostile_server.url, "victim")
     return "victim"
@@ -495,7 +495,7 @@ def victim(hostile_server: RunningServer) -> str:
 @pytest.mark.parametrize("endpoint", ["push", "create", "state"])
 @pytest.mark.parametrize("name", [*STRUCTURAL, *OBJECT_HEAVY])
 def test_hostile_body_is_refused_quickly_and_changes_nothing(
-    hostile_server: RunningServer, victim: str, http: httpx.Client, name: str, endpoint: str
+    hostile_server: ServerThread, victim: str, http: httpx.Client, name: str, endpoint: str
 ) -> None:
     url = hostile_server.url
     body = {**STRUCTURAL, **OBJECT_HEAVY}[name]()
@@ -520,7 +520,7 @@ def test_hostile_body_is_refused_quickly_and_changes_nothing(
 
 
 def test_a_50mb_body_over_a_smaller_limit_is_refused_before_it_is_read(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(max_body_bytes=1024 * 1024).url
     body = STRUCTURAL["50MB-repeated-maps"]()
@@ -609,7 +609,7 @@ def test_map_heavy_bodies_cost_at_most_the_object_budget() -> None:
 
 
 def test_no_error_body_carries_a_traceback(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     srv = server_factory()
     url = srv.url

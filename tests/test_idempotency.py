@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import RunningServer
 
 from paramserver import wire
+from tests.harness.servers import ServerThread
 
 MSGPACK = {"Content-Type": "application/msgpack"}
 REPLAYED = "idempotent-replayed"
@@ -213,7 +213,7 @@ def test_the_longest_and_oddest_valid_keys(base_url: str, http: httpx.Client) ->
 
 
 def test_a_key_is_forgotten_after_the_window(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(idempotency_window_seconds=0.3).url
     sid = new_id()
@@ -227,7 +227,7 @@ def test_a_key_is_forgotten_after_the_window(
 
 
 def test_a_zero_window_remembers_nothing(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(idempotency_window_seconds=0).url
     sid = new_id()
@@ -251,7 +251,7 @@ def test_keys_are_forgotten_when_the_session_is_deleted(base_url: str, http: htt
 
 
 def test_the_number_of_keys_is_bounded(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(idempotency_max_keys=3).url
     sid = new_id()
@@ -267,7 +267,7 @@ def test_the_number_of_keys_is_bounded(
 
 
 def test_the_bytes_of_remembered_answers_are_bounded(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     """Past idempotency_max_bytes the oldest answers shrink to {iterations}, still replayed."""
     size = 64  # 512 bytes of float64 weights per answer
@@ -287,7 +287,7 @@ def test_the_bytes_of_remembered_answers_are_bounded(
 
 
 def test_an_answer_larger_than_the_bound_is_replayed_as_iterations(
-    server_factory: Callable[..., RunningServer], http: httpx.Client
+    server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
     url = server_factory(idempotency_max_bytes=16).url
     sid = new_id()

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from durable_service import DurableService, opened_services
 from paramserver.server.persistence import (
     CorruptJournal,
     Journal,
@@ -26,9 +25,11 @@ from paramserver.server.persistence import (
     RecoveryError,
 )
 from paramserver.server.persistence.journal import list_segments
-from server_process import HTTP, MSGPACK, ServerProcess, create, push, session_ids, start, state
 
 from paramserver import wire
+from tests.harness.http_api import HTTP, MSGPACK, create_session, get_state, push, session_ids
+from tests.harness.servers import ServerProcess, start_paramserver
+from tests.harness.service import DurableService, opened_services
 
 RNG = np.random.default_rng(7)
 
@@ -337,7 +338,7 @@ def test_journal_from_an_earlier_run_is_replayed_in_snapshot_mode(
 
 
 def journal_server(tmp_path: Path, *extra: str) -> ServerProcess:
-    return start(
+    return start_paramserver(
         tmp_path,
         "--snapshot-dir",
         str(tmp_path / "data"),
@@ -353,17 +354,17 @@ def journal_server(tmp_path: Path, *extra: str) -> ServerProcess:
 def test_acknowledged_pushes_survive_sigkill(tmp_path: Path, fsync: str) -> None:
     server = journal_server(tmp_path, "--journal-fsync", fsync)
     try:
-        create(server.url, "a", "adam", WEIGHTS)
-        create(server.url, "b", "rmsprop", WEIGHTS)
+        create_session(server.url, "a", "adam", WEIGHTS)
+        create_session(server.url, "b", "rmsprop", WEIGHTS)
         for i in range(20):
             for sid in ("a", "b"):
                 r = push(server.url, sid, grads(), key=f"{sid}-{i}")
                 assert r.status_code == 200, r.text
         r = HTTP.put(
-            f"{server.url}/sessions/c/state", content=state(server.url, "a"), headers=MSGPACK
+            f"{server.url}/sessions/c/state", content=get_state(server.url, "a"), headers=MSGPACK
         )
         assert r.status_code == 201, r.text
-        saved = {sid: state(server.url, sid) for sid in ("a", "b", "c")}
+        saved = {sid: get_state(server.url, sid) for sid in ("a", "b", "c")}
         g = grads()
         answer = wire.unpack(push(server.url, "a", g, key="last").content)
     finally:
@@ -375,7 +376,7 @@ def test_acknowledged_pushes_survive_sigkill(tmp_path: Path, fsync: str) -> None
         assert "replayed 44 of 44 journal record(s)" in restarted.log, restarted.log
         assert session_ids(restarted.url) == ["a", "b", "c"]
         for sid in ("b", "c"):
-            assert state(restarted.url, sid) == saved[sid]
+            assert get_state(restarted.url, sid) == saved[sid]
         retry = push(restarted.url, "a", g, key="last")
         assert retry.headers["idempotent-replayed"] == "true"
         assert (
@@ -392,7 +393,7 @@ def test_acknowledged_pushes_survive_sigkill(tmp_path: Path, fsync: str) -> None
 def test_damaged_journal_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:
     server = journal_server(tmp_path)
     try:
-        create(server.url, "a", "sgd", WEIGHTS)
+        create_session(server.url, "a", "sgd", WEIGHTS)
         for _ in range(3):
             assert push(server.url, "a", grads()).status_code == 200
     finally:
@@ -403,7 +404,9 @@ def test_damaged_journal_stops_the_start_with_a_clear_message(tmp_path: Path) ->
     data[records[1].offset + 20] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    refused = ServerProcess(tmp_path, "--snapshot-dir", str(tmp_path / "data"))
+    refused = ServerProcess.paramserver(
+        "--snapshot-dir", str(tmp_path / "data"), log_dir=tmp_path, warm_up_kernels=False
+    ).launch()
     assert refused.wait_exit() != 0, refused.log
     assert f"cannot start: journal segment {path} is damaged at offset" in refused.log
 
@@ -411,9 +414,9 @@ def test_damaged_journal_stops_the_start_with_a_clear_message(tmp_path: Path) ->
 def test_torn_tail_after_sigkill_is_cut_and_the_server_starts(tmp_path: Path) -> None:
     server = journal_server(tmp_path)
     try:
-        create(server.url, "a", "sgd", WEIGHTS)
+        create_session(server.url, "a", "sgd", WEIGHTS)
         assert push(server.url, "a", grads()).status_code == 200
-        saved = state(server.url, "a")
+        saved = get_state(server.url, "a")
     finally:
         server.kill()
     segment = list_segments(tmp_path / "data" / "journal")[-1][1]
@@ -423,7 +426,7 @@ def test_torn_tail_after_sigkill_is_cut_and_the_server_starts(tmp_path: Path) ->
     restarted = journal_server(tmp_path)
     try:
         assert f"ignoring 28 bytes at the end of {segment}" in restarted.log, restarted.log
-        assert state(restarted.url, "a") == saved
+        assert get_state(restarted.url, "a") == saved
     finally:
         assert restarted.terminate() == 0, restarted.log
 

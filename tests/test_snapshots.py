@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from durable_service import DurableService, opened_services
 from paramserver.server.errors import ServiceUnavailable
 from paramserver.server.persistence import CorruptSnapshot, DirectoryLock, DirectoryLocked
 from paramserver.server.persistence.snapshots import decode_snapshot, encode_snapshot
 from paramserver.server.settings import Settings
 from pydantic import ValidationError
-from server_process import HTTP, MSGPACK, ServerProcess, create, push, session_ids, start, state
 
 from paramserver import wire
+from tests.harness.http_api import HTTP, MSGPACK, create_session, get_state, push, session_ids
+from tests.harness.servers import ServerProcess, start_paramserver
+from tests.harness.service import DurableService, opened_services
 
 OPTIMIZERS: list[Any] = [
     "sgd",
@@ -300,9 +301,11 @@ def test_directory_lock_is_exclusive(tmp_path: Path) -> None:
 
 def test_second_server_on_the_same_directory_refuses_to_start(tmp_path: Path) -> None:
     directory = tmp_path / "shared"
-    first = start(tmp_path, "--snapshot-dir", str(directory))
+    first = start_paramserver(tmp_path, "--snapshot-dir", str(directory))
     try:
-        second = ServerProcess(tmp_path, "--snapshot-dir", str(directory))
+        second = ServerProcess.paramserver(
+            "--snapshot-dir", str(directory), log_dir=tmp_path, warm_up_kernels=False
+        ).launch()
         code = second.wait_exit(timeout=60)
         assert code != 0, second.log
         assert f"cannot start: the snapshot directory {directory} is in use" in second.log
@@ -318,7 +321,7 @@ def test_second_server_on_the_same_directory_refuses_to_start(tmp_path: Path) ->
 def test_snapshot_endpoint(server_factory: Callable[..., Any], tmp_path: Path) -> None:
     srv = server_factory(snapshot_dir=tmp_path / "snaps", snapshot_interval_seconds=3600)
     weights = {"w": np.arange(4, dtype=np.float32)}
-    create(srv.url, "e", "adam", weights)
+    create_session(srv.url, "e", "adam", weights)
     assert push(srv.url, "e", {"w": np.ones(4, np.float32)}).status_code == 200
     r = HTTP.post(f"{srv.url}/sessions/e/snapshot")
     assert r.status_code == 200, r.text
@@ -329,7 +332,7 @@ def test_snapshot_endpoint(server_factory: Callable[..., Any], tmp_path: Path) -
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
 
     plain = server_factory()
-    create(plain.url, "e", "adam", weights)
+    create_session(plain.url, "e", "adam", weights)
     r = HTTP.post(f"{plain.url}/sessions/e/snapshot")
     assert r.status_code == 409 and r.json()["error"]["code"] == "snapshots_disabled"
 
@@ -338,7 +341,7 @@ def test_delete_endpoint_removes_snapshots(
     server_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
     srv = server_factory(snapshot_dir=tmp_path / "snaps")
-    create(srv.url, "x", "sgd", {"w": np.zeros(2, np.float32)})
+    create_session(srv.url, "x", "sgd", {"w": np.zeros(2, np.float32)})
     assert snapshot_files(tmp_path / "snaps")
     assert HTTP.delete(f"{srv.url}/sessions/x").status_code == 204
     assert not snapshot_files(tmp_path / "snaps")
@@ -348,17 +351,17 @@ def test_delete_endpoint_removes_snapshots(
 def test_sigterm_writes_final_snapshots_that_a_restart_loads(tmp_path: Path) -> None:
     directory = tmp_path / "snaps"
     args = ("--snapshot-dir", str(directory), "--snapshot-interval-seconds", "3600")
-    server = start(tmp_path, *args)
+    server = start_paramserver(tmp_path, *args)
     states = {}
     try:
         for index, optimizer in enumerate(OPTIMIZERS):
             sid = f"s{index}"
             weights = weights_of()
-            create(server.url, sid, optimizer, weights)
+            create_session(server.url, sid, optimizer, weights)
             for _ in range(index + 1):
                 r = push(server.url, sid, grads_like(weights))
                 assert r.status_code == 200, r.text
-            states[sid] = state(server.url, sid)
+            states[sid] = get_state(server.url, sid)
         r = HTTP.put(f"{server.url}/sessions/loaded/state", content=states["s3"], headers=MSGPACK)
         assert r.status_code == 201, r.text
         states["loaded"] = states["s3"]
@@ -368,11 +371,11 @@ def test_sigterm_writes_final_snapshots_that_a_restart_loads(tmp_path: Path) -> 
     # The nine pushed sessions; the one created by PUT was saved then and has not changed.
     assert "final snapshots written: 9 session(s)" in server.log, server.log
 
-    restarted = start(tmp_path, *args)
+    restarted = start_paramserver(tmp_path, *args)
     try:
         assert session_ids(restarted.url) == sorted(states)
         for sid, saved in states.items():
-            assert state(restarted.url, sid) == saved, sid
+            assert get_state(restarted.url, sid) == saved, sid
     finally:
         assert restarted.terminate() == 0, restarted.log
 

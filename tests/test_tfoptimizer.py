@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -30,6 +29,7 @@ import numpy as np
 import pytest
 
 from paramserver import optimizers, wire
+from tests.harness.servers import free_port
 
 pytestmark = pytest.mark.tensorflow
 
@@ -603,12 +603,6 @@ _NO_TENSORFLOW_SERVER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_until_healthy(api: httpx.Client, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 60
     while True:
@@ -647,7 +641,7 @@ def _check_without_tensorflow(api: httpx.Client) -> None:
 def test_server_without_tensorflow_answers_the_install_hint(tmp_path: Path) -> None:
     script = tmp_path / "serve_without_tensorflow.py"
     script.write_text(_NO_TENSORFLOW_SERVER)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
     with log.open("wb") as stderr:

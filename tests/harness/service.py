@@ -1,9 +1,11 @@
-"""A :class:`SessionService` with durability on a directory, without HTTP: what the app's
-lifespan builds, driven directly so that tests can restart it many times per second.
+"""The service in process, without HTTP: what the app's lifespan builds, driven directly.
 
-:func:`opened_services` is a factory of them, each closed on exit unless the test closed or
-crashed it. :meth:`DurableService.crash`
-drops it as a killed process would: no final snapshot (what was written stays written).
+:func:`plain_service` is a :class:`SessionService` without durability, for the tests of what the
+service decides where HTTP is not the point. :class:`DurableService` adds durability on a
+directory, so that tests can restart it many times per second; :func:`opened_services` is a
+factory of them, each closed on exit unless the test closed or crashed it.
+:meth:`DurableService.crash` drops it as a killed process would: no final snapshot (what was
+written stays written).
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ from paramserver.server.sessions import SessionStore
 from paramserver.server.settings import Settings
 
 from paramserver import wire
+
+__all__ = ["DurableService", "opened_services", "plain_service"]
+
+
+def plain_service(**overrides: Any) -> SessionService:
+    """A service without durability; ``overrides`` are :class:`Settings` fields."""
+    settings = Settings(warm_up_kernels=False, **overrides)
+    store = SessionStore(
+        max_sessions=settings.max_sessions,
+        max_session_bytes=settings.max_session_bytes,
+        max_total_bytes=settings.max_total_bytes,
+    )
+    return SessionService(store, settings)
 
 
 class DurableService:
