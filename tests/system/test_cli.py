@@ -283,7 +283,7 @@ def test_a_command_is_required() -> None:
 
 # --- docs/deployment.md's configuration table, generated from Settings -------------------------
 
-DEPLOYMENT_DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
+DEPLOYMENT_DOC = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
 TABLE_START = (
     "<!-- settings table: generated from paramserver.server.settings.Settings by "
     "`python tests/test_cli.py --write-settings-table`; do not edit by hand -->"

@@ -23,7 +23,7 @@ import pytest
 
 from paramserver import wire
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("paramserver", "app", "client")
 
 FORBIDDEN_MODULES = frozenset(

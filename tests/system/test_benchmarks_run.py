@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-# ``benchmarks`` is a package at the repository's root, not an installed one: importable under
-# ``python -m pytest`` (the current directory is on the path), not under a bare ``pytest``.
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from benchmarks import run as bench_run  # noqa: E402
+# ``benchmarks`` is a package at the repository's root, not an installed one. The root is on the
+# path: ``tests`` is a package too, and pytest puts the directory above it first.
+from benchmarks import run as bench_run
 
 TINY = bench_run.Plan(
     kernel_sizes=(1000,),

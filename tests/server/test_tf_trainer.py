@@ -34,7 +34,7 @@ from tests.harness.servers import free_port
 pytestmark = pytest.mark.tensorflow
 
 STEPS = 20
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTALL_HINT = "pip install 'paramserver[tensorflow]'"
 MSGPACK = {"content-type": wire.MSGPACK_MEDIA_TYPE}
 

@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 from paramserver.client import Client
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def load(name: str) -> ModuleType:
