@@ -2,9 +2,9 @@
 
 Bodies are built and answers read with ``msgpack`` itself, never with :mod:`paramserver.wire`
 or the client library, so that the tests speak the wire format as a third party would. Each
-request function takes the server's base URL (``""`` for a client made with ``base_url``)
-and the ``httpx.Client`` to send with: by default :data:`HTTP`, one client for the whole run
-(a new client per request costs tens of milliseconds).
+request function takes a :data:`Target`: a client made with a server's ``base_url``, or the
+server's base URL, sent with :data:`HTTP` (one client for the whole run: a new client per
+request costs tens of milliseconds).
 
 :func:`assert_error` checks an error answer: the protocol's ``{"error": {"code", "message"}}``
 body, and nothing internal in it (no traceback, no file path). :func:`observed` reads what a
@@ -27,6 +27,7 @@ __all__ = [
     "MSGPACK",
     "MSGPACK_TYPE",
     "REPLAYED",
+    "Target",
     "array",
     "arrays",
     "assert_error",
@@ -43,6 +44,7 @@ __all__ = [
     "push",
     "pushed",
     "put_state",
+    "request",
     "session_ids",
     "tensor",
     "tensors",
@@ -113,22 +115,33 @@ def gradients_body(grads: Mapping[str, Any]) -> bytes:
     return packb({"gradients": tensors(grads)})
 
 
-# --- requests -------------------------------------------------------------------------------
+# --- requests -----------------------------------------------------------------------------
+
+#: Where a request goes: a client made with ``base_url`` (the request takes the path alone),
+#: or a server's base URL (the request goes through :data:`HTTP`).
+Target = httpx.Client | str
+
+
+def request(target: Target, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    if isinstance(target, str):
+        return HTTP.request(method, target + path, **kwargs)
+    return target.request(method, path, **kwargs)
 
 
 def create_session(
-    url: str,
-    session_id: str | None,
+    target: Target,
     optimizer: Any,
     weights: Mapping[str, Any],
     *,
-    http: httpx.Client = HTTP,
+    session_id: str | None = None,
     headers: Mapping[str, str] | None = None,
     content_type: str = MSGPACK_TYPE,
 ) -> dict[str, Any]:
     """Create a session (201 expected); returns its summary."""
-    r = http.post(
-        f"{url}/sessions",
+    r = request(
+        target,
+        "POST",
+        "/sessions",
         content=create_body(session_id, optimizer, weights),
         headers={"Content-Type": content_type, **(headers or {})},
     )
@@ -139,13 +152,12 @@ def create_session(
 
 
 def push(
-    url: str,
+    target: Target,
     session_id: str,
     grads: Mapping[str, Any],
     *,
     key: str | bytes | None = None,
     return_weights: bool | None = None,
-    http: httpx.Client = HTTP,
     headers: Mapping[str, str] | None = None,
     content_type: str = MSGPACK_TYPE,
 ) -> httpx.Response:
@@ -155,66 +167,68 @@ def push(
     if key is not None:
         sent.append(("Idempotency-Key", key))
     params = None if return_weights is None else {"return_weights": str(return_weights).lower()}
-    return http.post(
-        f"{url}/sessions/{session_id}/gradients",
+    return request(
+        target,
+        "POST",
+        f"/sessions/{session_id}/gradients",
         content=gradients_body(grads),
         headers=sent,
         params=params,
     )
 
 
-def pushed(url: str, session_id: str, grads: Mapping[str, Any], **options: Any) -> dict[str, Any]:
+def pushed(
+    target: Target, session_id: str, grads: Mapping[str, Any], **options: Any
+) -> dict[str, Any]:
     """Push (200 expected); returns the decoded answer (``iterations``, maybe ``weights``)."""
-    r = push(url, session_id, grads, **options)
+    r = push(target, session_id, grads, **options)
     assert r.status_code == 200, r.text
     answer: dict[str, Any] = msgpack_answer(r)
     return answer
 
 
-def pull(
-    url: str, session_id: str, *, http: httpx.Client = HTTP
-) -> tuple[int, dict[str, np.ndarray]]:
+def pull(target: Target, session_id: str) -> tuple[int, dict[str, np.ndarray]]:
     """``GET /sessions/{id}/weights``: (iterations, weights)."""
-    r = http.get(f"{url}/sessions/{session_id}/weights")
+    r = request(target, "GET", f"/sessions/{session_id}/weights")
     assert r.status_code == 200, r.text
     message = msgpack_answer(r)
     assert set(message) == {"iterations", "weights"}, set(message)
     return message["iterations"], arrays(message["weights"])
 
 
-def get_state(url: str, session_id: str, *, http: httpx.Client = HTTP) -> bytes:
+def get_state(target: Target, session_id: str) -> bytes:
     """``GET /sessions/{id}/state``: the state's bytes, as exported."""
-    r = http.get(f"{url}/sessions/{session_id}/state")
+    r = request(target, "GET", f"/sessions/{session_id}/state")
     assert r.status_code == 200, r.text
+    msgpack_answer(r)
     return r.content
 
 
 def put_state(
-    url: str,
-    session_id: str,
-    body: bytes,
-    *,
-    http: httpx.Client = HTTP,
-    content_type: str = MSGPACK_TYPE,
+    target: Target, session_id: str, body: bytes, *, content_type: str = MSGPACK_TYPE
 ) -> httpx.Response:
     """``PUT /sessions/{id}/state``; the answer unchecked."""
-    return http.put(
-        f"{url}/sessions/{session_id}/state", content=body, headers={"Content-Type": content_type}
+    return request(
+        target,
+        "PUT",
+        f"/sessions/{session_id}/state",
+        content=body,
+        headers={"Content-Type": content_type},
     )
 
 
-def session_ids(url: str, *, http: httpx.Client = HTTP) -> list[str]:
+def session_ids(target: Target) -> list[str]:
     """The ids of every session, sorted."""
-    r = http.get(f"{url}/sessions")
+    r = request(target, "GET", "/sessions")
     assert r.status_code == 200, r.text
     return sorted(s["session_id"] for s in r.json()["sessions"])
 
 
-def observed(url: str, *, http: httpx.Client = HTTP) -> dict[str, Any]:
+def observed(target: Target) -> dict[str, Any]:
     """Every session's id, iterations and weights: what a refused request must not change."""
     out = {}
-    for sid in session_ids(url, http=http):
-        iterations, weights = pull(url, sid, http=http)
+    for sid in session_ids(target):
+        iterations, weights = pull(target, sid)
         out[sid] = (iterations, {k: v.tobytes() for k, v in weights.items()})
     return out
 

@@ -15,14 +15,46 @@ from paramserver.server.optim import KerasOptimizer
 from paramserver.optimizers import get as get_optimizer
 
 __all__ = [
+    "DEFAULT_CONFIGS",
     "assert_bitwise_equal",
     "engine_trajectory",
     "gradient_sequence",
     "model",
+    "ones",
     "sgd_step",
     "small_gradients",
     "small_weights",
+    "zeros",
 ]
+
+
+#: Each name's class and full configuration: Keras 2.2.4's arguments and defaults (Nadam's
+#: schedule_decay is the project's documented 0.001, Keras's is 0.004).
+DEFAULT_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("SGD", {"lr": 0.01, "momentum": 0.0, "decay": 0.0, "nesterov": False}),
+    "rmsprop": ("RMSprop", {"lr": 0.001, "rho": 0.9, "epsilon": 1e-07, "decay": 0.0}),
+    "adagrad": ("Adagrad", {"lr": 0.01, "epsilon": 1e-07, "decay": 0.0}),
+    "adadelta": ("Adadelta", {"lr": 1.0, "rho": 0.95, "epsilon": 1e-07, "decay": 0.0}),
+    "adam": (
+        "Adam",
+        {
+            "lr": 0.001,
+            "beta_1": 0.9,
+            "beta_2": 0.999,
+            "epsilon": 1e-07,
+            "decay": 0.0,
+            "amsgrad": False,
+        },
+    ),
+    "adamax": (
+        "Adamax",
+        {"lr": 0.002, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-07, "decay": 0.0},
+    ),
+    "nadam": (
+        "Nadam",
+        {"lr": 0.002, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-07, "schedule_decay": 0.001},
+    ),
+}
 
 
 def model(seed: int = 0, dtype: Any = np.float32) -> dict[str, np.ndarray]:
@@ -33,6 +65,16 @@ def model(seed: int = 0, dtype: Any = np.float32) -> dict[str, np.ndarray]:
         "dense/bias": rng.standard_normal(4).astype(dtype),
         "scale": np.asarray(rng.standard_normal(), dtype=dtype),  # a 0-d parameter
     }
+
+
+def zeros(size: int = 4, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """One parameter ``w`` of ``size`` zeros: a model whose bytes are easy to count."""
+    return {"w": np.zeros(size, dtype)}
+
+
+def ones(size: int = 4, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """One parameter ``w`` of ``size`` ones: gradients for :func:`zeros`."""
+    return {"w": np.ones(size, dtype)}
 
 
 def gradient_sequence(

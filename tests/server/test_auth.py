@@ -197,13 +197,6 @@ def auth_server() -> Iterator[ServerThread]:
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
-    """One client for the module: creating one per request costs more than the request."""
-    with httpx.Client(timeout=30) as client:
-        yield client
-
-
 @pytest.fixture
 def world(auth_server: ServerThread, http: httpx.Client) -> World:
     """A fresh session on the token-protected server."""

@@ -29,12 +29,6 @@ REPLAYED = "idempotent-replayed"
 LR = 0.5
 
 
-@pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=30) as client:
-        yield client
-
-
 def create(http: httpx.Client, url: str, session_id: str, size: int = 4) -> None:
     body = wire.pack(
         {
