@@ -40,6 +40,7 @@ __all__ = [
     "new_id",
     "observed",
     "packb",
+    "post_session",
     "pull",
     "push",
     "pushed",
@@ -122,10 +123,32 @@ def gradients_body(grads: Mapping[str, Any]) -> bytes:
 Target = httpx.Client | str
 
 
-def request(target: Target, method: str, path: str, **kwargs: Any) -> httpx.Response:
+def request(
+    target: Target, method: str, path: str, *, via: httpx.Client | None = None, **kwargs: Any
+) -> httpx.Response:
+    """Send to ``target``; a base URL goes through ``via`` (by default :data:`HTTP`)."""
     if isinstance(target, str):
-        return HTTP.request(method, target + path, **kwargs)
+        return (via or HTTP).request(method, target + path, **kwargs)
     return target.request(method, path, **kwargs)
+
+
+def post_session(
+    target: Target,
+    optimizer: Any,
+    weights: Mapping[str, Any],
+    *,
+    session_id: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    content_type: str = MSGPACK_TYPE,
+) -> httpx.Response:
+    """``POST /sessions``; the answer unchecked (see :func:`create_session`)."""
+    return request(
+        target,
+        "POST",
+        "/sessions",
+        content=create_body(session_id, optimizer, weights),
+        headers={"Content-Type": content_type, **(headers or {})},
+    )
 
 
 def create_session(
@@ -138,12 +161,13 @@ def create_session(
     content_type: str = MSGPACK_TYPE,
 ) -> dict[str, Any]:
     """Create a session (201 expected); returns its summary."""
-    r = request(
+    r = post_session(
         target,
-        "POST",
-        "/sessions",
-        content=create_body(session_id, optimizer, weights),
-        headers={"Content-Type": content_type, **(headers or {})},
+        optimizer,
+        weights,
+        session_id=session_id,
+        headers=headers,
+        content_type=content_type,
     )
     assert r.status_code == 201, r.text
     assert r.headers["content-type"].startswith("application/json"), r.headers
@@ -160,6 +184,7 @@ def push(
     return_weights: bool | None = None,
     headers: Mapping[str, str] | None = None,
     content_type: str = MSGPACK_TYPE,
+    via: httpx.Client | None = None,
 ) -> httpx.Response:
     """Push ``grads`` (with an ``Idempotency-Key`` if ``key`` is given); the answer unchecked."""
     sent: list[tuple[str, str | bytes]] = [("Content-Type", content_type)]
@@ -174,6 +199,7 @@ def push(
         content=gradients_body(grads),
         headers=sent,
         params=params,
+        via=via,
     )
 
 

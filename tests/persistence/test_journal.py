@@ -354,8 +354,8 @@ def journal_server(tmp_path: Path, *extra: str) -> ServerProcess:
 def test_acknowledged_pushes_survive_sigkill(tmp_path: Path, fsync: str) -> None:
     server = journal_server(tmp_path, "--journal-fsync", fsync)
     try:
-        create_session(server.url, "a", "adam", WEIGHTS)
-        create_session(server.url, "b", "rmsprop", WEIGHTS)
+        create_session(server.url, "adam", WEIGHTS, session_id="a")
+        create_session(server.url, "rmsprop", WEIGHTS, session_id="b")
         for i in range(20):
             for sid in ("a", "b"):
                 r = push(server.url, sid, grads(), key=f"{sid}-{i}")
@@ -393,7 +393,7 @@ def test_acknowledged_pushes_survive_sigkill(tmp_path: Path, fsync: str) -> None
 def test_damaged_journal_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:
     server = journal_server(tmp_path)
     try:
-        create_session(server.url, "a", "sgd", WEIGHTS)
+        create_session(server.url, "sgd", WEIGHTS, session_id="a")
         for _ in range(3):
             assert push(server.url, "a", grads()).status_code == 200
     finally:
@@ -414,7 +414,7 @@ def test_damaged_journal_stops_the_start_with_a_clear_message(tmp_path: Path) ->
 def test_torn_tail_after_sigkill_is_cut_and_the_server_starts(tmp_path: Path) -> None:
     server = journal_server(tmp_path)
     try:
-        create_session(server.url, "a", "sgd", WEIGHTS)
+        create_session(server.url, "sgd", WEIGHTS, session_id="a")
         assert push(server.url, "a", grads()).status_code == 200
         saved = get_state(server.url, "a")
     finally:

@@ -19,8 +19,6 @@ import pytest
 from paramserver.server.errors import ServiceUnavailable
 from paramserver.server.persistence import CorruptSnapshot, DirectoryLock, DirectoryLocked
 from paramserver.server.persistence.snapshots import decode_snapshot, encode_snapshot
-from paramserver.server.settings import Settings
-from pydantic import ValidationError
 
 from paramserver import wire
 from tests.harness.http_api import HTTP, MSGPACK, create_session, get_state, push, session_ids
@@ -278,12 +276,7 @@ def test_unchanged_sessions_are_not_written_again(
     assert len(snapshot_files(tmp_path / "snapshots")) == 3
 
 
-# --- settings and the lock -----------------------------------------------------------------
-
-
-def test_journal_without_a_snapshot_dir_is_refused() -> None:
-    with pytest.raises(ValidationError, match="durability='journal' needs snapshot_dir"):
-        Settings(durability="journal")
+# --- the lock -----------------------------------------------------------------------------
 
 
 def test_directory_lock_is_exclusive(tmp_path: Path) -> None:
@@ -321,7 +314,7 @@ def test_second_server_on_the_same_directory_refuses_to_start(tmp_path: Path) ->
 def test_snapshot_endpoint(server_factory: Callable[..., Any], tmp_path: Path) -> None:
     srv = server_factory(snapshot_dir=tmp_path / "snaps", snapshot_interval_seconds=3600)
     weights = {"w": np.arange(4, dtype=np.float32)}
-    create_session(srv.url, "e", "adam", weights)
+    create_session(srv.url, "adam", weights, session_id="e")
     assert push(srv.url, "e", {"w": np.ones(4, np.float32)}).status_code == 200
     r = HTTP.post(f"{srv.url}/sessions/e/snapshot")
     assert r.status_code == 200, r.text
@@ -332,7 +325,7 @@ def test_snapshot_endpoint(server_factory: Callable[..., Any], tmp_path: Path) -
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
 
     plain = server_factory()
-    create_session(plain.url, "e", "adam", weights)
+    create_session(plain.url, "adam", weights, session_id="e")
     r = HTTP.post(f"{plain.url}/sessions/e/snapshot")
     assert r.status_code == 409 and r.json()["error"]["code"] == "snapshots_disabled"
 
@@ -341,7 +334,7 @@ def test_delete_endpoint_removes_snapshots(
     server_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
     srv = server_factory(snapshot_dir=tmp_path / "snaps")
-    create_session(srv.url, "x", "sgd", {"w": np.zeros(2, np.float32)})
+    create_session(srv.url, "sgd", {"w": np.zeros(2, np.float32)}, session_id="x")
     assert snapshot_files(tmp_path / "snaps")
     assert HTTP.delete(f"{srv.url}/sessions/x").status_code == 204
     assert not snapshot_files(tmp_path / "snaps")
@@ -357,7 +350,7 @@ def test_sigterm_writes_final_snapshots_that_a_restart_loads(tmp_path: Path) -> 
         for index, optimizer in enumerate(OPTIMIZERS):
             sid = f"s{index}"
             weights = weights_of()
-            create_session(server.url, sid, optimizer, weights)
+            create_session(server.url, optimizer, weights, session_id=sid)
             for _ in range(index + 1):
                 r = push(server.url, sid, grads_like(weights))
                 assert r.status_code == 200, r.text

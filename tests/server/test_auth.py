@@ -28,13 +28,13 @@ from paramserver.server.main import create_app
 from paramserver.server.settings import Settings
 
 from paramserver import wire
+from tests.harness.http_api import MSGPACK, create_body, gradients_body
 from tests.harness.servers import ServerThread, start_server_thread
 
 RW_TOKEN = "rw-secret-7f3a"
 PLAIN_TOKEN = "plain-secret-91c2"  # no suffix: read-write
 RO_TOKEN = "ro-secret-c0de"
 TOKENS = f"{RW_TOKEN}:rw,{PLAIN_TOKEN}, {RO_TOKEN}:ro"
-MSGPACK = {"Content-Type": "application/msgpack"}
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -80,18 +80,9 @@ ROUTES = app_routes(create_app(Settings(tokens="x", warm_up_kernels=False)))
 # --- how to call each route -----------------------------------------------------------------
 
 
-def create_body(session_id: str, value: float = 1.0) -> bytes:
-    return wire.pack(
-        {
-            "session_id": session_id,
-            "optimizer": {"class_name": "SGD", "config": {"lr": 0.5}},
-            "weights": {"w": np.full((2, 3), value, np.float32)},
-        }
-    )
-
-
-def push_body(value: float = 1.0) -> bytes:
-    return wire.pack({"gradients": {"w": np.full((2, 3), value, np.float32)}})
+#: The model of every session here: an SGD session of one float32 (2, 3) parameter.
+SGD = {"class_name": "SGD", "config": {"lr": 0.5}}
+MODEL = {"w": np.ones((2, 3), np.float32)}
 
 
 @dataclass
@@ -148,7 +139,7 @@ REQUESTS: dict[tuple[str, str], Call] = {
         201,
         lambda w: {
             "url": "/sessions",
-            "content": create_body(f"{w.session_id}-new"),
+            "content": create_body(f"{w.session_id}-new", SGD, MODEL),
             "headers": MSGPACK,
         },
     ),
@@ -158,7 +149,7 @@ REQUESTS: dict[tuple[str, str], Call] = {
         200,
         lambda w: {
             "url": f"/sessions/{w.session_id}/gradients",
-            "content": push_body(),
+            "content": gradients_body(MODEL),
             "headers": MSGPACK,
         },
     ),
@@ -202,7 +193,9 @@ def world(auth_server: ServerThread, http: httpx.Client) -> World:
     """A fresh session on the token-protected server."""
     session_id = f"auth-{uuid.uuid4().hex[:12]}"
     r = http.post(
-        f"{auth_server.url}/sessions", content=create_body(session_id), headers={**MSGPACK, **RW}
+        f"{auth_server.url}/sessions",
+        content=create_body(session_id, SGD, MODEL),
+        headers={**MSGPACK, **RW},
     )
     assert r.status_code == 201, r.text
     return World(http, auth_server.url, session_id)
@@ -405,13 +398,13 @@ def test_tokens_file(
     )
     srv = server_factory(tokens_file=tokens_file)
     url = srv.url
-    body = create_body("from-file")
+    body = create_body("from-file", SGD, MODEL)
     r = http.post(f"{url}/sessions", content=body, headers={**MSGPACK, **bearer("file-rw-token")})
     assert r.status_code == 201, r.text
     for token in ("file-spaced-token", "file-explicit-rw"):
         r = http.post(
             f"{url}/sessions/from-file/gradients",
-            content=push_body(),
+            content=gradients_body(MODEL),
             headers={**MSGPACK, **bearer(token)},
         )
         assert r.status_code == 200, (token, r.text)
@@ -456,17 +449,14 @@ def test_tokens_from_the_environment(
 def test_without_tokens_everything_is_open(base_url: str, http: httpx.Client) -> None:
     assert http.get(f"{base_url}/sessions").status_code == 200
     assert http.get(f"{base_url}/openapi.json").status_code == 200
-    r = http.post(f"{base_url}/sessions", content=create_body("open-session"), headers=MSGPACK)
+    r = http.post(
+        f"{base_url}/sessions", content=create_body("open-session", SGD, MODEL), headers=MSGPACK
+    )
     assert r.status_code == 201, r.text
     assert http.delete(f"{base_url}/sessions/open-session").status_code == 204
 
 
 # --- start-up -------------------------------------------------------------------------------
-
-
-def test_default_bind_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PARAMSERVER_HOST", raising=False)
-    assert Settings().host == "127.0.0.1"
 
 
 def test_startup_says_the_server_is_open_without_tokens(

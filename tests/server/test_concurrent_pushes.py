@@ -14,45 +14,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import msgpack
 import numpy as np
 import pytest
-from paramserver.server.optim import KerasOptimizer
 
-from paramserver.optimizers import get as get_optimizer
-
-MSGPACK_HEADERS = {"Content-Type": "application/msgpack"}
-
-
-def tensor(a: Any) -> dict[str, Any]:
-    a = np.asarray(a)
-    little = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": little.tobytes(order="C")}
-
-
-def array(t: Mapping[str, Any]) -> np.ndarray:
-    dtype = np.dtype(t["dtype"]).newbyteorder("<")
-    return np.frombuffer(t["data"], dtype=dtype).reshape(t["shape"])
-
-
-def packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def unpackb(body: bytes) -> Any:
-    return msgpack.unpackb(body, raw=False, strict_map_key=True)
-
-
-def create(base_url: str, optimizer: Any, weights: Mapping[str, np.ndarray]) -> str:
-    body = packb({"optimizer": optimizer, "weights": {n: tensor(w) for n, w in weights.items()}})
-    r = httpx.post(f"{base_url}/sessions", content=body, headers=MSGPACK_HEADERS, timeout=60)
-    assert r.status_code == 201, r.text
-    sid: str = r.json()["session_id"]
-    return sid
-
-
-def grads_body(grads: Mapping[str, np.ndarray]) -> bytes:
-    return packb({"gradients": {n: tensor(g) for n, g in grads.items()}})
+from tests.harness.http_api import (
+    MSGPACK,
+    array,
+    create_session,
+    gradients_body,
+    packb,
+    tensor,
+    unpackb,
+)
+from tests.harness.models import engine_trajectory
 
 
 def run_together(workers: list[Callable[[], Any]]) -> list[Any]:
@@ -82,7 +56,7 @@ def test_eight_threads_push_a_hundred_gradients_each_into_one_sgd_session(base_u
         "kernel": rng.integers(-50, 50, size=(64, 32)).astype(np.float32),
         "bias": rng.integers(-50, 50, size=32).astype(np.float32),
     }
-    sid = create(url, {"class_name": "SGD", "config": {"lr": LR}}, initial)
+    sid = create_session(url, {"class_name": "SGD", "config": {"lr": LR}}, initial)["session_id"]
     # Small integer gradients: every partial sum times 0.5 is exact in float32, so the result
     # does not depend on the order the 800 steps are applied in.
     grads = [
@@ -101,8 +75,8 @@ def test_eight_threads_push_a_hundred_gradients_each_into_one_sgd_session(base_u
                     params = {"return_weights": "false"} if i % 2 else None
                     r = client.post(
                         f"/sessions/{sid}/gradients",
-                        content=grads_body(g),
-                        headers=MSGPACK_HEADERS,
+                        content=gradients_body(g),
+                        headers=MSGPACK,
                         params=params,
                     )
                     assert r.status_code == 200, r.text
@@ -167,13 +141,15 @@ def _check_consistent(msg: Mapping[str, Any], where: str) -> int:
 def torn_session(base_url: str) -> str:
     url = base_url
     weights = {n: np.zeros(shape, dtype) for n, (shape, dtype) in TORN_SHAPES.items()}
-    return create(url, {"class_name": "SGD", "config": {"lr": 1.0}}, weights)
+    return create_session(url, {"class_name": "SGD", "config": {"lr": 1.0}}, weights)["session_id"]
 
 
 def test_concurrent_readers_never_see_a_half_applied_step(base_url: str, torn_session: str) -> None:
     url = base_url
     sid = torn_session
-    body = grads_body({n: np.full(shape, -1, dtype) for n, (shape, dtype) in TORN_SHAPES.items()})
+    body = gradients_body(
+        {n: np.full(shape, -1, dtype) for n, (shape, dtype) in TORN_SHAPES.items()}
+    )
     finished: list[None] = []  # one entry per pusher that has finished
 
     def pushing() -> bool:
@@ -184,9 +160,7 @@ def test_concurrent_readers_never_see_a_half_applied_step(base_url: str, torn_se
         try:
             with httpx.Client(base_url=url, timeout=60) as client:
                 for _ in range(TORN_PUSHES):
-                    r = client.post(
-                        f"/sessions/{sid}/gradients", content=body, headers=MSGPACK_HEADERS
-                    )
+                    r = client.post(f"/sessions/{sid}/gradients", content=body, headers=MSGPACK)
                     assert r.status_code == 200, r.text
                     seen.append(_check_consistent(unpackb(r.content), "push answer"))
         finally:
@@ -236,18 +210,6 @@ def test_concurrent_readers_never_see_a_half_applied_step(base_url: str, torn_se
 # --- different sessions at once -------------------------------------------------------------
 
 
-def engine_trajectory(
-    optimizer: Any, weights: Mapping[str, np.ndarray], grads: list[dict[str, np.ndarray]]
-) -> list[dict[str, np.ndarray]]:
-    params = {n: np.array(w, copy=True) for n, w in weights.items()}
-    engine = KerasOptimizer(get_optimizer(optimizer), params)
-    out = []
-    for g in grads:
-        engine.step(params, g)
-        out.append({n: p.copy() for n, p in params.items()})
-    return out
-
-
 def test_pushes_to_different_sessions_interleave_correctly(base_url: str) -> None:
     url = base_url
     rng = np.random.default_rng(77)
@@ -275,7 +237,12 @@ def test_pushes_to_different_sessions_interleave_correctly(base_url: str) -> Non
             {n: rng.standard_normal(w.shape).astype(dtype) for n, w in weights.items()}
             for _ in range(steps)
         ]
-        cases[name] = (optimizer, weights, grads, create(url, optimizer, weights))
+        cases[name] = (
+            optimizer,
+            weights,
+            grads,
+            create_session(url, optimizer, weights)["session_id"],
+        )
 
     # An order-independent one (plain SGD, exact gradients) pushed by two threads at once.
     sgd_weights = {"k": np.zeros((64, 32), np.float32)}
@@ -283,7 +250,9 @@ def test_pushes_to_different_sessions_interleave_correctly(base_url: str) -> Non
         [{"k": rng.integers(-3, 4, size=(64, 32)).astype(np.float32)} for _ in range(steps)]
         for _ in range(2)
     ]
-    sgd_id = create(url, {"class_name": "SGD", "config": {"lr": 0.25}}, sgd_weights)
+    sgd_id = create_session(url, {"class_name": "SGD", "config": {"lr": 0.25}}, sgd_weights)[
+        "session_id"
+    ]
 
     def push_all(sid: str, grads: list[dict[str, np.ndarray]]) -> Callable[[], list[Any]]:
         def run() -> list[Any]:
@@ -291,7 +260,7 @@ def test_pushes_to_different_sessions_interleave_correctly(base_url: str) -> Non
             with httpx.Client(base_url=url, timeout=60) as client:
                 for g in grads:
                     r = client.post(
-                        f"/sessions/{sid}/gradients", content=grads_body(g), headers=MSGPACK_HEADERS
+                        f"/sessions/{sid}/gradients", content=gradients_body(g), headers=MSGPACK
                     )
                     assert r.status_code == 200, r.text
                     answers.append(unpackb(r.content))
@@ -338,13 +307,13 @@ def test_many_sessions_created_and_pushed_at_once(base_url: str) -> None:
                         "weights": {"w": tensor(w0)},
                     }
                 )
-                r = client.post("/sessions", content=body, headers=MSGPACK_HEADERS)
+                r = client.post("/sessions", content=body, headers=MSGPACK)
                 assert r.status_code == 201, r.text
                 for _ in range(10):
                     r = client.post(
                         f"/sessions/life-{i}/gradients",
-                        content=grads_body({"w": np.full(100, -1.0, np.float32)}),
-                        headers=MSGPACK_HEADERS,
+                        content=gradients_body({"w": np.full(100, -1.0, np.float32)}),
+                        headers=MSGPACK,
                         params={"return_weights": "false"},
                     )
                     assert r.status_code == 200, r.text

@@ -22,23 +22,18 @@ import numpy as np
 import pytest
 
 from paramserver import wire
+from tests.harness import http_api
+from tests.harness.http_api import REPLAYED, create_session, new_id
+from tests.harness.models import zeros
 from tests.harness.servers import ServerThread
 
-MSGPACK = {"Content-Type": "application/msgpack"}
-REPLAYED = "idempotent-replayed"
 LR = 0.5
+SGD = {"class_name": "SGD", "config": {"lr": LR}}
 
 
-def create(http: httpx.Client, url: str, session_id: str, size: int = 4) -> None:
-    body = wire.pack(
-        {
-            "session_id": session_id,
-            "optimizer": {"class_name": "SGD", "config": {"lr": LR}},
-            "weights": {"w": np.zeros(size, np.float64)},
-        }
-    )
-    r = http.post(f"{url}/sessions", content=body, headers=MSGPACK)
-    assert r.status_code == 201, r.text
+def create(url: str, session_id: str, size: int = 4) -> None:
+    """An SGD session of one float64 parameter ``w`` of zeros."""
+    create_session(url, SGD, zeros(size, np.float64), session_id=session_id)
 
 
 def push(
@@ -51,26 +46,14 @@ def push(
     size: int = 4,
     return_weights: bool = True,
 ) -> httpx.Response:
-    headers: list[tuple[str | bytes, str | bytes]] = list(MSGPACK.items())
-    if key is not None:
-        headers.append(("Idempotency-Key", key))
-    return http.post(
-        f"{url}/sessions/{session_id}/gradients",
-        params={"return_weights": str(return_weights).lower()},
-        content=wire.pack({"gradients": {"w": np.full(size, value, np.float64)}}),
-        headers=headers,
-    )
+    """Push a gradient of ``value``s through ``http``, with ``key`` unless it is None."""
+    grads = {"w": np.full(size, value, np.float64)}
+    return http_api.push(url, session_id, grads, key=key, return_weights=return_weights, via=http)
 
 
-def pulled(http: httpx.Client, url: str, session_id: str) -> tuple[int, np.ndarray]:
-    r = http.get(f"{url}/sessions/{session_id}/weights")
-    assert r.status_code == 200, r.text
-    message = wire.unpack(r.content)
-    return message["iterations"], wire.decode_tensor(message["weights"]["w"]).copy()
-
-
-def new_id() -> str:
-    return f"idem-{uuid.uuid4().hex[:12]}"
+def pulled(url: str, session_id: str) -> tuple[int, np.ndarray]:
+    iterations, weights = http_api.pull(url, session_id)
+    return iterations, weights["w"].copy()
 
 
 # --- one key, one step ----------------------------------------------------------------------
@@ -80,7 +63,7 @@ def test_same_key_twice_applies_once_and_replays_the_body(
     base_url: str, http: httpx.Client
 ) -> None:
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     first = push(http, base_url, sid, "key-1", 1.0)
     assert first.status_code == 200, first.text
     assert REPLAYED not in first.headers
@@ -89,7 +72,7 @@ def test_same_key_twice_applies_once_and_replays_the_body(
     assert second.headers[REPLAYED] == "true"
     assert second.content == first.content
     assert second.headers["content-type"] == first.headers["content-type"]
-    iterations, w = pulled(http, base_url, sid)
+    iterations, w = pulled(base_url, sid)
     assert iterations == 1
     np.testing.assert_array_equal(w, np.full(4, -LR))
 
@@ -97,53 +80,53 @@ def test_same_key_twice_applies_once_and_replays_the_body(
 def test_a_replay_ignores_the_second_body(base_url: str, http: httpx.Client) -> None:
     """The key names the push: a retry with other gradients or options still applies nothing."""
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     first = push(http, base_url, sid, "key-1", 1.0)
     second = push(http, base_url, sid, "key-1", 8.0, return_weights=False)
     assert second.headers[REPLAYED] == "true"
     assert second.content == first.content
-    assert pulled(http, base_url, sid)[0] == 1
+    assert pulled(base_url, sid)[0] == 1
 
 
 def test_different_keys_apply_two_steps(base_url: str, http: httpx.Client) -> None:
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     a = push(http, base_url, sid, "key-a", 1.0)
     b = push(http, base_url, sid, "key-b", 2.0)
     assert REPLAYED not in a.headers and REPLAYED not in b.headers
     assert wire.unpack(a.content)["iterations"] == 1
     assert wire.unpack(b.content)["iterations"] == 2
-    iterations, w = pulled(http, base_url, sid)
+    iterations, w = pulled(base_url, sid)
     assert iterations == 2
     np.testing.assert_array_equal(w, np.full(4, -LR * 3.0))
 
 
 def test_no_key_applies_every_time(base_url: str, http: httpx.Client) -> None:
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     for _ in range(3):
         r = push(http, base_url, sid, None)
         assert REPLAYED not in r.headers
-    assert pulled(http, base_url, sid)[0] == 3
+    assert pulled(base_url, sid)[0] == 3
 
 
 def test_the_same_key_on_another_session_is_independent(base_url: str, http: httpx.Client) -> None:
     one, two = new_id(), new_id()
-    create(http, base_url, one)
-    create(http, base_url, two)
+    create(base_url, one)
+    create(base_url, two)
     r1 = push(http, base_url, one, "shared-key", 1.0)
     r2 = push(http, base_url, two, "shared-key", 2.0)
     assert REPLAYED not in r1.headers and REPLAYED not in r2.headers
-    assert pulled(http, base_url, one)[0] == 1
-    assert pulled(http, base_url, two)[0] == 1
-    np.testing.assert_array_equal(pulled(http, base_url, two)[1], np.full(4, -LR * 2.0))
+    assert pulled(base_url, one)[0] == 1
+    assert pulled(base_url, two)[0] == 1
+    np.testing.assert_array_equal(pulled(base_url, two)[1], np.full(4, -LR * 2.0))
     assert push(http, base_url, one, "shared-key").content == r1.content
     assert push(http, base_url, two, "shared-key").content == r2.content
 
 
 def test_racing_pushes_with_one_key_apply_once(base_url: str, http: httpx.Client) -> None:
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     barrier = threading.Barrier(8)
     answers: list[httpx.Response] = []
     lock = threading.Lock()
@@ -164,18 +147,18 @@ def test_racing_pushes_with_one_key_apply_once(base_url: str, http: httpx.Client
     assert all(r.status_code == 200 for r in answers)
     assert sum(REPLAYED not in r.headers for r in answers) == 1
     assert len({r.content for r in answers}) == 1
-    assert pulled(http, base_url, sid)[0] == 1
+    assert pulled(base_url, sid)[0] == 1
 
 
 def test_a_refused_push_does_not_use_up_its_key(base_url: str, http: httpx.Client) -> None:
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     bad = push(http, base_url, sid, "key-1", size=5)  # wrong shape: 422
     assert bad.status_code == 422, bad.text
     good = push(http, base_url, sid, "key-1")
     assert good.status_code == 200
     assert REPLAYED not in good.headers
-    assert pulled(http, base_url, sid)[0] == 1
+    assert pulled(base_url, sid)[0] == 1
 
 
 @pytest.mark.parametrize(
@@ -187,20 +170,20 @@ def test_invalid_key_is_refused_and_applies_nothing(
     base_url: str, http: httpx.Client, key: str | bytes
 ) -> None:
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     r = push(http, base_url, sid, key)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == "invalid_idempotency_key"
-    assert pulled(http, base_url, sid)[0] == 0
+    assert pulled(base_url, sid)[0] == 0
 
 
 def test_the_longest_and_oddest_valid_keys(base_url: str, http: httpx.Client) -> None:
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     for key in ("k" * 255, "a b ~!@#$%^&*()", str(uuid.uuid4())):
         assert REPLAYED not in push(http, base_url, sid, key).headers
         assert push(http, base_url, sid, key).headers[REPLAYED] == "true"
-    assert pulled(http, base_url, sid)[0] == 3
+    assert pulled(base_url, sid)[0] == 3
 
 
 # --- how long and how many keys are remembered ----------------------------------------------
@@ -211,7 +194,7 @@ def test_a_key_is_forgotten_after_the_window(
 ) -> None:
     url = server_factory(idempotency_window_seconds=0.3).url
     sid = new_id()
-    create(http, url, sid)
+    create(url, sid)
     push(http, url, sid, "key-1")
     assert push(http, url, sid, "key-1").headers[REPLAYED] == "true"
     time.sleep(0.5)
@@ -225,19 +208,19 @@ def test_a_zero_window_remembers_nothing(
 ) -> None:
     url = server_factory(idempotency_window_seconds=0).url
     sid = new_id()
-    create(http, url, sid)
+    create(url, sid)
     push(http, url, sid, "key-1")
     assert REPLAYED not in push(http, url, sid, "key-1").headers
-    assert pulled(http, url, sid)[0] == 2
+    assert pulled(url, sid)[0] == 2
 
 
 def test_keys_are_forgotten_when_the_session_is_deleted(base_url: str, http: httpx.Client) -> None:
     sid = new_id()
-    create(http, base_url, sid)
+    create(base_url, sid)
     push(http, base_url, sid, "key-1")
     push(http, base_url, sid, "key-2")
     assert http.delete(f"{base_url}/sessions/{sid}").status_code == 204
-    create(http, base_url, sid)  # a new session under the old id
+    create(base_url, sid)  # a new session under the old id
     r = push(http, base_url, sid, "key-1")
     assert r.status_code == 200
     assert REPLAYED not in r.headers
@@ -249,7 +232,7 @@ def test_the_number_of_keys_is_bounded(
 ) -> None:
     url = server_factory(idempotency_max_keys=3).url
     sid = new_id()
-    create(http, url, sid)
+    create(url, sid)
     first = {key: push(http, url, sid, key).content for key in ("k1", "k2", "k3", "k4")}
     for key in ("k4", "k3", "k2"):  # the three newest are remembered
         r = push(http, url, sid, key)
@@ -257,7 +240,7 @@ def test_the_number_of_keys_is_bounded(
         assert r.content == first[key]
     oldest = push(http, url, sid, "k1")  # the oldest was dropped: applied again
     assert REPLAYED not in oldest.headers
-    assert pulled(http, url, sid)[0] == 5
+    assert pulled(url, sid)[0] == 5
 
 
 def test_the_bytes_of_remembered_answers_are_bounded(
@@ -267,7 +250,7 @@ def test_the_bytes_of_remembered_answers_are_bounded(
     size = 64  # 512 bytes of float64 weights per answer
     url = server_factory(idempotency_max_bytes=1200).url
     sid = new_id()
-    create(http, url, sid, size=size)
+    create(url, sid, size=size)
     first = {key: push(http, url, sid, key, size=size).content for key in ("k1", "k2", "k3")}
     assert all(len(body) > 512 for body in first.values())
     shrunk = push(http, url, sid, "k1", size=size)
@@ -277,7 +260,7 @@ def test_the_bytes_of_remembered_answers_are_bounded(
         kept = push(http, url, sid, key, size=size)
         assert kept.headers[REPLAYED] == "true"
         assert kept.content == first[key]
-    assert pulled(http, url, sid)[0] == 3
+    assert pulled(url, sid)[0] == 3
 
 
 def test_an_answer_larger_than_the_bound_is_replayed_as_iterations(
@@ -285,13 +268,13 @@ def test_an_answer_larger_than_the_bound_is_replayed_as_iterations(
 ) -> None:
     url = server_factory(idempotency_max_bytes=16).url
     sid = new_id()
-    create(http, url, sid)
+    create(url, sid)
     push(http, url, sid, "k1")
     push(http, url, sid, "k2")
     r = push(http, url, sid, "k1")
     assert r.headers[REPLAYED] == "true"
     assert wire.unpack(r.content) == {"iterations": 1}
-    assert pulled(http, url, sid)[0] == 2
+    assert pulled(url, sid)[0] == 2
 
 
 # --- retries through a connection that drops ------------------------------------------------
@@ -427,7 +410,7 @@ def test_retries_after_dropped_connections_apply_each_key_once(
 ) -> None:
     workers, per_worker, size = 8, 25, 16
     sid = new_id()
-    create(http, base_url, sid, size=size)
+    create(base_url, sid, size=size)
     proxy = dropping_proxy(base_url, drop_before=0.15, drop_after=0.25, seed=20240508)
     answers: dict[str, tuple[int, bool]] = {}  # key -> (iterations answered, was a replay)
     retries: list[int] = []
@@ -473,7 +456,7 @@ def test_retries_after_dropped_connections_apply_each_key_once(
     print(f"proxy fates: {proxy.counts}; retries per worker: {retries}")
     assert proxy.counts["before"] > 0 and proxy.counts["after"] > 0, proxy.counts
 
-    iterations, w = pulled(http, base_url, sid)
+    iterations, w = pulled(base_url, sid)
     assert iterations == total
     # Every key was answered with the iteration of its one step: all distinct, 1..total.
     assert sorted(it for it, _ in answers.values()) == list(range(1, total + 1))

@@ -2,9 +2,9 @@
 
 A session's trajectory over 20 pushes must equal what the same TensorFlow optimizer gives when
 the test applies it directly to ``tf.Variable``s (eagerly), to float32 tolerance; an exported
-state imported mid-run must continue bit for bit; unknown names and bad arguments get 422; a
-server that cannot import TensorFlow answers how to install it, and importing the app never
-imports TensorFlow.
+state imported mid-run must continue bit for bit; unknown names and bad arguments get 422;
+importing the app never imports TensorFlow (and a server that cannot import it answers how to
+install it: ``tests/system/test_server_without_tensorflow.py``).
 
 CI installs the ``tensorflow`` extra and sets ``CI=true``: there the TensorFlow tests fail
 loudly when TensorFlow is missing. Elsewhere they are skipped without it.
@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,14 +28,21 @@ import numpy as np
 import pytest
 
 from paramserver import optimizers, wire
-from tests.harness.servers import free_port
+from tests.harness import http_api
+from tests.harness.http_api import (
+    arrays,
+    assert_error,
+    get_state,
+    post_session,
+    push,
+    put_state,
+    unpackb,
+)
 
 pytestmark = pytest.mark.tensorflow
 
 STEPS = 20
 REPO = Path(__file__).resolve().parents[2]
-INSTALL_HINT = "pip install 'paramserver[tensorflow]'"
-MSGPACK = {"content-type": wire.MSGPACK_MEDIA_TYPE}
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +54,6 @@ def tf() -> Any:
     return pytest.importorskip("tensorflow")
 
 
-@pytest.fixture(scope="module")
-def api(base_url: str) -> Iterator[httpx.Client]:
-    """One keep-alive client for the module's server (a client per request costs ~20 ms)."""
-    with httpx.Client(base_url=base_url, timeout=120) as client:
-        yield client
-
-
 # --- talking to the server --------------------------------------------------------------------
 
 
@@ -64,53 +63,26 @@ def create(
     weights: dict[str, np.ndarray],
     session_id: str,
 ) -> httpx.Response:
-    body = wire.pack(
-        {"session_id": session_id, "optimizer": optimizer.to_dict(), "weights": weights}
-    )
-    return api.post("/sessions", content=body, headers=MSGPACK)
-
-
-def push(api: httpx.Client, session_id: str, grads: dict[str, np.ndarray]) -> httpx.Response:
-    body = wire.pack({"gradients": grads})
-    return api.post(f"/sessions/{session_id}/gradients", content=body, headers=MSGPACK)
+    return post_session(api, optimizer.to_dict(), weights, session_id=session_id)
 
 
 def pushed(
     api: httpx.Client, session_id: str, grads: dict[str, np.ndarray]
 ) -> tuple[int, dict[str, np.ndarray]]:
     """Push and return ``(iterations, weights)`` from the answer."""
-    r = push(api, session_id, grads)
-    assert r.status_code == 200, r.text
-    obj = wire.unpack(r.content)
-    return obj["iterations"], wire.decode_tensor_map(obj["weights"], field="weights")
-
-
-def get_state(api: httpx.Client, session_id: str) -> bytes:
-    r = api.get(f"/sessions/{session_id}/state")
-    assert r.status_code == 200, r.text
-    return r.content
-
-
-def put_state(api: httpx.Client, session_id: str, body: bytes) -> httpx.Response:
-    return api.put(f"/sessions/{session_id}/state", content=body, headers=MSGPACK)
+    answer = http_api.pushed(api, session_id, grads)
+    return answer["iterations"], arrays(answer["weights"])
 
 
 def decode_state(body: bytes) -> dict[str, Any]:
-    obj = wire.unpack(body)
+    obj = unpackb(body)
     return {
         "iterations": obj["iterations"],
         "optimizer": obj["optimizer"],
-        "weights": wire.decode_tensor_map(obj["weights"], field="weights"),
-        "slots": {s: wire.decode_tensor_map(per, field="slots") for s, per in obj["slots"].items()},
+        "weights": arrays(obj["weights"]),
+        "slots": {s: arrays(per) for s, per in obj["slots"].items()},
         "scalars": obj["scalars"],
     }
-
-
-def error(r: httpx.Response, status: int, code: str) -> str:
-    assert r.status_code == status, r.text
-    body = r.json()["error"]
-    assert body["code"] == code, body
-    return str(body["message"])
 
 
 # --- models and gradients ---------------------------------------------------------------------
@@ -363,16 +335,16 @@ def test_state_that_does_not_fit_is_refused(
     state = wire.unpack(get_state(api, sid))
 
     missing_slot = dict(state, slots={"m": state["slots"]["m"]})
-    message = error(put_state(api, sid, wire.pack(missing_slot)), 422, "invalid_state")
+    message = assert_error(put_state(api, sid, wire.pack(missing_slot)), 422, "invalid_state")
     assert "slots" in message
 
     wrong_shape = dict(state)
     wrong_shape["slots"] = dict(state["slots"])
     wrong_shape["slots"]["v"] = dict(state["slots"]["v"], embedding=np.zeros(3, np.float32))
-    error(put_state(api, sid, wire.pack(wrong_shape)), 422, "invalid_state")
+    assert_error(put_state(api, sid, wire.pack(wrong_shape)), 422, "invalid_state")
 
     no_scalars = dict(state, scalars={})
-    message = error(put_state(api, sid, wire.pack(no_scalars)), 422, "invalid_state")
+    message = assert_error(put_state(api, sid, wire.pack(no_scalars)), 422, "invalid_state")
     assert "beta1_power" in message
 
     # Refused states changed nothing.
@@ -386,7 +358,7 @@ def test_unknown_name_lists_the_valid_ones(
     tf: Any, api: httpx.Client, session_ids: Callable[[str], str]
 ) -> None:
     r = create(api, optimizers.TFOptimizer("AdamOptimzer"), initial_weights(0), session_ids("x"))
-    message = error(r, 422, "unknown_optimizer")
+    message = assert_error(r, 422, "unknown_optimizer")
     assert "'AdamOptimzer'" in message
     for name in ("GradientDescentOptimizer", "ProximalGradientDescentOptimizer", "Adam", "SGD"):
         assert name in message
@@ -450,7 +422,7 @@ def test_bad_arguments_get_tensorflows_message(
 ) -> None:
     weights = {k: w.astype(weights_dtype) for k, w in initial_weights(0).items()}
     sid = session_ids("badarg")
-    message = error(create(api, config, weights, sid), 422, "invalid_optimizer")
+    message = assert_error(create(api, config, weights, sid), 422, "invalid_optimizer")
     assert fragment in message
     assert api.get(f"/sessions/{sid}").status_code == 404
 
@@ -466,11 +438,11 @@ def test_bad_gradients_change_nothing(
     before = get_state(api, sid)
 
     missing = {k: v for k, v in good.items() if k != "embedding"}
-    assert "embedding" in error(push(api, sid, missing), 422, "parameter_mismatch")
+    assert "embedding" in assert_error(push(api, sid, missing), 422, "parameter_mismatch")
     shape = dict(good, embedding=np.zeros((2, 2, 3), np.float32))
-    error(push(api, sid, shape), 422, "parameter_mismatch")
+    assert_error(push(api, sid, shape), 422, "parameter_mismatch")
     nan = dict(good, embedding=np.full((3, 2, 2), np.nan, np.float32))
-    error(push(api, sid, nan), 422, "non_finite_gradient")
+    assert_error(push(api, sid, nan), 422, "non_finite_gradient")
     assert get_state(api, sid) == before
 
     # Gradients of another float dtype are cast to the parameter's.
@@ -575,90 +547,3 @@ def test_importing_the_app_does_not_import_tensorflow() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
-
-
-_NO_TENSORFLOW_SERVER = textwrap.dedent(
-    """
-    import importlib.abc
-    import sys
-
-
-    class NoTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("tensorflow", "keras"):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-
-    sys.meta_path.insert(0, NoTensorFlow())
-
-    import uvicorn
-
-    from paramserver.server.main import create_app
-    from paramserver.server.settings import Settings
-
-    app = create_app(Settings(warm_up_kernels=False))
-    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
-    """
-)
-
-
-def _wait_until_healthy(api: httpx.Client, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if api.get("/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server without TensorFlow did not start"
-        time.sleep(0.05)
-
-
-def _check_without_tensorflow(api: httpx.Client) -> None:
-    weights = initial_weights(0)
-    r = create(api, optimizers.TFOptimizer("AdamOptimizer", learning_rate=0.01), weights, "tf")
-    message = error(r, 422, "tensorflow_not_installed")
-    assert INSTALL_HINT in message
-    assert api.get("/sessions/tf").status_code == 404
-
-    # A state naming a TFOptimizer gets the same answer; every other session works.
-    state = {
-        "iterations": 0,
-        "optimizer": optimizers.TFOptimizer("Adam").to_dict(),
-        "weights": weights,
-        "slots": {},
-        "scalars": {},
-    }
-    message = error(put_state(api, "tf", wire.pack(state)), 422, "tensorflow_not_installed")
-    assert INSTALL_HINT in message
-    assert create(api, optimizers.Adam(lr=0.01), weights, "keras").status_code == 201
-    iterations, _ = pushed(api, "keras", gradient_stream(1, weights, 1)[0])
-    assert iterations == 1
-
-
-def test_server_without_tensorflow_answers_the_install_hint(tmp_path: Path) -> None:
-    script = tmp_path / "serve_without_tensorflow.py"
-    script.write_text(_NO_TENSORFLOW_SERVER)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    with log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(port)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        with httpx.Client(base_url=url, timeout=60) as api:
-            _wait_until_healthy(api, proc, log)
-            _check_without_tensorflow(api)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -217,7 +217,9 @@ def test_sigkill_under_push_load_five_times(tmp_path: Path, mode: str) -> None:
         try:
             if round_ == 0:
                 for model in models:
-                    create_session(server.url, model.session_id, model.optimizer, model.weights)
+                    create_session(
+                        server.url, model.optimizer, model.weights, session_id=model.session_id
+                    )
             else:
                 assert session_ids(server.url) == sorted(SESSIONS), server.log
                 for model in models:
