@@ -5,12 +5,14 @@
 default server shared by a test module and ``base_url`` its URL. Tests talk to it over real
 HTTP on 127.0.0.1, with ``api`` (a keep-alive client of it: requests take paths) or ``http``
 (one for full URLs, of any server). ``adam_session`` is a session of that server to aim refused
-requests at (:mod:`tests.harness.refusals`).
+requests at (:mod:`tests.harness.refusals`); ``durable_services`` makes services without HTTP,
+durable on a directory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +21,7 @@ import pytest
 from tests.harness.http_api import MSGPACK, create_body, new_id
 from tests.harness.refusals import VALID_PUSH, WEIGHTS
 from tests.harness.servers import ServerThread, start_server_thread
+from tests.harness.service import DurableService, opened_services
 
 
 @pytest.fixture
@@ -71,3 +74,11 @@ def adam_session(api: httpx.Client) -> str:
     r = api.post(f"/sessions/{sid}/gradients", content=VALID_PUSH, headers=MSGPACK)
     assert r.status_code == 200, r.text
     return sid
+
+
+@pytest.fixture
+def durable_services(tmp_path: Path) -> Iterator[Callable[..., DurableService]]:
+    """A factory of in-process services durable on ``tmp_path / "snapshots"`` (by default),
+    closed at teardown unless the test closed or crashed them (:mod:`tests.harness.service`)."""
+    with opened_services(tmp_path) as make:
+        yield make

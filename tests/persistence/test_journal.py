@@ -2,7 +2,8 @@
 
 Unit tests drive :class:`Journal` and :class:`JournalReader` on a directory; replay tests drive
 a service with ``durability="journal"`` in-process (a "crash" drops it without the final
-snapshot); the last tests SIGKILL a real ``python -m paramserver serve`` process.
+snapshot). A real ``python -m paramserver serve`` SIGKILLed:
+``tests/system/test_journal_survives_sigkill.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,7 @@ from paramserver.server.persistence import (
 )
 from paramserver.server.persistence.journal import list_segments
 
-from paramserver import wire
-from tests.harness.http_api import HTTP, MSGPACK, create_session, get_state, push, session_ids
-from tests.harness.servers import ServerProcess, start_paramserver
-from tests.harness.service import DurableService, opened_services
+from tests.harness.service import DurableService
 
 RNG = np.random.default_rng(7)
 
@@ -194,14 +192,8 @@ def test_concurrent_appends_get_distinct_lsns_in_order(tmp_path: Path, policy: A
 # --- replay in-process -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., DurableService]]:
-    with opened_services(tmp_path) as make:
-        yield make
-
-
-def journaled(servers: Callable[..., DurableService], **overrides: Any) -> DurableService:
-    return servers(durability="journal", **overrides)
+def journaled(durable_services: Callable[..., DurableService], **overrides: Any) -> DurableService:
+    return durable_services(durability="journal", **overrides)
 
 
 def grads() -> dict[str, np.ndarray]:
@@ -211,8 +203,8 @@ def grads() -> dict[str, np.ndarray]:
 WEIGHTS = {"w": np.linspace(-1, 1, 6, dtype=np.float32)}
 
 
-def test_replay_after_a_crash_is_bit_exact(servers: Callable[..., DurableService]) -> None:
-    first = journaled(servers)
+def test_replay_after_a_crash_is_bit_exact(durable_services: Callable[..., DurableService]) -> None:
+    first = journaled(durable_services)
     first.create("a", "nadam", WEIGHTS)
     first.create("b", {"class_name": "Adam", "config": {"amsgrad": True}}, WEIGHTS)
     for _ in range(3):
@@ -223,7 +215,7 @@ def test_replay_after_a_crash_is_bit_exact(servers: Callable[..., DurableService
         first.push("a", grads(), key=f"late-{RNG.integers(1 << 30)}")  # ...these come after
     first.crash()
 
-    second = journaled(servers)
+    second = journaled(durable_services)
     assert second.state("a") == first.state("a")
     assert second.state("b") == first.state("b")
     assert second.service.store.get("a").trainer.iterations == 5
@@ -234,9 +226,9 @@ def test_replay_after_a_crash_is_bit_exact(servers: Callable[..., DurableService
 
 
 def test_snapshot_pass_deletes_covered_segments(
-    servers: Callable[..., DurableService], tmp_path: Path
+    durable_services: Callable[..., DurableService], tmp_path: Path
 ) -> None:
-    server = journaled(servers)
+    server = journaled(durable_services)
     server.create("a", "sgd", WEIGHTS)
     server.push("a", grads())
     journal_dir = tmp_path / "snapshots" / "journal"
@@ -246,11 +238,13 @@ def test_snapshot_pass_deletes_covered_segments(
     server.push("a", grads())
     server.crash()
     assert [r.op for r in records_of(journal_dir)[0]] == ["push"]
-    assert journaled(servers).service.store.get("a").trainer.iterations == 2
+    assert journaled(durable_services).service.store.get("a").trainer.iterations == 2
 
 
-def test_create_state_load_and_delete_are_replayed(servers: Callable[..., DurableService]) -> None:
-    first = journaled(servers)
+def test_create_state_load_and_delete_are_replayed(
+    durable_services: Callable[..., DurableService],
+) -> None:
+    first = journaled(durable_services)
     first.create("kept", "adam", WEIGHTS)
     first.create("dropped", "adam", WEIGHTS)
     first.push("kept", grads())
@@ -262,29 +256,29 @@ def test_create_state_load_and_delete_are_replayed(servers: Callable[..., Durabl
     first.service.delete("dropped")
     first.crash()
 
-    second = journaled(servers)
+    second = journaled(durable_services)
     assert sorted(s.id for s in second.service.store.list()) == ["copy", "kept"]
     assert second.state("kept") == exported == second.state("copy")
 
 
 def test_retried_key_after_a_crash_is_replayed_not_applied(
-    servers: Callable[..., DurableService],
+    durable_services: Callable[..., DurableService],
 ) -> None:
-    first = journaled(servers)
+    first = journaled(durable_services)
     first.create("a", "sgd", WEIGHTS)
     g = grads()
     first.push("a", g, key="only-once")
     first.crash()
-    second = journaled(servers)
+    second = journaled(durable_services)
     answer, replayed = second.push("a", g, key="only-once")
     assert replayed and answer == {"iterations": 1}
     assert second.service.store.get("a").trainer.iterations == 1
 
 
 def test_a_gap_in_the_journal_refuses_to_start(
-    servers: Callable[..., DurableService], tmp_path: Path
+    durable_services: Callable[..., DurableService], tmp_path: Path
 ) -> None:
-    first = journaled(servers)
+    first = journaled(durable_services)
     first.create("a", "sgd", WEIGHTS)
     first.durability.snapshot_changed()
     for _ in range(3):
@@ -296,13 +290,15 @@ def test_a_gap_in_the_journal_refuses_to_start(
     data = segment.read_bytes()  # cut out the second push: the third no longer follows on
     segment.write_bytes(data[: records[1].offset] + data[records[2].offset :])
     with pytest.raises(RecoveryError, match="is push number 3 but the session is at iteration 1"):
-        journaled(servers)
+        journaled(durable_services)
 
 
 def test_fallback_snapshot_without_its_journal_is_an_error_not_a_refusal(
-    servers: Callable[..., DurableService], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    durable_services: Callable[..., DurableService],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    first = journaled(servers)
+    first = journaled(durable_services)
     first.create("a", "sgd", WEIGHTS)
     first.push("a", grads())
     first.durability.snapshot_changed()  # iteration 1
@@ -313,128 +309,35 @@ def test_fallback_snapshot_without_its_journal_is_an_error_not_a_refusal(
     newest = sorted((tmp_path / "snapshots").glob("a.*.snapshot"))[-1]
     newest.write_bytes(newest.read_bytes()[:-1])
     with caplog.at_level(logging.WARNING, logger="paramserver.persistence"):
-        second = journaled(servers)
+        second = journaled(durable_services)
     assert second.service.store.get("a").trainer.iterations == 1
     assert "refusing snapshot" in caplog.text
     assert "is push number 3 but the session is at iteration 1" in caplog.text
 
 
 def test_journal_from_an_earlier_run_is_replayed_in_snapshot_mode(
-    servers: Callable[..., DurableService], tmp_path: Path
+    durable_services: Callable[..., DurableService], tmp_path: Path
 ) -> None:
-    first = journaled(servers)
+    first = journaled(durable_services)
     first.create("a", "adam", WEIGHTS)
     first.push("a", grads())
     first.crash()
-    second = servers()  # durability="snapshot"
+    second = durable_services()  # durability="snapshot"
     assert second.state("a") == first.state("a")
     assert list_segments(tmp_path / "snapshots" / "journal") == []
     second.close()
-    third = journaled(servers)  # the snapshots' LSN keeps old records from being replayed again
+    # The snapshots' LSN keeps old records from being replayed again.
+    third = journaled(durable_services)
     assert third.state("a") == first.state("a")
 
 
-# --- a real server, SIGKILLed --------------------------------------------------------------
-
-
-def journal_server(tmp_path: Path, *extra: str) -> ServerProcess:
-    return start_paramserver(
-        tmp_path,
-        "--snapshot-dir",
-        str(tmp_path / "data"),
-        "--durability",
-        "journal",
-        "--snapshot-interval-seconds",
-        "3600",
-        *extra,
-    )
-
-
-@pytest.mark.parametrize("fsync", ["always", "interval"])
-def test_acknowledged_pushes_survive_sigkill(tmp_path: Path, fsync: str) -> None:
-    server = journal_server(tmp_path, "--journal-fsync", fsync)
-    try:
-        create_session(server.url, "adam", WEIGHTS, session_id="a")
-        create_session(server.url, "rmsprop", WEIGHTS, session_id="b")
-        for i in range(20):
-            for sid in ("a", "b"):
-                r = push(server.url, sid, grads(), key=f"{sid}-{i}")
-                assert r.status_code == 200, r.text
-        r = HTTP.put(
-            f"{server.url}/sessions/c/state", content=get_state(server.url, "a"), headers=MSGPACK
-        )
-        assert r.status_code == 201, r.text
-        saved = {sid: get_state(server.url, sid) for sid in ("a", "b", "c")}
-        g = grads()
-        answer = wire.unpack(push(server.url, "a", g, key="last").content)
-    finally:
-        server.kill()
-    saved["a"] = None  # the last push changed it: compare through its retry below
-
-    restarted = journal_server(tmp_path, "--journal-fsync", fsync)
-    try:
-        assert "replayed 44 of 44 journal record(s)" in restarted.log, restarted.log
-        assert session_ids(restarted.url) == ["a", "b", "c"]
-        for sid in ("b", "c"):
-            assert get_state(restarted.url, sid) == saved[sid]
-        retry = push(restarted.url, "a", g, key="last")
-        assert retry.headers["idempotent-replayed"] == "true"
-        assert (
-            wire.unpack(retry.content) == {"iterations": answer["iterations"]} == {"iterations": 21}
-        )
-        weights = wire.unpack(HTTP.get(f"{restarted.url}/sessions/a/weights").content)["weights"]
-        np.testing.assert_array_equal(
-            wire.decode_tensor(weights["w"]), wire.decode_tensor(answer["weights"]["w"])
-        )
-    finally:
-        assert restarted.terminate() == 0, restarted.log
-
-
-def test_damaged_journal_stops_the_start_with_a_clear_message(tmp_path: Path) -> None:
-    server = journal_server(tmp_path)
-    try:
-        create_session(server.url, "sgd", WEIGHTS, session_id="a")
-        for _ in range(3):
-            assert push(server.url, "a", grads()).status_code == 200
-    finally:
-        server.kill()
-    records = records_of(tmp_path / "data" / "journal")[0]
-    path = records[1].segment
-    data = bytearray(path.read_bytes())
-    data[records[1].offset + 20] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-    refused = ServerProcess.paramserver(
-        "--snapshot-dir", str(tmp_path / "data"), log_dir=tmp_path, warm_up_kernels=False
-    ).launch()
-    assert refused.wait_exit() != 0, refused.log
-    assert f"cannot start: journal segment {path} is damaged at offset" in refused.log
-
-
-def test_torn_tail_after_sigkill_is_cut_and_the_server_starts(tmp_path: Path) -> None:
-    server = journal_server(tmp_path)
-    try:
-        create_session(server.url, "sgd", WEIGHTS, session_id="a")
-        assert push(server.url, "a", grads()).status_code == 200
-        saved = get_state(server.url, "a")
-    finally:
-        server.kill()
-    segment = list_segments(tmp_path / "data" / "journal")[-1][1]
-    whole = segment.read_bytes()
-    segment.write_bytes(whole + whole[12:40])  # the start of a record, as a crash leaves it
-
-    restarted = journal_server(tmp_path)
-    try:
-        assert f"ignoring 28 bytes at the end of {segment}" in restarted.log, restarted.log
-        assert get_state(restarted.url, "a") == saved
-    finally:
-        assert restarted.terminate() == 0, restarted.log
+# --- a failed journal ---------------------------------------------------------------------
 
 
 def test_a_failed_journal_refuses_every_change(
-    servers: Callable[..., DurableService], caplog: pytest.LogCaptureFixture
+    durable_services: Callable[..., DurableService], caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = journaled(servers)
+    server = journaled(durable_services)
     server.create("a", "sgd", WEIGHTS)
     journal = server.durability.journal
     assert journal is not None

@@ -1,29 +1,27 @@
-"""Snapshots: bit-exact round trips, refused damaged files, keep-last-N, the directory lock,
-``POST /sessions/{id}/snapshot`` and the final snapshot on SIGTERM.
+"""Snapshots: bit-exact round trips, refused damaged files, keep-last-N, deletes and
+``POST /sessions/{id}/snapshot``.
 
 Most tests drive :class:`paramserver.server.service.SessionService` with a :class:`Durability`
-directly (no HTTP); the lock and SIGTERM tests run ``python -m paramserver serve`` as a child
-process.
+directly (no HTTP), restarted on the same directory. The final snapshots of a real server on
+SIGTERM, and two servers on one directory: ``tests/system/test_snapshots_across_restarts.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from paramserver.server.errors import ServiceUnavailable
-from paramserver.server.persistence import CorruptSnapshot, DirectoryLock, DirectoryLocked
+from paramserver.server.persistence import CorruptSnapshot
 from paramserver.server.persistence.snapshots import decode_snapshot, encode_snapshot
 
 from paramserver import wire
-from tests.harness.http_api import HTTP, MSGPACK, create_session, get_state, push, session_ids
-from tests.harness.servers import ServerProcess, start_paramserver
-from tests.harness.service import DurableService, opened_services
+from tests.harness.http_api import HTTP, create_session, push
+from tests.harness.service import DurableService
 
 OPTIMIZERS: list[Any] = [
     "sgd",
@@ -51,12 +49,6 @@ def grads_like(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n: RNG.standard_normal(w.shape).astype(w.dtype) for n, w in weights.items()}
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Callable[..., DurableService]]:
-    with opened_services(tmp_path) as make:
-        yield make
-
-
 def snapshot_files(directory: Path, suffix: str = ".snapshot") -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(suffix))
 
@@ -66,9 +58,9 @@ def snapshot_files(directory: Path, suffix: str = ".snapshot") -> list[Path]:
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=OPTIMIZER_IDS)
 def test_round_trip_is_bit_exact_and_continues_identically(
-    servers: Callable[..., DurableService], optimizer: Any
+    durable_services: Callable[..., DurableService], optimizer: Any
 ) -> None:
-    first = servers()
+    first = durable_services()
     weights = weights_of(("float32", "float32", "float64"))
     first.create("s", optimizer, weights)
     for _ in range(4):
@@ -76,7 +68,7 @@ def test_round_trip_is_bit_exact_and_continues_identically(
     first.close()  # the final snapshot
     before = first.state("s")
 
-    second = servers()
+    second = durable_services()
     assert second.state("s") == before
     for _ in range(3):  # the same gradients on the saved session and on the restored one
         grads = grads_like(weights)
@@ -86,9 +78,9 @@ def test_round_trip_is_bit_exact_and_continues_identically(
 
 @pytest.mark.parametrize("dtypes", [("float16", "float64"), ("float32",), ("float64",)])
 def test_nadam_m_schedule_survives_in_every_compute_dtype(
-    servers: Callable[..., DurableService], dtypes: tuple[str, ...]
+    durable_services: Callable[..., DurableService], dtypes: tuple[str, ...]
 ) -> None:
-    first = servers()
+    first = durable_services()
     weights = weights_of(dtypes)
     first.create("n", "nadam", weights)
     for _ in range(5):
@@ -97,14 +89,16 @@ def test_nadam_m_schedule_survives_in_every_compute_dtype(
     saved = wire.unpack(first.state("n"))
     assert saved["scalars"]["m_schedule"] != 1.0
 
-    second = servers()
+    second = durable_services()
     assert second.state("n") == first.state("n")
     grads = grads_like(weights)
     assert first.push("n", grads)[0] == second.push("n", grads)[0]
 
 
-def test_snapshot_holds_the_state_and_the_header(servers: Callable[..., DurableService]) -> None:
-    server = servers()
+def test_snapshot_holds_the_state_and_the_header(
+    durable_services: Callable[..., DurableService],
+) -> None:
+    server = durable_services()
     weights = weights_of()
     server.create("h", "adam", weights)
     server.push("h", grads_like(weights), key="key-1")
@@ -116,14 +110,16 @@ def test_snapshot_holds_the_state_and_the_header(servers: Callable[..., DurableS
     assert [k[:2] for k in header["idempotency"]] == [["key-1", 1]]
 
 
-def test_idempotency_keys_survive_a_restart(servers: Callable[..., DurableService]) -> None:
-    first = servers()
+def test_idempotency_keys_survive_a_restart(
+    durable_services: Callable[..., DurableService],
+) -> None:
+    first = durable_services()
     weights = weights_of()
     first.create("k", "sgd", weights)
     grads = grads_like(weights)
     first.push("k", grads, key="once")
     first.close()
-    second = servers()
+    second = durable_services()
     answer, replayed = second.push("k", grads, key="once")
     assert replayed and answer == {"iterations": 1}
     assert second.push("k", grads, key="twice")[0]["iterations"] == 2
@@ -175,12 +171,12 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
 def test_damaged_newest_snapshot_is_refused_and_the_previous_one_used(
-    servers: Callable[..., DurableService],
+    durable_services: Callable[..., DurableService],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     damage: Callable[[Path], None],
 ) -> None:
-    first = servers()
+    first = durable_services()
     weights = weights_of()
     first.create("d", "adam", weights)  # snapshot 1: iteration 0
     for _ in range(3):
@@ -193,7 +189,7 @@ def test_damaged_newest_snapshot_is_refused_and_the_previous_one_used(
     damage(newest)
 
     with caplog.at_level(logging.WARNING, logger="paramserver.persistence"):
-        second = servers()
+        second = durable_services()
     assert second.state("d") == good
     refused = [r.getMessage() for r in caplog.records if "refusing snapshot" in r.getMessage()]
     assert len(refused) == 1 and str(newest) in refused[0], caplog.text
@@ -202,9 +198,11 @@ def test_damaged_newest_snapshot_is_refused_and_the_previous_one_used(
 
 
 def test_session_without_any_valid_snapshot_is_reported_and_skipped(
-    servers: Callable[..., DurableService], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    durable_services: Callable[..., DurableService],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    first = servers(snapshot_keep=1)
+    first = durable_services(snapshot_keep=1)
     first.create("bad", "sgd", weights_of())
     first.create("fine", "sgd", weights_of())
     first.close()
@@ -212,20 +210,20 @@ def test_session_without_any_valid_snapshot_is_reported_and_skipped(
         if path.name.startswith("bad."):
             _flip(path, 0.5)
     with caplog.at_level(logging.WARNING, logger="paramserver.persistence"):
-        second = servers()
+        second = durable_services()
     assert [s.id for s in second.service.store.list()] == ["fine"]
     assert "session 'bad': none of its 1 snapshot(s) could be loaded" in caplog.text
 
 
 def test_leftover_temporary_files_are_removed(
-    servers: Callable[..., DurableService], tmp_path: Path
+    durable_services: Callable[..., DurableService], tmp_path: Path
 ) -> None:
-    first = servers()
+    first = durable_services()
     first.create("t", "sgd", weights_of())
     first.close()
     leftover = tmp_path / "snapshots" / "t.0000000000000099.snapshot.tmp"
     leftover.write_bytes(b"half a snapshot")
-    second = servers()
+    second = durable_services()
     assert not leftover.exists()
     assert [s.id for s in second.service.store.list()] == ["t"]
 
@@ -234,9 +232,9 @@ def test_leftover_temporary_files_are_removed(
 
 
 def test_only_the_last_n_snapshots_are_kept(
-    servers: Callable[..., DurableService], tmp_path: Path
+    durable_services: Callable[..., DurableService], tmp_path: Path
 ) -> None:
-    server = servers(snapshot_keep=2)
+    server = durable_services(snapshot_keep=2)
     weights = weights_of()
     server.create("a", "adam", weights)
     server.create("b", "adam", weights)
@@ -250,9 +248,9 @@ def test_only_the_last_n_snapshots_are_kept(
 
 
 def test_deleting_a_session_deletes_its_snapshots(
-    servers: Callable[..., DurableService], tmp_path: Path
+    durable_services: Callable[..., DurableService], tmp_path: Path
 ) -> None:
-    server = servers()
+    server = durable_services()
     server.create("gone", "sgd", weights_of())
     server.create("gone.too", "sgd", weights_of())  # a name that starts like the other
     server.snapshot("gone")
@@ -260,13 +258,13 @@ def test_deleting_a_session_deletes_its_snapshots(
     names = [p.name for p in snapshot_files(tmp_path / "snapshots")]
     assert names and all(n.startswith("gone.too.") for n in names)
     server.close()
-    assert [s.id for s in servers().service.store.list()] == ["gone.too"]
+    assert [s.id for s in durable_services().service.store.list()] == ["gone.too"]
 
 
 def test_unchanged_sessions_are_not_written_again(
-    servers: Callable[..., DurableService], tmp_path: Path
+    durable_services: Callable[..., DurableService], tmp_path: Path
 ) -> None:
-    server = servers()
+    server = durable_services()
     weights = weights_of()
     server.create("busy", "sgd", weights)
     server.create("idle", "sgd", weights)
@@ -274,38 +272,6 @@ def test_unchanged_sessions_are_not_written_again(
     assert server.durability.snapshot_changed() == 1
     assert server.durability.snapshot_changed() == 0
     assert len(snapshot_files(tmp_path / "snapshots")) == 3
-
-
-# --- the lock -----------------------------------------------------------------------------
-
-
-def test_directory_lock_is_exclusive(tmp_path: Path) -> None:
-    first = DirectoryLock(tmp_path)
-    first.acquire()
-    with pytest.raises(
-        DirectoryLocked, match=f"in use by another paramserver \\(pid {os.getpid()}"
-    ):
-        DirectoryLock(tmp_path).acquire()
-    first.release()
-    again = DirectoryLock(tmp_path)
-    again.acquire()
-    again.release()
-
-
-def test_second_server_on_the_same_directory_refuses_to_start(tmp_path: Path) -> None:
-    directory = tmp_path / "shared"
-    first = start_paramserver(tmp_path, "--snapshot-dir", str(directory))
-    try:
-        second = ServerProcess.paramserver(
-            "--snapshot-dir", str(directory), log_dir=tmp_path, warm_up_kernels=False
-        ).launch()
-        code = second.wait_exit(timeout=60)
-        assert code != 0, second.log
-        assert f"cannot start: the snapshot directory {directory} is in use" in second.log
-        assert f"pid {first.proc.pid}" in second.log
-        assert HTTP.get(f"{first.url}/health").status_code == 200
-    finally:
-        assert first.terminate() == 0, first.log
 
 
 # --- HTTP ----------------------------------------------------------------------------------
@@ -341,42 +307,10 @@ def test_delete_endpoint_removes_snapshots(
     assert HTTP.delete(f"{srv.url}/sessions/x").status_code == 404
 
 
-def test_sigterm_writes_final_snapshots_that_a_restart_loads(tmp_path: Path) -> None:
-    directory = tmp_path / "snaps"
-    args = ("--snapshot-dir", str(directory), "--snapshot-interval-seconds", "3600")
-    server = start_paramserver(tmp_path, *args)
-    states = {}
-    try:
-        for index, optimizer in enumerate(OPTIMIZERS):
-            sid = f"s{index}"
-            weights = weights_of()
-            create_session(server.url, optimizer, weights, session_id=sid)
-            for _ in range(index + 1):
-                r = push(server.url, sid, grads_like(weights))
-                assert r.status_code == 200, r.text
-            states[sid] = get_state(server.url, sid)
-        r = HTTP.put(f"{server.url}/sessions/loaded/state", content=states["s3"], headers=MSGPACK)
-        assert r.status_code == 201, r.text
-        states["loaded"] = states["s3"]
-    finally:
-        code = server.terminate()
-    assert code == 0, server.log
-    # The nine pushed sessions; the one created by PUT was saved then and has not changed.
-    assert "final snapshots written: 9 session(s)" in server.log, server.log
-
-    restarted = start_paramserver(tmp_path, *args)
-    try:
-        assert session_ids(restarted.url) == sorted(states)
-        for sid, saved in states.items():
-            assert get_state(restarted.url, sid) == saved, sid
-    finally:
-        assert restarted.terminate() == 0, restarted.log
-
-
 def test_a_create_that_cannot_be_saved_is_undone(
-    servers: Callable[..., DurableService], monkeypatch: pytest.MonkeyPatch
+    durable_services: Callable[..., DurableService], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = servers()
+    server = durable_services()
 
     def disk_full(*args: Any) -> None:
         raise OSError(28, "No space left on device")
