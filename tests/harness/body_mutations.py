@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from paramserver import wire
@@ -23,6 +24,7 @@ from paramserver import wire
 __all__ = [
     "ALPHA_WEIGHTS",
     "BETA_WEIGHTS",
+    "FUZZ",
     "PROTECTED",
     "VALID",
     "msgpack_values",
@@ -31,6 +33,13 @@ __all__ = [
     "pack_any",
     "plain",
 ]
+
+#: The hypothesis settings of the fuzzers.
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 #: The sessions of a fuzzed server that no request may change unless it succeeds.
 PROTECTED = ("alpha", "beta")
