@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from paramserver.client import (
@@ -26,72 +24,25 @@ from paramserver.client import (
     optimizers,
 )
 
-FAST = RetryPolicy(retries=3, backoff_base=0.001, backoff_cap=0.01)
-
-
-def w0() -> dict[str, np.ndarray]:
-    return {
-        "kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
-        "bias": np.array([0.5, -0.5, 1.0], dtype=np.float64),
-    }
-
-
-def g0() -> dict[str, np.ndarray]:
-    return {"kernel": np.ones((2, 3), dtype=np.float32), "bias": np.full(3, 2.0)}
-
-
-class AsyncFaultyTransport(httpx.AsyncBaseTransport):
-    """Forwards to a real transport; for requests matching ``match`` plays ``faults``
-    (``"refuse"``: ConnectError unsent, ``"503"``: answered unsent, ``"drop"``: sent and
-    processed, then ReadError)."""
-
-    def __init__(self, match: Callable[[httpx.Request], bool], faults: list[str]) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
-        self.match = match
-        self.faults = list(faults)
-        self.requests: list[httpx.Request] = []
-        self.responses: list[httpx.Response] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        fault = self.faults.pop(0) if self.match(request) and self.faults else None
-        if fault == "refuse":
-            raise httpx.ConnectError("connection refused (injected)", request=request)
-        if fault == "503":
-            return httpx.Response(
-                503,
-                headers={"Retry-After": "0"},
-                json={"error": {"code": "service_unavailable", "message": "busy (injected)"}},
-            )
-        response = await self.inner.handle_async_request(request)
-        if fault == "drop":
-            await response.aread()
-            await response.aclose()
-            raise httpx.ReadError("connection dropped (injected)", request=request)
-        self.responses.append(response)
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-def is_push(request: httpx.Request) -> bool:
-    return request.method == "POST" and request.url.path.endswith("/gradients")
+from tests.harness.faults import FAST, AsyncFaultyTransport, is_create, is_push
+from tests.harness.models import small_gradients, small_weights
 
 
 def test_dict_form_every_method(base_url: str) -> None:
     async def main() -> None:
         async with AsyncClient(base_url, retries=FAST) as client:
             assert await client.health() == {"status": "ok"}
-            session = await client.create_session(w0(), optimizers.SGD(lr=0.1))
+            session = await client.create_session(small_weights(), optimizers.SGD(lr=0.1))
             assert isinstance(session, AsyncSession)
             assert session.names == ("kernel", "bias") and not session.as_list
 
-            weights = await session.push(g0())
+            weights = await session.push(small_gradients())
             assert isinstance(weights, dict) and list(weights) == ["kernel", "bias"]
-            np.testing.assert_allclose(weights["kernel"], w0()["kernel"] - np.float32(0.1))
+            np.testing.assert_allclose(
+                weights["kernel"], small_weights()["kernel"] - np.float32(0.1)
+            )
             assert all(a.flags.writeable for a in weights.values())
-            assert await session.push(g0(), return_weights=False) == 2
+            assert await session.push(small_gradients(), return_weights=False) == 2
             pulled = await session.pull()
             assert isinstance(pulled, dict) and set(pulled) == {"kernel", "bias"}
 
@@ -102,7 +53,7 @@ def test_dict_form_every_method(base_url: str) -> None:
 
             state = await session.state()
             assert isinstance(state, SessionState) and state.iterations == 2
-            await session.push(g0())
+            await session.push(small_gradients())
             assert (await session.load_state(state)).iterations == 2
 
             listed = await client.sessions()
@@ -156,15 +107,18 @@ def test_errors_are_mapped(base_url: str) -> None:
     async def main() -> None:
         async with AsyncClient(base_url, retries=FAST) as client:
             sid = f"async-{uuid.uuid4().hex[:8]}"
-            session = await client.create_session(w0(), "sgd", session_id=sid)
+            session = await client.create_session(small_weights(), "sgd", session_id=sid)
             with pytest.raises(SessionExists):
-                await client.create_session(w0(), "sgd", session_id=sid)
+                await client.create_session(small_weights(), "sgd", session_id=sid)
             with pytest.raises(InvalidRequest) as err:
-                await session.push({"kernel": g0()["kernel"]})
+                await session.push({"kernel": small_gradients()["kernel"]})
             assert err.value.code == "parameter_mismatch" and err.value.status == 422
             with pytest.raises(InvalidRequest) as err:
                 await session.push(
-                    {"kernel": np.full((2, 3), np.nan, np.float32), "bias": g0()["bias"]}
+                    {
+                        "kernel": np.full((2, 3), np.nan, np.float32),
+                        "bias": small_gradients()["bias"],
+                    }
                 )
             assert err.value.code == "non_finite_gradient"
             await session.delete()
@@ -178,9 +132,9 @@ def test_errors_are_mapped(base_url: str) -> None:
 def test_many_concurrent_pushes(base_url: str) -> None:
     async def main() -> None:
         async with AsyncClient(base_url, retries=FAST) as client:
-            session = await client.create_session(w0(), optimizers.SGD(lr=0.001))
+            session = await client.create_session(small_weights(), optimizers.SGD(lr=0.001))
             results = await asyncio.gather(
-                *(session.push(g0(), return_weights=False) for _ in range(50))
+                *(session.push(small_gradients(), return_weights=False) for _ in range(50))
             )
             assert sorted(results) == list(range(1, 51))
             assert (await session.info()).iterations == 50
@@ -193,8 +147,8 @@ def test_push_is_retried_with_the_same_key(base_url: str) -> None:
     async def main() -> None:
         transport = AsyncFaultyTransport(is_push, ["drop", "503"])
         async with AsyncClient(base_url, transport=transport, retries=FAST) as client:
-            session = await client.create_session(w0(), "sgd")
-            weights = await session.push(g0())
+            session = await client.create_session(small_weights(), "sgd")
+            weights = await session.push(small_gradients())
             assert isinstance(weights, dict)
             pushes = [r for r in transport.requests if is_push(r)]
             assert len(pushes) == 3
@@ -207,19 +161,16 @@ def test_push_is_retried_with_the_same_key(base_url: str) -> None:
 
 
 def test_create_retries_only_when_unsent(base_url: str) -> None:
-    def is_create(r: httpx.Request) -> bool:
-        return r.method == "POST" and r.url.path == "/sessions"
-
     async def main() -> None:
         transport = AsyncFaultyTransport(is_create, ["refuse", "503"])
         async with AsyncClient(base_url, transport=transport, retries=FAST) as client:
-            session = await client.create_session(w0(), "sgd")  # refuse, 503, then sent
+            session = await client.create_session(small_weights(), "sgd")  # refuse, 503, then sent
             assert len(transport.requests) == 3
             transport.faults = []
             await session.delete()
             transport.faults = ["drop"]
             with pytest.raises(TransportError, match="the session may exist"):
-                await client.create_session(w0(), "sgd")
+                await client.create_session(small_weights(), "sgd")
 
     asyncio.run(main())
 

@@ -4,11 +4,9 @@ and for every row of the protocol's error table with a canned answer."""
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -39,6 +37,8 @@ from paramserver.client import (
     wire,
 )
 from paramserver.client._base import Call, Reply
+
+from tests.harness.faults import hold_a_request
 
 NO_RETRY = RetryPolicy(retries=0)
 
@@ -375,25 +375,6 @@ def test_reply_without_json_error_fields() -> None:
     reply = Reply(409, httpx.Headers({"content-type": "application/json"}), bytearray(b"[1]"))
     exc = server_error(reply, "POST /sessions")
     assert type(exc) is SessionExists and exc.code == "session_exists" and exc.message == "[1]"
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-@contextmanager
-def hold_a_request(url: str, session_id: str) -> Iterator[None]:
-    """Keep one request in progress on the server (a push whose body never ends)."""
-    parsed = httpx.URL(url)
-    with socket.create_connection((parsed.host, parsed.port)) as sock:
-        sock.sendall(
-            (
-                f"POST /sessions/{session_id}/gradients HTTP/1.1\r\nHost: {parsed.host}\r\n"
-                "Content-Type: application/msgpack\r\nContent-Length: 1000\r\n\r\n"
-            ).encode()
-            + b"\x81"
-        )
-        time.sleep(0.1)  # let the server take it in
-        yield
 
 
 def test_an_undecodable_answer_is_a_protocol_error() -> None:

@@ -1,17 +1,14 @@
 """The blocking client against a real server on loopback: every method, both weight forms,
-and the retry policy (faults injected by a transport wrapped around the real one)."""
+every way to give an optimizer, and the client itself (headers, keep-alive, lifecycle,
+threads). Its retries: ``test_retries.py``.
+"""
 
 from __future__ import annotations
 
-import random
-import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
-from email.utils import format_datetime
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -20,38 +17,18 @@ import pytest
 from paramserver.client import (
     Client,
     InvalidRequest,
-    RetryPolicy,
-    ServiceUnavailable,
     Session,
     SessionExists,
     SessionInfo,
     SessionNotFound,
     SessionState,
-    TransportError,
     optimizers,
     wire,
 )
 from paramserver.client._base import session_path
-from paramserver.client.errors import parse_retry_after
 
-FAST = RetryPolicy(retries=3, backoff_base=0.001, backoff_cap=0.01)
-
-
-def w0() -> dict[str, np.ndarray]:
-    return {
-        "kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
-        "bias": np.array([0.5, -0.5, 1.0], dtype=np.float64),
-    }
-
-
-def g0() -> dict[str, np.ndarray]:
-    return {"kernel": np.ones((2, 3), dtype=np.float32), "bias": np.full(3, 2.0)}
-
-
-def sgd_step(
-    weights: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float = 0.1
-) -> dict[str, np.ndarray]:
-    return {k: (v - np.asarray(lr, v.dtype) * grads[k].astype(v.dtype)) for k, v in weights.items()}
+from tests.harness.faults import FAST, FaultyTransport
+from tests.harness.models import sgd_step, small_gradients, small_weights
 
 
 @pytest.fixture
@@ -60,76 +37,35 @@ def client(base_url: str) -> Iterator[Client]:
         yield c
 
 
-class FaultyTransport(httpx.BaseTransport):
-    """Forwards to a real transport, but for requests matching ``match`` plays ``faults``:
-
-    ``"refuse"`` raises ConnectError without sending; ``"503"`` answers 503 without sending;
-    ``"drop"`` sends the request (the server processes it) and then raises ReadError.
-    """
-
-    def __init__(self, match: Callable[[httpx.Request], bool], faults: list[str]) -> None:
-        self.inner = httpx.HTTPTransport()
-        self.match = match
-        self.faults = list(faults)
-        self.requests: list[httpx.Request] = []
-        self.responses: list[httpx.Response] = []
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        fault = self.faults.pop(0) if self.match(request) and self.faults else None
-        if fault == "refuse":
-            raise httpx.ConnectError("connection refused (injected)", request=request)
-        if fault == "503":
-            return httpx.Response(
-                503,
-                headers={"Retry-After": "0"},
-                json={"error": {"code": "service_unavailable", "message": "busy (injected)"}},
-            )
-        response = self.inner.handle_request(request)
-        if fault == "drop":
-            response.read()
-            response.close()
-            raise httpx.ReadError("connection dropped (injected)", request=request)
-        self.responses.append(response)
-        return response
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def is_push(request: httpx.Request) -> bool:
-    return request.method == "POST" and request.url.path.endswith("/gradients")
-
-
-# --- every method, dict form --------------------------------------------------------------
+# --- every method, dict form ------------------------------------------------------------------
 
 
 def test_dict_form_push_pull(client: Client) -> None:
-    session = client.create_session(w0(), optimizers.SGD(lr=0.1))
+    session = client.create_session(small_weights(), optimizers.SGD(lr=0.1))
     assert isinstance(session, Session)
     assert session.names == ("kernel", "bias")
     assert not session.as_list
     assert session.last_iterations == 0
 
-    weights = session.push(g0())
+    weights = session.push(small_gradients())
     assert isinstance(weights, dict)
     assert list(weights) == ["kernel", "bias"]
-    expected = sgd_step(w0(), g0())
+    expected = sgd_step(small_weights(), small_gradients())
     for name, value in expected.items():
         assert weights[name].dtype == value.dtype
         np.testing.assert_allclose(weights[name], value, rtol=1e-6)
     assert session.last_iterations == 1
 
-    assert session.push(g0(), return_weights=False) == 2
+    assert session.push(small_gradients(), return_weights=False) == 2
     pulled = session.pull()
     assert isinstance(pulled, dict)
-    np.testing.assert_allclose(pulled["bias"], sgd_step(expected, g0())["bias"])
+    np.testing.assert_allclose(pulled["bias"], sgd_step(expected, small_gradients())["bias"])
     session.delete()
 
 
 def test_returned_arrays_are_writable(client: Client) -> None:
-    session = client.create_session(w0(), "sgd")
-    weights = session.push(g0())
+    session = client.create_session(small_weights(), "sgd")
+    weights = session.push(small_gradients())
     assert isinstance(weights, dict)
     for value in [*weights.values(), *session.pull().values()]:
         assert value.flags.writeable
@@ -140,8 +76,8 @@ def test_returned_arrays_are_writable(client: Client) -> None:
 
 
 def test_info(client: Client) -> None:
-    session = client.create_session(w0(), optimizers.Adam(amsgrad=True, clipnorm=1.0))
-    session.push(g0())
+    session = client.create_session(small_weights(), optimizers.Adam(amsgrad=True, clipnorm=1.0))
+    session.push(small_gradients())
     info = session.info()
     assert isinstance(info, SessionInfo)
     assert info.session_id == session.id
@@ -157,8 +93,8 @@ def test_info(client: Client) -> None:
 
 
 def test_state_round_trip(client: Client) -> None:
-    session = client.create_session(w0(), optimizers.Nadam())
-    session.push(g0())
+    session = client.create_session(small_weights(), optimizers.Nadam())
+    session.push(small_gradients())
     state = session.state()
     assert isinstance(state, SessionState)
     assert state.iterations == 1
@@ -166,16 +102,16 @@ def test_state_round_trip(client: Client) -> None:
     assert set(state.weights) == {"kernel", "bias"}
     assert state.slots and all(set(per) == {"kernel", "bias"} for per in state.slots.values())
     assert "m_schedule" in state.scalars
-    after_one = session.push(g0())
+    after_one = session.push(small_gradients())
 
-    session.push(g0())
-    session.push(g0())
+    session.push(small_gradients())
+    session.push(small_gradients())
     info = session.load_state(state)
     assert info.iterations == 1
-    assert session.push(g0(), return_weights=False) == 2
+    assert session.push(small_gradients(), return_weights=False) == 2
     # Continues bit for bit as the exported session did.
     again = client.restore_session(state)
-    redone = again.push(g0())
+    redone = again.push(small_gradients())
     assert isinstance(redone, dict) and isinstance(after_one, dict)
     for name in after_one:
         np.testing.assert_array_equal(redone[name], after_one[name])
@@ -188,8 +124,8 @@ def test_state_round_trip(client: Client) -> None:
 
 
 def test_restore_session_creates_or_replaces(client: Client) -> None:
-    source = client.create_session(w0(), "rmsprop")
-    source.push(g0())
+    source = client.create_session(small_weights(), "rmsprop")
+    source.push(small_gradients())
     state = source.state()
     sid = f"restored-{uuid.uuid4().hex[:8]}"
     restored = client.restore_session(state, sid, as_list=True)
@@ -200,7 +136,7 @@ def test_restore_session_creates_or_replaces(client: Client) -> None:
     assert isinstance(pulled, list)
     np.testing.assert_array_equal(pulled[0], state.weights["kernel"])
     # Same id again: replaces (PUT is create-or-replace).
-    restored.push(g0())
+    restored.push(small_gradients())
     assert client.restore_session(state, sid).info().iterations == 1
     restored.delete()
     # load_state on a deleted session recreates it.
@@ -210,7 +146,7 @@ def test_restore_session_creates_or_replaces(client: Client) -> None:
 
 
 def test_sessions_and_attach(client: Client) -> None:
-    a = client.create_session(w0(), "adagrad")
+    a = client.create_session(small_weights(), "adagrad")
     b = client.create_session([np.zeros(2), np.ones(3, np.float32)], "adadelta")
     listed = {info.session_id: info for info in client.sessions()}
     assert {a.id, b.id} <= set(listed)
@@ -229,7 +165,7 @@ def test_sessions_and_attach(client: Client) -> None:
 
 
 def test_delete(client: Client) -> None:
-    session = client.create_session(w0(), "sgd")
+    session = client.create_session(small_weights(), "sgd")
     session.delete()
     with pytest.raises(SessionNotFound):
         session.pull()
@@ -242,19 +178,19 @@ def test_delete(client: Client) -> None:
 
 def test_create_with_session_id(client: Client) -> None:
     sid = f"named-{uuid.uuid4().hex[:8]}"
-    session = client.create_session(w0(), "sgd", session_id=sid)
+    session = client.create_session(small_weights(), "sgd", session_id=sid)
     assert session.id == sid
     with pytest.raises(SessionExists) as err:
-        client.create_session(w0(), "sgd", session_id=sid)
+        client.create_session(small_weights(), "sgd", session_id=sid)
     assert err.value.code == "session_exists"
     session.delete()
 
 
 @pytest.mark.parametrize("sid", ["...", ".a", "a.b-c_D"])
 def test_session_ids_that_look_like_paths(client: Client, sid: str) -> None:
-    session = client.create_session(w0(), "sgd", session_id=sid)
+    session = client.create_session(small_weights(), "sgd", session_id=sid)
     assert session.info().session_id == sid
-    assert session.push(g0(), return_weights=False) == 1
+    assert session.push(small_gradients(), return_weights=False) == 1
     assert session.state().iterations == 1
     session.delete()
     assert sid not in {s.session_id for s in client.sessions()}
@@ -264,7 +200,7 @@ def test_session_ids_that_look_like_paths(client: Client, sid: str) -> None:
 def test_dot_session_ids_are_refused(client: Client, sid: str) -> None:
     # /sessions/.. would be normalised to another route by URL handling: the server refuses it.
     with pytest.raises(InvalidRequest) as err:
-        client.create_session(w0(), "sgd", session_id=sid)
+        client.create_session(small_weights(), "sgd", session_id=sid)
     assert err.value.code == "invalid_session_id"
 
 
@@ -272,7 +208,7 @@ def test_health(client: Client) -> None:
     assert client.health() == {"status": "ok"}
 
 
-# --- list form ----------------------------------------------------------------------------
+# --- list form --------------------------------------------------------------------------------
 
 
 def test_list_form(client: Client) -> None:
@@ -309,7 +245,8 @@ def test_array_likes_are_accepted(client: Client) -> None:
     session.delete()
 
 
-# --- optimizers ---------------------------------------------------------------------------
+# --- optimizers -------------------------------------------------------------------------------
+
 
 KERAS = [
     optimizers.SGD(lr=0.01, decay=1e-6, momentum=0.9, nesterov=True),
@@ -324,15 +261,15 @@ KERAS = [
 
 @pytest.mark.parametrize("optimizer", KERAS, ids=lambda o: o.class_name)
 def test_every_optimizer_object(client: Client, optimizer: optimizers.Optimizer) -> None:
-    session = client.create_session(w0(), optimizer)
+    session = client.create_session(small_weights(), optimizer)
     assert session.info().optimizer == optimizer.to_dict()
-    assert session.push(g0(), return_weights=False) == 1
+    assert session.push(small_gradients(), return_weights=False) == 1
     session.delete()
 
 
 @pytest.mark.parametrize("name", ["sgd", "Adam", "NADAM", "rmsprop"])
 def test_optimizer_by_name_takes_defaults(client: Client, name: str) -> None:
-    session = client.create_session(w0(), name)
+    session = client.create_session(small_weights(), name)
     assert session.info().optimizer == optimizers.get(name).to_dict()
     session.delete()
 
@@ -354,7 +291,7 @@ def test_tf_optimizer(client: Client) -> None:
 
 def test_optimizer_as_keras_config(client: Client) -> None:
     config = {"class_name": "Adam", "config": {"lr": 0.01, "beta_1": 0.8}}
-    session = client.create_session(w0(), config)
+    session = client.create_session(small_weights(), config)
     assert session.info().optimizer == optimizers.deserialize(config).to_dict()
     session.delete()
 
@@ -362,11 +299,11 @@ def test_optimizer_as_keras_config(client: Client) -> None:
 def test_invalid_optimizers_are_refused_before_sending(client: Client) -> None:
     before = len(client.sessions())
     with pytest.raises(optimizers.UnknownOptimizer, match="valid names"):
-        client.create_session(w0(), "adamw")
+        client.create_session(small_weights(), "adamw")
     with pytest.raises(optimizers.InvalidOptimizerConfig, match="'lr'"):
-        client.create_session(w0(), {"class_name": "SGD", "config": {"lr": -1}})
+        client.create_session(small_weights(), {"class_name": "SGD", "config": {"lr": -1}})
     with pytest.raises(optimizers.InvalidOptimizerConfig):
-        client.create_session(w0(), 3)  # type: ignore[call-overload]
+        client.create_session(small_weights(), 3)  # type: ignore[call-overload]
     with pytest.raises(wire.TensorError, match="int64 cannot travel"):
         client.create_session({"w": np.arange(3)}, "sgd")
     with pytest.raises(TypeError, match="dict of name -> array or a list"):
@@ -374,7 +311,7 @@ def test_invalid_optimizers_are_refused_before_sending(client: Client) -> None:
     assert len(client.sessions()) == before
 
 
-# --- the client itself --------------------------------------------------------------------
+# --- the client itself ------------------------------------------------------------------------
 
 
 def recording_client(base_url: str, **kwargs: Any) -> tuple[Client, FaultyTransport]:
@@ -385,9 +322,9 @@ def recording_client(base_url: str, **kwargs: Any) -> tuple[Client, FaultyTransp
 def test_headers(base_url: str) -> None:
     c, transport = recording_client(base_url, token="s3cret", headers={"X-Worker": "7"})
     with c:
-        session = c.create_session(w0(), "sgd")
-        session.push(g0())
-        session.push(g0(), return_weights=False)
+        session = c.create_session(small_weights(), "sgd")
+        session.push(small_gradients())
+        session.push(small_gradients(), return_weights=False)
         session.pull()
     create, push1, push2, pull = transport.requests
     for request in transport.requests:
@@ -406,9 +343,9 @@ def test_headers(base_url: str) -> None:
 
 def test_keep_alive_reuses_one_connection(base_url: str) -> None:
     with Client(base_url) as c:
-        session = c.create_session(w0(), "sgd")
+        session = c.create_session(small_weights(), "sgd")
         for _ in range(10):
-            session.push(g0())
+            session.push(small_gradients())
         session.delete()
         pool = c._http._transport._pool  # type: ignore[attr-defined]
         assert len(pool.connections) == 1
@@ -424,13 +361,13 @@ def test_close(base_url: str) -> None:
 
 
 def test_threads_share_one_client(client: Client) -> None:
-    session = client.create_session(w0(), optimizers.SGD(lr=0.001))
+    session = client.create_session(small_weights(), optimizers.SGD(lr=0.001))
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
             for _ in range(20):
-                session.push(g0(), return_weights=False)
+                session.push(small_gradients(), return_weights=False)
         except BaseException as exc:
             errors.append(exc)
 
@@ -442,6 +379,16 @@ def test_threads_share_one_client(client: Client) -> None:
     assert not errors
     assert session.info().iterations == 120
     session.delete()
+
+
+def test_token_is_sent(server_factory: Callable[..., Any]) -> None:
+    srv = server_factory(tokens="writer,reader:ro")
+    with Client(srv.url, token="writer", retries=FAST) as c:
+        session = c.create_session(small_weights(), "sgd")
+        session.push(small_gradients())
+        with Client(srv.url, token="reader", retries=FAST) as ro:
+            assert ro.session(session.id).pull()
+        session.delete()
 
 
 def test_invalid_client_arguments() -> None:
@@ -475,302 +422,9 @@ def test_answers_are_not_held_to_the_request_body_limits() -> None:
     assert len(weights) == 110_000 and weights[-1].shape == (1,)
 
 
-# --- retries ------------------------------------------------------------------------------
-
-
-def test_push_is_retried_with_the_same_key_after_a_dropped_answer(base_url: str) -> None:
-    transport = FaultyTransport(is_push, ["drop"])
-    with Client(base_url, transport=transport, retries=FAST) as c:
-        session = c.create_session(w0(), optimizers.SGD(lr=0.1))
-        weights = session.push(g0())
-        pushes = [r for r in transport.requests if is_push(r)]
-        assert len(pushes) == 2
-        assert pushes[0].headers["idempotency-key"] == pushes[1].headers["idempotency-key"]
-        assert pushes[0].content == pushes[1].content
-        # The server applied the first push (its answer was dropped) and replayed it for the
-        # retry: one step, and the weights of that step.
-        assert transport.responses[-1].headers["idempotent-replayed"] == "true"
-        assert session.info().iterations == 1
-        assert session.last_iterations == 1
-        session.delete()
-    assert isinstance(weights, dict)
-    for name, value in sgd_step(w0(), g0()).items():
-        np.testing.assert_allclose(weights[name], value, rtol=1e-6)
-
-
-def test_replay_without_weights_pulls_them(server_factory: Callable[..., Any]) -> None:
-    # The server keeps no answer bytes: a replay says only {"iterations": N}.
-    srv = server_factory(idempotency_max_bytes=0)
-    transport = FaultyTransport(is_push, ["drop"])
-    with Client(srv.url, transport=transport, retries=FAST) as c:
-        session = c.create_session(w0(), optimizers.SGD(lr=0.1))
-        weights = session.push(g0())
-        assert [r.method for r in transport.requests[-3:]] == ["POST", "POST", "GET"]
-        assert transport.responses[-2].headers["idempotent-replayed"] == "true"
-        assert session.info().iterations == 1
-        assert isinstance(weights, dict)
-        np.testing.assert_allclose(weights["kernel"], sgd_step(w0(), g0())["kernel"])
-        # Without weights wanted, the replay's iteration count is the answer.
-        transport.faults = ["drop"]
-        assert session.push(g0(), return_weights=False) == 2
-        session.delete()
-
-
-def test_token_is_sent(server_factory: Callable[..., Any]) -> None:
-    srv = server_factory(tokens="writer,reader:ro")
-    with Client(srv.url, token="writer", retries=FAST) as c:
-        session = c.create_session(w0(), "sgd")
-        session.push(g0())
-        with Client(srv.url, token="reader", retries=FAST) as ro:
-            assert ro.session(session.id).pull()
-        session.delete()
-
-
-def test_busy_server_is_waited_for(server_factory: Callable[..., Any]) -> None:
-    """A real 503 from the server's concurrency limit, retried after its Retry-After."""
-    srv = server_factory(limit_concurrency=1)
-    with Client(srv.url, retries=RetryPolicy(3, 0.001, 0.001)) as c:
-        session = c.create_session(w0(), "sgd")
-        with hold_a_request(srv.url, session.id) as release:
-            timer = threading.Timer(0.3, release)
-            timer.start()
-            start = time.monotonic()
-            assert session.push(g0(), return_weights=False) == 1
-            assert time.monotonic() - start >= 0.9  # the server's Retry-After: 1
-            timer.join()
-        session.delete()
-
-
-def test_push_retried_after_exhaustion_with_the_given_key(base_url: str) -> None:
-    transport = FaultyTransport(is_push, ["drop"] * 4)
-    with Client(base_url, transport=transport, retries=FAST) as c:
-        session = c.create_session(w0(), "sgd")
-        with pytest.raises(TransportError, match="may or may not have been applied") as err:
-            session.push(g0())
-        assert err.value.attempts == 4
-        key = err.value.idempotency_key
-        assert key is not None and isinstance(err.value.__cause__, httpx.ReadError)
-        session.push(g0(), idempotency_key=key)
-        keys = {r.headers["idempotency-key"] for r in transport.requests if is_push(r)}
-        assert keys == {key}
-        session.delete()
-
-
-@pytest.mark.parametrize("fault", ["refuse", "503"])
-def test_every_call_is_retried_when_nothing_was_processed(base_url: str, fault: str) -> None:
-    transport = FaultyTransport(lambda r: True, [])
-    with Client(base_url, transport=transport, retries=FAST) as c:
-        calls: list[Callable[[], Any]] = []
-        transport.faults = [fault, fault]
-        session = c.create_session(w0(), "sgd")
-        state = session.state()
-        calls = [
-            lambda: session.push(g0()),
-            session.pull,
-            session.info,
-            session.state,
-            lambda: session.load_state(state),
-            c.sessions,
-            lambda: c.session(session.id),
-            c.health,
-            session.delete,
-        ]
-        for call in calls:
-            transport.faults = [fault, fault]
-            before = len(transport.requests)
-            call()
-            assert len(transport.requests) - before == 3
-            assert not transport.faults
-
-
-def test_503_retries_run_out(base_url: str) -> None:
-    transport = FaultyTransport(lambda r: True, ["503"] * 10)
-    with Client(base_url, transport=transport, retries=RetryPolicy(2, 0.001, 0.001)) as c:
-        with pytest.raises(ServiceUnavailable) as err:
-            c.health()
-    assert len(transport.requests) == 3
-    assert err.value.retry_after == 0.0
-    assert err.value.code == "service_unavailable"
-
-
-def test_retry_after_is_honoured(base_url: str) -> None:
-    calls: list[float] = []
-
-    class Busy(httpx.BaseTransport):
-        def __init__(self, retry_after: str) -> None:
-            self.retry_after = retry_after
-
-        def handle_request(self, request: httpx.Request) -> httpx.Response:
-            calls.append(0.0)
-            return httpx.Response(503, headers={"Retry-After": self.retry_after}, json={})
-
-    with Client(base_url, transport=Busy("0.05"), retries=RetryPolicy(1, 0.0, 0.0)) as c:
-        start = time.monotonic()
-        with pytest.raises(ServiceUnavailable):
-            c.health()
-        assert time.monotonic() - start >= 0.05
-    assert len(calls) == 2
-    calls.clear()
-    # Longer than max_retry_after: not retried at all.
-    with Client(base_url, transport=Busy("3600"), retries=FAST) as c:
-        with pytest.raises(ServiceUnavailable) as err:
-            c.health()
-    assert len(calls) == 1 and err.value.retry_after == 3600.0
-
-
-def test_create_is_not_retried_once_sent(base_url: str) -> None:
-    def is_create(r: httpx.Request) -> bool:
-        return r.method == "POST" and r.url.path == "/sessions"
-
-    transport = FaultyTransport(is_create, ["drop"])
-    sid = f"dropped-{uuid.uuid4().hex[:8]}"
-    with Client(base_url, transport=transport, retries=FAST) as c:
-        with pytest.raises(TransportError, match="the session may exist") as err:
-            c.create_session(w0(), "sgd", session_id=sid)
-        assert err.value.attempts == 1 and err.value.idempotency_key is None
-        assert len(transport.requests) == 1
-        # It was in fact created: the client said so instead of retrying into a 409.
-        c.session(sid).delete()
-
-
-def test_create_is_retried_when_the_connection_failed(base_url: str) -> None:
-    transport = FaultyTransport(lambda r: r.url.path == "/sessions", ["refuse", "refuse"])
-    with Client(base_url, transport=transport, retries=FAST) as c:
-        session = c.create_session(w0(), "sgd")
-        assert len(transport.requests) == 3
-        session.delete()
-
-
-@pytest.mark.parametrize("method", ["GET", "PUT"])
-def test_reads_and_state_import_are_retried_after_a_dropped_answer(
-    base_url: str, method: str
-) -> None:
-    transport = FaultyTransport(lambda r: False, [])
-    with Client(base_url, transport=transport, retries=FAST) as c:
-        session = c.create_session(w0(), "sgd")
-        state = session.state()
-        transport.match = lambda r: r.method == method
-        transport.faults = ["drop"]
-        result = session.pull() if method == "GET" else session.load_state(state)
-        assert result is not None and not transport.faults
-        session.delete()
-
-
-def test_delete_retried_after_a_lost_answer_sees_404(base_url: str) -> None:
-    transport = FaultyTransport(lambda r: r.method == "DELETE", ["drop", "drop"])
-    with Client(base_url, transport=transport, retries=FAST) as c:
-        session = c.create_session(w0(), "sgd")
-        with pytest.raises(SessionNotFound):
-            session.delete()
-        other = c.create_session(w0(), "sgd")
-        other.delete(missing_ok=True)
-        assert other.id not in {s.session_id for s in c.sessions()}
-
-
-def test_connection_refused() -> None:
-    with socket_closed_port() as url:
-        with Client(url, retries=RetryPolicy(2, 0.001, 0.001)) as c:
-            with pytest.raises(TransportError) as err:
-                c.health()
-    assert err.value.attempts == 3
-    assert isinstance(err.value.__cause__, httpx.ConnectError)
-
-
-def test_no_retries_when_turned_off(base_url: str) -> None:
-    transport = FaultyTransport(lambda r: True, ["503", "503"])
-    with Client(base_url, transport=transport, retries=0) as c:
-        with pytest.raises(ServiceUnavailable):
-            c.health()
-    assert len(transport.requests) == 1
-
-
-def test_local_mistakes_are_not_retried(base_url: str) -> None:
-    class Broken(httpx.BaseTransport):
-        count = 0
-
-        def handle_request(self, request: httpx.Request) -> httpx.Response:
-            Broken.count += 1
-            raise httpx.UnsupportedProtocol("nope", request=request)
-
-    with Client(base_url, transport=Broken(), retries=FAST) as c:
-        with pytest.raises(TransportError, match="not retried"):
-            c.health()
-    assert Broken.count == 1
-
-
-# --- the retry policy itself --------------------------------------------------------------
-
-
-def test_backoff_is_full_jitter_within_the_cap() -> None:
-    policy = RetryPolicy(retries=10, backoff_base=0.1, backoff_cap=1.0)
-    rng = random.Random(1)
-    for retry, ceiling in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (9, 1.0)]:
-        delays = [policy.delay(retry, rng=rng) for _ in range(200)]
-        assert all(0.0 <= d <= ceiling for d in delays)
-        assert max(delays) > 0.8 * ceiling  # spread over the whole range
-    assert policy.delay(0, 2.5, rng=rng) == 2.5  # Retry-After wins when longer
-    assert policy.delay(60_000, rng=rng) <= 1.0
-
-
-def test_retry_policy_defaults_and_validation() -> None:
-    assert RetryPolicy() == RetryPolicy(3, 0.1, 5.0, 60.0)
-    assert RetryPolicy.of(5) == RetryPolicy(retries=5)
-    bads: list[dict[str, Any]] = [
-        {"retries": True},
-        {"backoff_base": -1},
-        {"backoff_cap": float("inf")},
-    ]
-    for bad in bads:
-        with pytest.raises(ValueError):
-            RetryPolicy(**bad)
-
-
-def test_parse_retry_after() -> None:
-    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
-    assert parse_retry_after("2") == 2.0
-    assert parse_retry_after(" 0.5 ") == 0.5
-    assert parse_retry_after(format_datetime(now + timedelta(seconds=30)), now=now) == 30.0
-    assert parse_retry_after(format_datetime(now - timedelta(seconds=30)), now=now) == 0.0
-    for bad in [None, "", "soon", "-1", "nan", "inf"]:
-        assert parse_retry_after(bad) is None
-
-
 def test_session_path_escapes_ids() -> None:
     assert session_path("abc", "state") == "/sessions/abc/state"
     assert session_path("..") == "/sessions/%2E%2E"
     assert session_path("a/b") == "/sessions/a%2Fb"
     with pytest.raises(ValueError):
         session_path("")
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-
-@contextmanager
-def socket_closed_port() -> Iterator[str]:
-    """A loopback URL on which nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-
-
-@contextmanager
-def hold_a_request(url: str, session_id: str) -> Iterator[Callable[[], None]]:
-    """Keep one request in progress on the server (a push whose body never ends)."""
-    host, port = httpx.URL(url).host, httpx.URL(url).port
-    sock = socket.create_connection((host, port))
-    head = (
-        f"POST /sessions/{session_id}/gradients HTTP/1.1\r\nHost: {host}\r\n"
-        "Content-Type: application/msgpack\r\nContent-Length: 1000\r\n\r\n"
-    )
-    sock.sendall(head.encode() + b"\x81")
-    time.sleep(0.1)  # let the server take it in
-
-    def release() -> None:
-        sock.close()
-
-    try:
-        yield release
-    finally:
-        sock.close()

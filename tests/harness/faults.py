@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
+from paramserver.client import RetryPolicy
 
 __all__ = [
+    "FAST",
     "AsyncFaultyTransport",
     "FaultyTransport",
     "closed_port_url",
@@ -22,6 +24,9 @@ __all__ = [
     "is_create",
     "is_push",
 ]
+
+#: Retries that wait milliseconds, not seconds.
+FAST = RetryPolicy(retries=3, backoff_base=0.001, backoff_cap=0.01)
 
 INJECTED_503 = {"error": {"code": "service_unavailable", "message": "busy (injected)"}}
 
