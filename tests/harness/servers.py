@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx
 import uvicorn
@@ -145,6 +145,9 @@ def _is_up(port: int, http: bool) -> bool:
         return False
 
 
+_Process = TypeVar("_Process", bound="ServerProcess")
+
+
 class ServerProcess:
     """A server in a child process of this Python, on a free port of 127.0.0.1.
 
@@ -187,7 +190,9 @@ class ServerProcess:
         self._log: IO[bytes] | None = None
 
     @classmethod
-    def paramserver(cls, *args: str, log_dir: Path | None = None, **settings: Any) -> ServerProcess:
+    def paramserver(
+        cls: type[_Process], *args: str, log_dir: Path | None = None, **settings: Any
+    ) -> _Process:
         """``python -m paramserver serve`` with the options ``args``, and ``settings``
         (:class:`Settings` fields, see :func:`settings_options`)."""
         argv = ["-m", "paramserver", "serve", "--port", "{port}"]
@@ -195,7 +200,7 @@ class ServerProcess:
 
     # --- lifecycle ---
 
-    def launch(self) -> ServerProcess:
+    def launch(self: _Process) -> _Process:
         """Start the process on a free port; do not wait for it."""
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
@@ -222,7 +227,7 @@ class ServerProcess:
             )
         return self
 
-    def start(self) -> ServerProcess:
+    def start(self: _Process) -> _Process:
         """Launch and wait until it serves; on another port if the first was taken."""
         for _ in range(3):
             if self.launch().wait_ready():
@@ -281,7 +286,7 @@ class ServerProcess:
             self._log.close()
             self._log = None
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self: _Process) -> _Process:
         return self.start()
 
     def __exit__(

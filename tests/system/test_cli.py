@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from paramserver.server.settings import Settings
 
-from paramserver import wire
+from tests.harness.http_api import array, create_session, pushed
 from tests.harness.servers import free_port
 
 START_TIMEOUT = 60.0
@@ -140,30 +140,13 @@ def serve(tmp_path: Path) -> Iterator[type[ServeProcess]]:
 
 def push_once(url: str, token: str | None = None) -> None:
     """Create an SGD session over msgpack, push one gradient, check the step's weights."""
-    headers = {"content-type": wire.MSGPACK_MEDIA_TYPE}
-    if token is not None:
-        headers["authorization"] = f"Bearer {token}"
-    weights = {"w": np.zeros(3, np.float32)}
-    created = httpx.post(
-        f"{url}/sessions",
-        content=wire.pack({"optimizer": "sgd", "weights": weights}),
-        headers=headers,
-        timeout=30,
-    )
-    assert created.status_code == 201, created.text
-    session_id = created.json()["session_id"]
-    pushed = httpx.post(
-        f"{url}/sessions/{session_id}/gradients",
-        content=wire.pack({"gradients": {"w": np.ones(3, np.float32)}}),
-        headers=headers,
-        timeout=30,
-    )
-    assert pushed.status_code == 200, pushed.text
-    answer = wire.unpack(pushed.content)
+    headers = {} if token is None else {"authorization": f"Bearer {token}"}
+    session = create_session(url, "sgd", {"w": np.zeros(3, np.float32)}, headers=headers)
+    grads = {"w": np.ones(3, np.float32)}
+    answer = pushed(url, session["session_id"], grads, headers=headers)
     assert answer["iterations"] == 1
-    new_w = wire.decode_tensor(answer["weights"]["w"])
     # Keras 2.2.4 SGD defaults: lr=0.01, no momentum, so w = 0 - 0.01 * 1.
-    np.testing.assert_array_equal(new_w, np.full(3, -0.01, np.float32))
+    np.testing.assert_array_equal(array(answer["weights"]["w"]), np.full(3, -0.01, np.float32))
 
 
 def assert_clean_exit(proc: ServeProcess, code: int) -> None:
