@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import httpx
 from paramserver.client import RetryPolicy
 
+from tests.harness.servers import free_port
+
 __all__ = [
     "FAST",
     "AsyncFaultyTransport",
@@ -127,7 +129,4 @@ def hold_a_request(url: str, session_id: str) -> Iterator[Callable[[], None]]:
 @contextmanager
 def closed_port_url() -> Iterator[str]:
     """A loopback URL on which nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{free_port()}"

@@ -32,10 +32,10 @@ from tests.harness.body_mutations import (
     mutated_body,
     pack_any,
 )
+from tests.harness.http_api import MSGPACK_TYPE
 from tests.harness.servers import ServerThread, start_server_thread
 
 HTTP_FUZZ = settings(FUZZ, max_examples=150)
-MSGPACK = "application/msgpack"
 
 
 # --- the endpoints, over HTTP -----------------------------------------------------------------
@@ -56,7 +56,7 @@ def http(fuzz_server: ServerThread) -> Iterator[httpx.Client]:
             ("beta", "sgd", BETA_WEIGHTS),
         ):
             body = wire.pack({"session_id": sid, "optimizer": optimizer, "weights": weights})
-            r = client.post("/sessions", content=body, headers={"Content-Type": MSGPACK})
+            r = client.post("/sessions", content=body, headers={"Content-Type": MSGPACK_TYPE})
             assert r.status_code == 201, r.text
         yield client
 
@@ -75,7 +75,7 @@ def observed(http: httpx.Client) -> dict[str, Any]:
 
 content_types = st.sampled_from(
     [
-        MSGPACK,
+        MSGPACK_TYPE,
         "application/x-msgpack",
         "application/msgpack; charset=utf-8",
         "Application/MsgPack",
@@ -124,7 +124,7 @@ def http_requests(draw: st.DrawFn) -> dict[str, Any]:
     else:
         content = draw(mutated_body(kind))
         headers["Content-Type"] = draw(
-            content_types | st.just("application/json" if kind == "create_json" else MSGPACK)
+            content_types | st.just("application/json" if kind == "create_json" else MSGPACK_TYPE)
         )
         if kind.startswith("create"):
             method, path = "POST", "/sessions"
@@ -196,7 +196,7 @@ ST_CASES = _operations()
 def openapi_schema(fuzz_server: ServerThread, http: httpx.Client) -> Any:
     schemathesis = pytest.importorskip("schemathesis")
 
-    @schemathesis.serializer(MSGPACK, "application/x-msgpack")
+    @schemathesis.serializer(MSGPACK_TYPE, "application/x-msgpack")
     def _msgpack(ctx: Any, value: Any) -> bytes:
         return pack_any(value)
 
