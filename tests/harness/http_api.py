@@ -60,7 +60,7 @@ REPLAYED = "idempotent-replayed"
 HTTP = httpx.Client(timeout=60)
 
 
-# --- msgpack, by the reference package ------------------------------------------------------
+# --- msgpack, by the reference package --------------------------------------------------------
 
 
 def tensor(a: Any) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def msgpack_answer(r: httpx.Response) -> Any:
     return unpackb(r.content)
 
 
-# --- bodies ---------------------------------------------------------------------------------
+# --- bodies -----------------------------------------------------------------------------------
 
 
 def create_body(session_id: Any, optimizer: Any, weights: Mapping[str, Any]) -> bytes:
@@ -116,7 +116,7 @@ def gradients_body(grads: Mapping[str, Any]) -> bytes:
     return packb({"gradients": tensors(grads)})
 
 
-# --- requests -----------------------------------------------------------------------------
+# --- requests ---------------------------------------------------------------------------------
 
 #: Where a request goes: a client made with ``base_url`` (the request takes the path alone),
 #: or a server's base URL (the request goes through :data:`HTTP`).
@@ -264,7 +264,7 @@ def new_id(prefix: str = "s") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-# --- error answers --------------------------------------------------------------------------
+# --- error answers ----------------------------------------------------------------------------
 
 #: What must never appear in an error body: a traceback, a file, a path, a repr, an address.
 LEAKS = ("Traceback", 'File "', ".py", "/work/", "site-packages", "Error(", "0x7f")

@@ -114,7 +114,7 @@ def assert_bitwise_equal(got: Mapping[str, np.ndarray], want: Mapping[str, np.nd
         assert got[name].tobytes() == want[name].tobytes(), (name, got[name], want[name])
 
 
-# --- the client tests' model ----------------------------------------------------------------
+# --- the client tests' model ------------------------------------------------------------------
 
 
 def small_weights() -> dict[str, np.ndarray]:

@@ -54,7 +54,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# --- in a thread of this process ------------------------------------------------------------
+# --- in a thread of this process --------------------------------------------------------------
 
 
 @dataclass
@@ -100,7 +100,7 @@ def start_server_thread(**overrides: Any) -> ServerThread:
     raise RuntimeError("the test server did not start")
 
 
-# --- as a child process ---------------------------------------------------------------------
+# --- as a child process -----------------------------------------------------------------------
 
 #: prctl(2), resolved here: the child calls it between fork and exec, where it must not load
 #: anything (another thread of this process may hold the loader's lock at the fork).

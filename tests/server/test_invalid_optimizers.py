@@ -78,7 +78,7 @@ def test_422_bad_config_message_names_the_argument(api: httpx.Client) -> None:
     assert "beta_1" in assert_error(r, 422, "invalid_optimizer")
 
 
-# --- in process ---------------------------------------------------------------------------
+# --- in process -------------------------------------------------------------------------------
 
 
 def test_a_json_learning_rate_beyond_float64_is_refused() -> None:

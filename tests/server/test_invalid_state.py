@@ -107,7 +107,7 @@ def test_state_missing_a_key_is_refused(api: httpx.Client, adam_session: str, ke
     assert_unchanged(api, adam_session, before)
 
 
-# --- in process ---------------------------------------------------------------------------
+# --- in process -------------------------------------------------------------------------------
 
 
 def test_an_iteration_count_beyond_2_53_is_refused() -> None:

@@ -122,7 +122,7 @@ def test_422_invalid_session_id_in_put_state_path(
     assert len(api.get("/sessions").json()["sessions"]) == count
 
 
-# --- in process ---------------------------------------------------------------------------
+# --- in process -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["msgpack", "json"])

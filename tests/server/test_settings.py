@@ -18,7 +18,7 @@ import pytest
 from paramserver.server.settings import Settings
 from pydantic import ValidationError
 
-# --- validation ---------------------------------------------------------------------------
+# --- validation -------------------------------------------------------------------------------
 
 
 def test_default_bind_is_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +31,7 @@ def test_journal_without_a_snapshot_dir_is_refused() -> None:
         Settings(durability="journal")
 
 
-# --- docs/deployment.md's table of the settings -----------------------------------------
+# --- docs/deployment.md's table of the settings -----------------------------------------------
 
 DEPLOYMENT_DOC = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
 TABLE_START = (
