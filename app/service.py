@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from paramserver import wire
-from paramserver.codes import ErrorCode
+from paramserver.codes import ErrorCode, MessageError
 from paramserver.messages import (
     BodyKind,
     decode_create,
@@ -41,6 +42,17 @@ from .training import Trainer, build_trainer, restore_trainer
 __all__ = ["SessionService", "SnapshotsDisabled"]
 
 log = logging.getLogger("paramserver")
+
+T = TypeVar("T")
+
+
+def _decoded(decode: Callable[..., T], *args: Any) -> T:
+    """``decode(*args)`` with a message that cannot be read as the service's error (its code
+    and status): the operations here raise :class:`ServiceError` only."""
+    try:
+        return decode(*args)
+    except MessageError as exc:
+        raise ServiceError.of(exc) from None
 
 
 class SnapshotsDisabled(ServiceError):
@@ -66,7 +78,7 @@ class SessionService:
         )
 
     def create(self, body: bytes | bytearray | memoryview, kind: BodyKind) -> dict[str, Any]:
-        message = decode_create(body, kind, self.limits)
+        message = _decoded(decode_create, body, kind, self.limits)
         session_id = (
             self.store.new_id()
             if message.session_id is None
@@ -114,7 +126,7 @@ class SessionService:
         With an ``idempotency_key`` already seen on this session (within the window), nothing
         is applied and the first answer is returned again.
         """
-        grads = decode_push(body, self.limits)
+        grads = _decoded(decode_push, body, self.limits)
         journal = None if self.durability is None else self.durability.journal
         lsn = 0
         with session.locked() as trainer:
@@ -169,7 +181,7 @@ class SessionService:
     ) -> tuple[dict[str, Any], bool]:
         """Replace a session's state, or create the session from it; returns (summary, created)."""
         check_session_id(session_id)
-        state = decode_state(body, self.limits)
+        state = _decoded(decode_state, body, self.limits)
 
         def restore() -> Trainer:
             try:

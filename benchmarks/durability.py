@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ import httpx
 import numpy as np
 
 from paramserver import wire
+from tests.harness.servers import ServerProcess
 
 MODES: dict[str, list[str]] = {
     "off": [],
@@ -58,32 +58,11 @@ MSGPACK = {"content-type": wire.MSGPACK_MEDIA_TYPE}
 MODES_IN_PROCESS = ("off", "journal/interval", "journal/always")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    def __init__(self, args: list[str]) -> None:
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        argv = [sys.executable, "-m", "paramserver", "serve", "--port", self.url.rsplit(":", 1)[1]]
-        argv += ["--log-level", "warning", "--snapshot-interval-seconds", "3600", *args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVER_")}
-        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        self.proc.kill()
-        raise RuntimeError("the server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=120)
+def start_server(args: list[str]) -> ServerProcess:
+    """``python -m paramserver serve`` with ``args``, periodic snapshots off, serving."""
+    server = ServerProcess.paramserver(*args, log_level="warning", snapshot_interval_seconds=3600)
+    server.stop_timeout = 120.0  # the final snapshots of the largest models
+    return server.start()
 
 
 def _create(http: httpx.Client, url: str, sid: str, size: int) -> bytes:
@@ -195,7 +174,7 @@ def run(
     try:
         for mode in modes:
             data = directory / mode.replace("/", "-")
-            servers[mode] = Server([a.format(dir=data) for a in MODES[mode]])
+            servers[mode] = start_server([a.format(dir=data) for a in MODES[mode]])
         rows = []
         for size in sizes:
             n = pushes[size]

@@ -20,8 +20,9 @@ Every server is a subprocess (``python -m paramserver serve``, ``python -m bench
 and ``... asgi``) so that the benchmark does not share a GIL with it. Figures are
 per-request latencies in milliseconds: p50 and p99 over all samples of a method.
 
-This module also holds what the other benchmarks share: :class:`ServerProcess` (a server
-subprocess with its resident memory from ``/proc``) and :class:`RawHTTPConnection`.
+This module also holds what the other benchmarks share: :class:`ServerProcess` (the tests'
+server subprocess, :class:`tests.harness.servers.ServerProcess`, with its resident memory from
+``/proc``) and :class:`RawHTTPConnection`.
 
 Run ``python -m benchmarks.push`` (``--help`` for options); ``run()`` returns the rows.
 """
@@ -30,22 +31,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from paramserver.client import Client, wire
+from tests.harness import servers as harness
+from tests.harness.servers import HOST, free_port
 
 from .echo_app import ECHO_HEADER
 
@@ -68,17 +64,8 @@ __all__ = [
 GOAL_RAW_VS_ECHO = 1.5
 GOAL_CLIENT_VS_RAW = 2.0
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-
 
 # --- servers as subprocesses --------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _kib_field(status: str, name: str) -> int | None:
@@ -88,137 +75,31 @@ def _kib_field(status: str, name: str) -> int | None:
     return None
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: SIGTERM this process when the benchmark that started it dies (PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-
-
-class ServerProcess:
-    """A server in a subprocess of this Python on 127.0.0.1: start, wait, measure, stop.
-
-    ``argv`` follows ``python``; the process's output goes to a temporary file, shown if it
-    fails to start. Use as a context manager: leaving it stops the process (SIGTERM, then
-    SIGKILL after ``stop_timeout`` seconds). On Linux the process also gets SIGTERM if the
-    thread that started it dies, so that an interrupted benchmark leaves no server behind.
-    """
-
-    def __init__(
-        self,
-        argv: Sequence[str],
-        *,
-        port: int,
-        http: bool = True,
-        env: Mapping[str, str] | None = None,
-        start_timeout: float = 180.0,
-        stop_timeout: float = 30.0,
-    ) -> None:
-        self.argv = [sys.executable, *argv]
-        self.port = port
-        self.url = f"http://{HOST}:{port}"
-        self.http = http
-        self.env = {**os.environ, **(env or {})}
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
+class ServerProcess(harness.ServerProcess):
+    """The tests' server subprocess (:class:`tests.harness.servers.ServerProcess`: a free port
+    of 127.0.0.1, waited for, stopped by SIGTERM then SIGKILL, and SIGTERMed if the benchmark
+    dies), plus the reference echo servers and the server's memory, read from ``/proc``."""
 
     @classmethod
-    def paramserver(cls, **settings: Any) -> ServerProcess:
-        """``python -m paramserver serve`` on a free port; ``settings`` are Settings fields."""
-        port = free_port()
-        argv = ["-m", "paramserver", "serve", "--port", str(port), "--log-level", "warning"]
-        for name, value in settings.items():
-            flag = "--" + name.replace("_", "-")
-            if isinstance(value, bool):
-                argv.append(flag if value else "--no-" + flag[2:])
-            else:
-                argv += [flag, str(value)]
-        return cls(argv, port=port)
+    def paramserver(cls, *args: str, log_dir: Path | None = None, **settings: Any) -> ServerProcess:
+        """``python -m paramserver serve`` on a free port, default settings but ``settings``
+        (kernels warmed up, as in production); its log holds warnings only."""
+        settings.setdefault("log_level", "warning")
+        server = super().paramserver(*args, log_dir=log_dir, **settings)
+        server.start_timeout = 180.0  # the kernels compile at start-up, on a loaded machine too
+        return server
 
     @classmethod
     def echo_http(cls) -> ServerProcess:
-        port = free_port()
-        return cls(["-m", "benchmarks.echo_app", "http", "--port", str(port)], port=port)
+        return cls(["-m", "benchmarks.echo_app", "http", "--port", "{port}"])
 
     @classmethod
     def echo_asgi(cls) -> ServerProcess:
-        port = free_port()
-        return cls(["-m", "benchmarks.echo_app", "asgi", "--port", str(port)], port=port)
+        return cls(["-m", "benchmarks.echo_app", "asgi", "--port", "{port}"])
 
     @classmethod
     def echo_tcp(cls) -> ServerProcess:
-        port = free_port()
-        return cls(["-m", "benchmarks.echo_app", "tcp", "--port", str(port)], port=port, http=False)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "not started"
-        return self.proc.pid
-
-    def __enter__(self) -> ServerProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if self._ready():
-                return
-            time.sleep(0.05)
-        output = self.output()
-        self.stop()
-        raise RuntimeError(f"{' '.join(self.argv)} did not start:\n{output[-4000:]}")
-
-    def _ready(self) -> bool:
-        try:
-            if not self.http:
-                with socket.create_connection((HOST, self.port), timeout=1):
-                    return True
-            with RawHTTPConnection(self.port, timeout=2) as conn:
-                status, _ = conn.request("GET", "/health")
-                return status == 200
-        except OSError:
-            return False
-
-    def output(self) -> str:
-        if self._log is None:
-            return ""
-        self._log.seek(0)
-        return str(self._log.read().decode("utf-8", "replace"))
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(self.stop_timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        return cls(["-m", "benchmarks.echo_app", "tcp", "--port", "{port}"], http=False)
 
     # --- memory, from /proc/<pid>/status ---
 

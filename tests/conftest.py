@@ -1,79 +1,35 @@
-"""Shared fixtures: a real uvicorn server on a free loopback port, and its base URL.
+"""The fixtures of the whole suite: the app under uvicorn in a thread, on a free loopback port.
 
-``server_factory(**settings)`` starts an app built by ``create_app(Settings(...))`` under
-uvicorn in a background thread, waits for ``/health`` and stops it at teardown. Tests talk to
-it over real HTTP on 127.0.0.1.
+``server_factory(**settings)`` starts an app built by ``create_app(Settings(...))`` (see
+:func:`tests.harness.servers.start_server_thread`) and stops it at teardown; ``server`` is one
+default server shared by a test module and ``base_url`` its URL. Tests talk to it over real
+HTTP on 127.0.0.1, with ``api`` (a keep-alive client of it: requests take paths) or ``http``
+(one for full URLs, of any server). ``adam_session`` is a session of that server to aim refused
+requests at (:mod:`tests.harness.refusals`); ``durable_services`` makes services without HTTP,
+durable on a directory.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from paramserver.server.main import create_app
-from paramserver.server.settings import Settings
-
-
-@dataclass
-class RunningServer:
-    url: str
-    app: Any
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(**overrides: Any) -> RunningServer:
-    """Start a uvicorn server in a thread; ``overrides`` are :class:`Settings` fields."""
-    overrides.setdefault("warm_up_kernels", False)
-    settings = Settings(**overrides)
-    app = create_app(settings)
-    port = free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if server.started:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return RunningServer(url, app, server, thread)
-            except httpx.TransportError:
-                pass
-        if not thread.is_alive():
-            break
-        time.sleep(0.02)
-    server.should_exit = True
-    raise RuntimeError("the test server did not start")
+from tests.harness.http_api import MSGPACK, create_body, new_id
+from tests.harness.refusals import VALID_PUSH, WEIGHTS
+from tests.harness.servers import ServerThread, start_server_thread
+from tests.harness.service import DurableService, opened_services
 
 
 @pytest.fixture
-def server_factory() -> Iterator[Callable[..., RunningServer]]:
-    started: list[RunningServer] = []
+def server_factory() -> Iterator[Callable[..., ServerThread]]:
+    started: list[ServerThread] = []
 
-    def make(**overrides: Any) -> RunningServer:
-        srv = start_server(**overrides)
+    def make(**overrides: Any) -> ServerThread:
+        srv = start_server_thread(**overrides)
         started.append(srv)
         return srv
 
@@ -83,13 +39,46 @@ def server_factory() -> Iterator[Callable[..., RunningServer]]:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
+def server() -> Iterator[ServerThread]:
     """One default server shared by a test module."""
-    srv = start_server()
+    srv = start_server_thread()
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def base_url(server: RunningServer) -> str:
+def base_url(server: ServerThread) -> str:
     return server.url
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    """One keep-alive client for a module's requests to any server: they take full URLs."""
+    with httpx.Client(timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def api(base_url: str) -> Iterator[httpx.Client]:
+    """A keep-alive client of the module's server: requests take paths (``/sessions``)."""
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def adam_session(api: httpx.Client) -> str:
+    """A new Adam session (w: float32[2,3], b: float32[3]) one step in, so its slots are set."""
+    sid = new_id("e")
+    r = api.post("/sessions", content=create_body(sid, "adam", WEIGHTS), headers=MSGPACK)
+    assert r.status_code == 201, r.text
+    r = api.post(f"/sessions/{sid}/gradients", content=VALID_PUSH, headers=MSGPACK)
+    assert r.status_code == 200, r.text
+    return sid
+
+
+@pytest.fixture
+def durable_services(tmp_path: Path) -> Iterator[Callable[..., DurableService]]:
+    """A factory of in-process services durable on ``tmp_path / "snapshots"`` (by default),
+    closed at teardown unless the test closed or crashed them (:mod:`tests.harness.service`)."""
+    with opened_services(tmp_path) as make:
+        yield make

@@ -1,0 +1,137 @@
+"""The benchmarks run: each module in a tiny configuration, through ``python -m benchmarks.run``.
+
+These tests prove that the code works (servers start and stop, every row has its keys and
+sensible values, the JSON document is written). They never judge a timing or a ratio: the
+figures of a tiny run on a shared machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# ``benchmarks`` is a package at the repository's root, not an installed one. The root is on the
+# path: ``tests`` is a package too, and pytest puts the directory above it first.
+from benchmarks import run as bench_run
+
+TINY = bench_run.Plan(
+    kernel_sizes=(1000,),
+    kernel_repeats=1,
+    push_sizes=(1000, 20_000),
+    push_samples=3,
+    push_rounds=1,
+    push_quick=True,
+    throughput_connections=2,
+    throughput_seconds=0.2,
+    throughput_rounds=1,
+    memory_sessions=2,
+    memory_parameters=1000,
+    memory_peak_parameters=20_000,
+    memory_pushes=1,
+)
+
+
+@pytest.fixture(scope="module")
+def document(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One tiny run of every benchmark through the command line, and its JSON document."""
+    path = tmp_path_factory.mktemp("bench") / "out.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench_run.PLANS, "quick", TINY)
+        assert bench_run.main(["--quick", "--details", "--json", str(path)]) == 0
+    yield json.loads(path.read_text())
+
+
+def _positive(row: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        value = row[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+        assert math.isfinite(value) and value > 0, (key, value)
+
+
+def _number(row: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        value = row[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
+
+
+def test_document_describes_the_run(document: dict[str, Any]) -> None:
+    assert document["quick"] is True
+    assert document["command"].startswith("python -m benchmarks.run")
+    assert set(document["results"]) == {"kernels", "push", "throughput", "memory"}
+    machine = document["machine"]
+    assert machine["nproc"] >= 1
+    assert machine["cpu_model"]
+    assert machine["python"]
+    assert machine["versions"]["numpy"] and machine["versions"]["numba"]
+    assert len(machine["loadavg"]) == 3
+    _positive(document, "duration_seconds")
+
+
+def test_goal_table_has_every_benchmark(document: dict[str, Any]) -> None:
+    goals = document["goals"]
+    assert {g["benchmark"] for g in goals} == {"kernels", "push", "throughput", "memory"}
+    for g in goals:
+        assert set(g) == {"benchmark", "figure", "ours", "reference", "ratio", "goal", "verdict"}
+        assert g["verdict"] in {"met", "NOT met", "-"}
+        if g["ratio"] is not None:
+            _number(g, "ratio")
+    text = bench_run.format_goals(goals)
+    assert "verdict" in text.splitlines()[0]
+
+
+def test_kernels_rows(document: dict[str, Any]) -> None:
+    rows = document["results"]["kernels"]
+    optimizers = [r for r in rows if r["optimizer"] != "sum_squares"]
+    assert {r["elements"] for r in rows} == {1000}
+    assert len(optimizers) == len({r["optimizer"] for r in optimizers}) >= 1
+    for row in optimizers:
+        _positive(row, "numba_ns", "step_ns", "numpy_ns", "floor_ns", "floor_ratio")
+
+
+def test_push_rows(document: dict[str, Any]) -> None:
+    rows = document["results"]["push"]
+    assert [r["parameters"] for r in rows] == [1000, 20_000]
+    for row in rows:
+        assert row["samples"] == 3
+        _positive(row, "request_bytes", "response_bytes")
+        for method in ("echo", "uvicorn", "raw", "client"):
+            _positive(row, f"{method}_p50_ms", f"{method}_p99_ms", f"{method}_min_ms")
+            assert row[f"{method}_min_ms"] <= row[f"{method}_p50_ms"] <= row[f"{method}_p99_ms"]
+        _positive(row, "raw_vs_echo_p50", "client_vs_raw_p50", "raw_vs_uvicorn_p50")
+        assert isinstance(row["server_libraries"], list)
+
+
+def test_throughput_rows(document: dict[str, Any]) -> None:
+    rows = document["results"]["throughput"]
+    assert [r["sessions"] for r in rows] == ["shared", "per_connection"]
+    for row in rows:
+        assert row["connections"] == 2
+        _positive(row, "ours_per_s", "echo_per_s", "ratio", "request_bytes")
+        assert len(row["ours_rounds_per_s"]) == len(row["echo_rounds_per_s"]) == 1
+        assert row["ours_failed"] == 0 and row["echo_failed"] == 0
+
+
+def test_memory_rows(document: dict[str, Any]) -> None:
+    rows = {r["figure"]: r for r in document["results"]["memory"]}
+    assert set(rows) == {"session_rss", "idempotency_rss", "push_peak"}
+    session = rows["session_rss"]
+    _positive(session, "weights_bytes", "slots_bytes", "session_bytes", "baseline_rss")
+    _positive(session, "rss_after")
+    assert session["weights_bytes"] == 4 * 1000  # one float32 parameter of 1000 elements
+    _number(session, "rss_per_session", "ratio")  # RSS deltas this small can be <= 0
+    _number(rows["idempotency_rss"], "rss_per_push")
+    peak = rows["push_peak"]
+    _positive(peak, "request_bytes", "response_bytes")
+    _number(peak, "extra_peak_bytes", "extra_peak_max_bytes", "rss_growth_bytes", "ratio")
+    assert peak["peak_method"]
+
+
+def test_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(["--only", "kernels,nope"])
+    assert exc.value.code == 2
+    assert "nope" in capsys.readouterr().err

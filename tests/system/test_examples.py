@@ -1,0 +1,59 @@
+"""The worker examples run against the test server and actually train."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from paramserver.client import Client
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def session_ids(base_url: str) -> set[str]:
+    with Client(base_url) as client:
+        return {s.session_id for s in client.sessions()}
+
+
+def test_numpy_worker_loss_falls_tenfold(base_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    before = session_ids(base_url)
+    history = load("numpy_worker").main(["--url", base_url])
+    assert len(history) == 6  # before training, then five epochs
+    assert history[-1] * 10 <= history[0], history
+    out = capsys.readouterr().out
+    assert "epoch 5: loss" in out and "loss fell" in out
+    assert session_ids(base_url) == before  # the example cleans up
+
+
+def test_numpy_worker_defaults_to_the_local_server() -> None:
+    args = load("numpy_worker").parse_args([])
+    assert args.url == "http://127.0.0.1:8000"
+
+
+def test_torch_worker_trains(base_url: str) -> None:
+    pytest.importorskip("torch")
+    history = load("torch_worker").main(["--url", base_url, "--quiet", "--epochs", "3"])
+    assert len(history) == 4
+    assert history[-1] * 3 <= history[0], history
+
+
+def test_torch_worker_without_torch(
+    base_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = load("torch_worker")
+    monkeypatch.setattr(module, "torch", None)
+    assert module.main(["--url", base_url]) == []
+    assert "PyTorch is not installed" in capsys.readouterr().out
