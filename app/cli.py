@@ -114,7 +114,16 @@ def serve(settings: Settings, *, demo: bool = False) -> None:
     if not server.started:
         # The start-up failed (a locked snapshot directory, a damaged journal, a taken port):
         # the reason is logged above; exit non-zero whatever uvicorn's version does.
-        sys.exit(3)
+        sys.exit(EXIT_START_FAILED)
+    if app.state.shutdown_failed:
+        # A final snapshot could not be written (logged as an ERROR above).
+        sys.exit(EXIT_SHUTDOWN_FAILED)
+
+
+#: Exit codes of ``paramserver serve`` besides 0 (a requested, clean shutdown) and 2 (invalid
+#: settings).
+EXIT_START_FAILED = 3
+EXIT_SHUTDOWN_FAILED = 4
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -23,7 +23,7 @@ from .auth import AuthMiddleware, load_tokens
 from .backpressure import ConcurrencyLimitMiddleware
 from .errors import install_error_handlers
 from .optim import default_backend
-from .persistence import Durability
+from .persistence import Durability, FinalSnapshotsFailed
 from .service import SessionService
 from .sessions import SessionStore
 from .settings import Settings
@@ -81,8 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if periodic is not None:
                     await periodic
                 # uvicorn runs this on SIGTERM/SIGINT once the requests in flight are answered:
-                # the final snapshots, then the directory is unlocked.
-                await run_in_threadpool(durability.close)
+                # the final snapshots, then the directory is unlocked. A final snapshot that
+                # could not be written makes `paramserver serve` exit non-zero.
+                try:
+                    await run_in_threadpool(durability.close)
+                except FinalSnapshotsFailed as exc:
+                    log.error("shutdown: %s", exc)
+                    app.state.shutdown_failed = True
 
     app = FastAPI(
         title="paramserver",
@@ -91,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.shutdown_failed = False
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(sessions.router)

@@ -237,7 +237,18 @@ class SessionService:
         """Save the session now (``POST /sessions/{id}/snapshot``)."""
         if self.durability is None:
             raise SnapshotsDisabled("this server keeps no snapshots: start it with --snapshot-dir")
-        info: SnapshotInfo | None = self.durability.snapshot(session)
+        try:
+            info: SnapshotInfo | None = self.durability.snapshot(session)
+        except OSError as exc:
+            # The disk failed (ENOSPC, EIO, a read-only remount): nothing was saved, the session
+            # is unchanged, and the periodic pass retries. 503: the request was not carried out.
+            log.error("snapshot of session %r failed: %s", session.id, exc)
+            raise ServiceUnavailable(
+                f"the snapshot could not be written ({exc.strerror or exc}); the session is "
+                "unchanged and the server retries periodically",
+                code=ErrorCode.SNAPSHOT_FAILED,
+                headers={"Retry-After": "5"},
+            ) from None
         if info is None:
             raise SessionNotFound(f"no session {session.id!r}")
         return info.to_dict()

@@ -4,7 +4,7 @@ See docs/durability.md for the file formats, the recovery rules and the guarante
 """
 
 from .dirlock import DirectoryLock, DirectoryLocked
-from .durability import Durability, SnapshotInfo
+from .durability import Durability, FinalSnapshotsFailed, SnapshotInfo
 from .journal import CorruptJournal, Journal, JournalFailed, JournalReader
 from .recovery import RecoveryError
 from .snapshots import CorruptSnapshot, SnapshotStore, read_snapshot
@@ -15,6 +15,7 @@ __all__ = [
     "DirectoryLock",
     "DirectoryLocked",
     "Durability",
+    "FinalSnapshotsFailed",
     "Journal",
     "JournalFailed",
     "JournalReader",

@@ -64,6 +64,10 @@ def _mark(session: Session) -> tuple[int, int, datetime]:
     return (id(trainer), trainer.iterations, session.updated_at)
 
 
+class FinalSnapshotsFailed(RuntimeError):
+    """A clean shutdown could not write every final snapshot (the server exits non-zero)."""
+
+
 class Durability:
     def __init__(self, settings: Settings) -> None:
         if settings.snapshot_dir is None:
@@ -76,6 +80,8 @@ class Durability:
         self.journal: Journal | None = None
         self._store: SessionStore | None = None
         self._idempotency: IdempotencyCache | None = None
+        #: Ids of the sessions whose snapshot failed in the last :meth:`snapshot_changed` pass.
+        self.last_failed: list[str] = []
         self._base_lsn = 0  # the LSN snapshots record when there is no journal
         self._marks: weakref.WeakKeyDictionary[Session, tuple[int, int, datetime]] = (
             weakref.WeakKeyDictionary()
@@ -153,15 +159,33 @@ class Durability:
         return [s for s in self.store.list() if self._marks.get(s) != _mark(s)]
 
     def close(self) -> None:
-        """Snapshot every session changed since its last snapshot, close the journal, unlock."""
+        """Snapshot every session changed since its last snapshot, close the journal, unlock.
+
+        Raises :class:`FinalSnapshotsFailed` (after closing and unlocking) when a session's
+        final snapshot could not be written: what it holds since its last snapshot is then
+        only in the journal, if there is one.
+        """
+        failed: list[str] = []
         try:
             if self._store is not None:
                 written = self.snapshot_changed()
+                failed = self.last_failed
                 log.info("final snapshots written: %d session(s)", written)
         finally:
             if self.journal is not None:
                 self.journal.close()
             self.lock.release()
+        if failed:
+            kept = (
+                "the journal still holds their changes and replays them at the next start"
+                if self.settings.durability == "journal"
+                else "their changes since the last snapshot are LOST"
+            )
+            raise FinalSnapshotsFailed(
+                f"the final snapshots of {len(failed)} session(s) could not be written "
+                f"({', '.join(map(repr, failed[:10]))}{', ...' if len(failed) > 10 else ''}); "
+                f"{kept}"
+            )
 
     # --- snapshots ---------------------------------------------------------------------------
 
@@ -210,17 +234,22 @@ class Durability:
         the segments now covered by snapshots are deleted.
         """
         written = 0
+        failed: list[str] = []
         for session in self.store.list():
             try:
                 if self.snapshot(session, only_if_changed=True) is not None:
                     written += 1
             except OSError as exc:
                 log.error("snapshot of session %r failed: %s", session.id, exc)
+                failed.append(session.id)
             except JournalFailed:
                 log.error("snapshots stopped: the journal has failed")
+                self.last_failed = [s.id for s in self._unsaved()]
                 return written
             except Exception:  # one bad session must not stop the others' snapshots
                 log.exception("snapshot of session %r failed", session.id)
+                failed.append(session.id)
+        self.last_failed = failed
         if self.journal is not None:
             self.journal.truncate()
         return written
