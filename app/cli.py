@@ -74,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def serve(settings: Settings, *, demo: bool = False) -> None:
+def serve(settings: Settings, *, demo: bool = False, tokens_in_argv: bool = False) -> None:
     import uvicorn
 
     from .main import create_app
@@ -84,6 +84,11 @@ def serve(settings: Settings, *, demo: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo worker's requests
+    if tokens_in_argv:
+        logging.getLogger("paramserver").warning(
+            "--tokens puts the secrets on the command line, where any local user reads them "
+            "(ps, /proc/PID/cmdline); pass them in --tokens-file or PARAMSERVER_TOKENS instead"
+        )
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -147,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paramserver: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        serve(settings, demo=args.demo)
+        serve(settings, demo=args.demo, tokens_in_argv=getattr(args, "tokens", None) is not None)
     return 0
 
 
