@@ -24,6 +24,7 @@ from paramserver import optimizers, wire
 
 from . import errors
 from ._base import (
+    DEFAULT_DEADLINE,
     DEFAULT_RETRY_POLICY,
     DEFAULT_TIMEOUT,
     DictWeights,
@@ -36,6 +37,7 @@ from ._base import (
 from .aio import AsyncClient, AsyncSession
 from .errors import (
     BadRequest,
+    DeadlineExceeded,
     Forbidden,
     InsufficientStorage,
     InternalServerError,
@@ -56,12 +58,14 @@ from .errors import (
 from .sync import Client, Session
 
 __all__ = [
+    "DEFAULT_DEADLINE",
     "DEFAULT_RETRY_POLICY",
     "DEFAULT_TIMEOUT",
     "AsyncClient",
     "AsyncSession",
     "BadRequest",
     "Client",
+    "DeadlineExceeded",
     "DictWeights",
     "Forbidden",
     "InsufficientStorage",

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import random
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ from . import errors
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
+    "DEFAULT_DEADLINE",
     "DEFAULT_TIMEOUT",
     "Attempts",
     "Call",
@@ -70,6 +73,11 @@ T = TypeVar("T")
 #: or written, longer than the server's 120 s default wait for a busy session's turn (so a
 #: queued push is answered by the server, not abandoned by the client).
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0, pool=60.0)
+
+#: The most one call may take in all, retries and waits included (``deadline=``): longer than
+#: the server's longest legitimate answer (a push waiting its turn, 120 s by default, plus
+#: the transfer), far shorter than the read timeout times the attempts (4 x 300 s).
+DEFAULT_DEADLINE = 600.0
 
 #: Keep-alive pool: one connection per concurrent request, up to these bounds.
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -227,11 +235,62 @@ class Call(Generic[T]):
 class Attempts:
     """The retry decisions for one call: feed it each failure, get a delay or an exception."""
 
-    def __init__(self, call: Call[Any], policy: RetryPolicy, rng: random.Random) -> None:
+    def __init__(
+        self,
+        call: Call[Any],
+        policy: RetryPolicy,
+        rng: random.Random,
+        *,
+        deadline: float | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> None:
         self.call = call
         self.policy = policy
         self.rng = rng
         self.count = 0
+        self.deadline = deadline
+        self.deadline_at = math.inf if deadline is None else time.monotonic() + deadline
+        self._timeout = timeout if timeout is not None else httpx.Timeout(None)
+
+    def remaining(self) -> float:
+        """Seconds left before the call's deadline (``inf`` without one)."""
+        return self.deadline_at - time.monotonic()
+
+    def timeout(self) -> httpx.Timeout:
+        """The next attempt's timeouts: the client's, none longer than what is left."""
+        left = self.remaining()
+        if left == math.inf:
+            return self._timeout
+        left = max(left, 0.001)
+
+        def cap(value: float | None) -> float:
+            return left if value is None else min(value, left)
+
+        t = self._timeout
+        return httpx.Timeout(
+            connect=cap(t.connect), read=cap(t.read), write=cap(t.write), pool=cap(t.pool)
+        )
+
+    def check_deadline(self, cause: BaseException | None = None) -> None:
+        """Raise :class:`~.errors.DeadlineExceeded` once the deadline has passed."""
+        if self.remaining() <= 0:
+            raise self.deadline_error() from cause
+
+    def deadline_error(self) -> errors.DeadlineExceeded:
+        key = self.call.idempotency_key
+        note = ""
+        if key is not None:
+            note = (
+                "; the push may or may not have been applied: push again with "
+                f"idempotency_key={key!r} to apply it at most once"
+            )
+        tries = f"{self.count or 1} attempt{'s' if (self.count or 1) != 1 else ''}"
+        return errors.DeadlineExceeded(
+            f"{self.call.describe()}: no answer within the call's deadline of "
+            f"{self.deadline:g} s ({tries}){note}",
+            attempts=self.count or 1,
+            idempotency_key=key,
+        )
 
     def _may_retry(self) -> bool:
         return self.count <= self.policy.retries
@@ -243,8 +302,13 @@ class Attempts:
         if isinstance(exc, httpx.DecodingError):
             raise errors.ProtocolError(f"{self.call.describe()}: {exc}") from exc
         safe = _NOT_SENT if self.call.safety is Safety.UNSENT_ONLY else _TRANSIENT
+        if isinstance(exc, httpx.TimeoutException):
+            self.check_deadline(exc)  # the attempt's timeout was the deadline's remainder
         if isinstance(exc, safe) and self._may_retry():
-            return self.policy.delay(self.count - 1, rng=self.rng)
+            delay = self.policy.delay(self.count - 1, rng=self.rng)
+            if delay >= self.remaining():
+                raise self.deadline_error() from exc
+            return delay
         raise transport_error(self.call, exc, self.count, retryable=isinstance(exc, safe)) from exc
 
     def after_reply(self, reply: Reply) -> float | None:
@@ -255,7 +319,10 @@ class Attempts:
         retry_after = errors.parse_retry_after(reply.headers.get("retry-after"))
         if retry_after is not None and retry_after > self.policy.max_retry_after:
             return None
-        return self.policy.delay(self.count - 1, retry_after, rng=self.rng)
+        delay = self.policy.delay(self.count - 1, retry_after, rng=self.rng)
+        if delay >= self.remaining():
+            return None  # no time left for another try: the 503 is the answer
+        return delay
 
 
 def transport_error(
@@ -557,12 +624,20 @@ class ClientCore(Generic[S]):
         token: str | None,
         headers: Mapping[str, str] | None,
         limits: httpx.Limits | None,
+        deadline: float | None = DEFAULT_DEADLINE,
     ) -> None:
         self.base_url = httpx.URL(str(base_url))
         if self.base_url.scheme not in ("http", "https"):
             raise ValueError(f"base_url must be an http(s) URL, got {str(base_url)!r}")
         self.retry_policy = RetryPolicy.of(retries)
         self.timeout = httpx.Timeout(timeout)
+        if deadline is not None and (
+            isinstance(deadline, bool)
+            or not isinstance(deadline, (int, float))
+            or not 0 < deadline < math.inf
+        ):
+            raise ValueError(f"deadline must be a finite number of seconds > 0, got {deadline!r}")
+        self.deadline = None if deadline is None else float(deadline)
         all_headers = {
             "User-Agent": USER_AGENT,
             "Accept": f"{wire.MSGPACK_MEDIA_TYPE}, application/json",
@@ -588,7 +663,9 @@ class ClientCore(Generic[S]):
         return f"<{type(self).__name__} {str(self.base_url)!r}>"
 
     def _attempts(self, call: Call[Any]) -> Attempts:
-        return Attempts(call, self.retry_policy, self._rng)
+        return Attempts(
+            call, self.retry_policy, self._rng, deadline=self.deadline, timeout=self.timeout
+        )
 
     def _session_parser(self, as_list: bool) -> Callable[[Reply], S]:
         """Reads a session summary into a new session handle of the twin's type."""

@@ -23,9 +23,11 @@ import httpx
 
 from . import _base
 from ._base import (
+    DEFAULT_DEADLINE,
     DEFAULT_RETRY_POLICY,
     DEFAULT_TIMEOUT,
     ArrayLike,
+    Attempts,
     BodyBuffer,
     Call,
     DictWeights,
@@ -127,8 +129,10 @@ class AsyncSession(_base.SessionCore[W]):
 class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
     """An asyncio client of one parameter server (the twin of ``client.Client``).
 
-    ``timeout`` is seconds or an ``httpx.Timeout`` (``None``: no timeouts); ``retries`` a
-    count or a :class:`RetryPolicy`; ``token`` is sent as ``Authorization: Bearer <token>``.
+    ``timeout`` is seconds or an ``httpx.Timeout`` (``None``: no timeouts); ``deadline`` the
+    most seconds one call may take in all, retries and waits included (``None``: none);
+    ``retries`` a count or a :class:`RetryPolicy`; ``token`` is sent as
+    ``Authorization: Bearer <token>``.
     ``transport`` and ``limits`` go to ``httpx.AsyncClient`` (a custom transport, pool sizes).
     Use it as an async context manager, or await :meth:`aclose`.
     """
@@ -144,10 +148,17 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         token: str | None = None,
         headers: Mapping[str, str] | None = None,
         limits: httpx.Limits | None = None,
+        deadline: float | None = DEFAULT_DEADLINE,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(
-            base_url, timeout=timeout, retries=retries, token=token, headers=headers, limits=limits
+            base_url,
+            timeout=timeout,
+            retries=retries,
+            token=token,
+            headers=headers,
+            limits=limits,
+            deadline=deadline,
         )
         self._http = httpx.AsyncClient(transport=transport, **self._httpx_options())
 
@@ -257,7 +268,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         attempts = self._attempts(call)
         while True:
             try:
-                reply = await self._send(call)
+                reply = await self._send(call, attempts)
             except httpx.RequestError as exc:
                 delay = attempts.after_exception(exc)
             else:
@@ -267,15 +278,22 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
                 delay = retry_in
             await asyncio.sleep(delay)
 
-    async def _send(self, call: Call[Any]) -> Reply:
+    async def _send(self, call: Call[Any], attempts: Attempts) -> Reply:
+        attempts.check_deadline()
         request = self._http.build_request(
-            call.method, call.path, params=call.params, content=call.body, headers=call.headers()
+            call.method,
+            call.path,
+            params=call.params,
+            content=call.body,
+            headers=call.headers(),
+            timeout=attempts.timeout(),
         )
         response = await self._http.send(request, stream=True)
         try:
             body = BodyBuffer(response.headers)
             async for chunk in response.aiter_bytes():
                 body.feed(chunk)
+                attempts.check_deadline()  # an answer that trickles in ends at the deadline
         finally:
             await response.aclose()
         return Reply(response.status_code, response.headers, body.value())

@@ -4,6 +4,7 @@
 
     ParamServerError                    anything this package raises about a request
     ├── TransportError                  no usable answer: connect/read/write failure, timeout
+    │   └── DeadlineExceeded            the call's overall deadline passed (retries included)
     ├── ProtocolError                   an answer that is not what the protocol says
     └── ServerError                     an error answer: .status, .code, .message, .response_headers
         ├── BadRequest                  400 bad_request
@@ -42,6 +43,7 @@ from paramserver.codes import STATUS, ErrorCode
 
 __all__ = [
     "BadRequest",
+    "DeadlineExceeded",
     "Forbidden",
     "InsufficientStorage",
     "InternalServerError",
@@ -84,6 +86,12 @@ class TransportError(ParamServerError):
         self.message = message
         self.attempts = attempts
         self.idempotency_key = idempotency_key
+
+
+class DeadlineExceeded(TransportError):
+    """The call's overall deadline (``Client(deadline=...)``) passed before a final answer:
+    attempts, waits between them and the reading of answers included. ``idempotency_key`` is
+    set for a push, as for any :class:`TransportError`."""
 
 
 class ProtocolError(ParamServerError):

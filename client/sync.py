@@ -23,9 +23,11 @@ import httpx
 
 from . import _base
 from ._base import (
+    DEFAULT_DEADLINE,
     DEFAULT_RETRY_POLICY,
     DEFAULT_TIMEOUT,
     ArrayLike,
+    Attempts,
     BodyBuffer,
     Call,
     DictWeights,
@@ -127,8 +129,10 @@ class Session(_base.SessionCore[W]):
 class Client(_base.ClientCore["Session[Any]"]):
     """A blocking client of one parameter server.
 
-    ``timeout`` is seconds or an ``httpx.Timeout`` (``None``: no timeouts); ``retries`` a
-    count or a :class:`RetryPolicy`; ``token`` is sent as ``Authorization: Bearer <token>``.
+    ``timeout`` is seconds or an ``httpx.Timeout`` (``None``: no timeouts); ``deadline`` the
+    most seconds one call may take in all, retries and waits included (``None``: none);
+    ``retries`` a count or a :class:`RetryPolicy`; ``token`` is sent as
+    ``Authorization: Bearer <token>``.
     ``transport`` and ``limits`` go to ``httpx.Client`` (a custom transport, pool sizes).
     Use it as a context manager, or call :meth:`close`.
     """
@@ -144,10 +148,17 @@ class Client(_base.ClientCore["Session[Any]"]):
         token: str | None = None,
         headers: Mapping[str, str] | None = None,
         limits: httpx.Limits | None = None,
+        deadline: float | None = DEFAULT_DEADLINE,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(
-            base_url, timeout=timeout, retries=retries, token=token, headers=headers, limits=limits
+            base_url,
+            timeout=timeout,
+            retries=retries,
+            token=token,
+            headers=headers,
+            limits=limits,
+            deadline=deadline,
         )
         self._http = httpx.Client(transport=transport, **self._httpx_options())
 
@@ -255,7 +266,7 @@ class Client(_base.ClientCore["Session[Any]"]):
         attempts = self._attempts(call)
         while True:
             try:
-                reply = self._send(call)
+                reply = self._send(call, attempts)
             except httpx.RequestError as exc:
                 delay = attempts.after_exception(exc)
             else:
@@ -265,15 +276,22 @@ class Client(_base.ClientCore["Session[Any]"]):
                 delay = retry_in
             time.sleep(delay)
 
-    def _send(self, call: Call[Any]) -> Reply:
+    def _send(self, call: Call[Any], attempts: Attempts) -> Reply:
+        attempts.check_deadline()
         request = self._http.build_request(
-            call.method, call.path, params=call.params, content=call.body, headers=call.headers()
+            call.method,
+            call.path,
+            params=call.params,
+            content=call.body,
+            headers=call.headers(),
+            timeout=attempts.timeout(),
         )
         response = self._http.send(request, stream=True)
         try:
             body = BodyBuffer(response.headers)
             for chunk in response.iter_bytes():
                 body.feed(chunk)
+                attempts.check_deadline()  # an answer that trickles in ends at the deadline
         finally:
             response.close()
         return Reply(response.status_code, response.headers, body.value())

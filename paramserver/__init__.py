@@ -28,6 +28,8 @@ __all__ = [
     "AsyncSession",
     "BadRequest",
     "Client",
+    "DeadlineExceeded",
+    "DEFAULT_DEADLINE",
     "DEFAULT_RETRY_POLICY",
     "DEFAULT_TIMEOUT",
     "DictWeights",
@@ -69,12 +71,14 @@ _CLIENT_EXPORTS = frozenset(__all__) - _SUBMODULES - {"__version__"}
 if TYPE_CHECKING:
     from paramserver import codes, messages, optimizers, wire
     from paramserver.client import (
+        DEFAULT_DEADLINE,
         DEFAULT_RETRY_POLICY,
         DEFAULT_TIMEOUT,
         AsyncClient,
         AsyncSession,
         BadRequest,
         Client,
+        DeadlineExceeded,
         DictWeights,
         Forbidden,
         InsufficientStorage,
