@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from paramserver import wire
 from paramserver.codes import ErrorCode, MessageError
 from paramserver.messages import (
+    MAX_ITERATIONS,
     BodyKind,
     decode_create,
     decode_push,
@@ -53,6 +54,12 @@ def _decoded(decode: Callable[..., T], *args: Any) -> T:
         return decode(*args)
     except MessageError as exc:
         raise ServiceError.of(exc) from None
+
+
+class IterationsExhausted(ServiceError):
+    """A push onto a session at the largest iteration count a state can hold (HTTP 409)."""
+
+    code = ErrorCode.ITERATIONS_EXHAUSTED
 
 
 class SnapshotsDisabled(ServiceError):
@@ -87,7 +94,11 @@ class SessionService:
 
         def build() -> Trainer:
             try:
-                return build_trainer(message.optimizer, message.weights)
+                return build_trainer(
+                    message.optimizer,
+                    message.weights,
+                    refuse_non_finite=message.refuse_non_finite,
+                )
             except (StateError, GradientError) as exc:
                 raise InvalidRequest(str(exc), code=ErrorCode.INVALID_WEIGHTS) from None
 
@@ -142,22 +153,38 @@ class SessionService:
                     if seen.body is not None:
                         return seen.body, True
                     return encode_weights(seen.iterations, None), True
+            if trainer.iterations >= MAX_ITERATIONS - 1:
+                raise IterationsExhausted(
+                    f"session {session.id!r} is at iteration {trainer.iterations}, the most a "
+                    "session can count (2**53 - 1, exact as a float); export its state and "
+                    "start a new session",
+                )
             try:
                 prepared = trainer.check_gradients(grads)
+                if trainer.refuse_non_finite:
+                    # The step is tried first (it saves what it changes): a refused result
+                    # is never logged, and one that cannot be logged is rolled back.
+                    trainer.apply(prepared)
             except GradientError as exc:
                 raise InvalidRequest(str(exc), code=exc.code) from None
             if journal is not None:
                 # Write-ahead: validate, log, then apply (a validated step cannot fail), so a
                 # push that could not be logged changes nothing.
-                lsn = journal.append(
-                    "push",
-                    session.id,
-                    body=body,
-                    iterations=trainer.iterations + 1,
-                    key=idempotency_key,
-                    time=time.time(),
-                )
-            trainer.apply(prepared)
+                try:
+                    lsn = journal.append(
+                        "push",
+                        session.id,
+                        body=body,
+                        iterations=trainer.iterations + (0 if trainer.refuse_non_finite else 1),
+                        key=idempotency_key,
+                        time=time.time(),
+                    )
+                except BaseException:
+                    if trainer.refuse_non_finite:
+                        trainer.rollback()
+                    raise
+            if not trainer.refuse_non_finite:
+                trainer.apply(prepared)
             session.touch()
             answer = encode_weights(
                 trainer.iterations, trainer.weights() if return_weights else None

@@ -67,6 +67,7 @@ class Session:
             "session_id": self.id,
             "optimizer": trainer.optimizer.to_dict(),
             "iterations": trainer.iterations,
+            "refuse_non_finite": trainer.refuse_non_finite,
             "parameters": {
                 name: {"dtype": str(dtype), "shape": list(shape)}
                 for name, (dtype, shape) in trainer.parameters().items()

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Seconds between periodic snapshots."
     )
     snapshot_keep: int = Field(3, ge=1, description="Snapshots kept per session.")
+    snapshot_fallback: bool = Field(
+        False,
+        description="At start-up, when a session's newest snapshot cannot be read, load its "
+        "previous one (losing what only the newest held) instead of refusing to start.",
+    )
     durability: Literal["snapshot", "journal"] = Field(
         "snapshot",
         description="'journal': a push is acknowledged only after it is in the write-ahead "

@@ -336,8 +336,13 @@ class TFTrainer:
     float64 weights) is refused now rather than halfway through a push.
     """
 
-    def __init__(self, optimizer: TFOptimizer, weights: Mapping[str, np.ndarray]) -> None:
-        check_weights(weights)
+    #: TensorFlow applies a step in place: there is no saved copy to go back to.
+    refuse_non_finite = False
+
+    def __init__(
+        self, optimizer: TFOptimizer, weights: Mapping[str, np.ndarray], *, restoring: bool = False
+    ) -> None:
+        check_weights(weights, finite=not restoring)
         tf = import_tensorflow()
         spec = optimizer.get_config()["optimizer"]
         name, config = spec["class_name"], spec["config"]
@@ -472,6 +477,9 @@ class TFTrainer:
         self._weights = None
         self._step(tensors)
         self._iterations += 1
+
+    def rollback(self) -> None:
+        raise RuntimeError("TFOptimizer sessions cannot roll a step back")
 
     def weights(self) -> Mapping[str, np.ndarray]:
         if self._weights is None:

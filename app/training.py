@@ -19,11 +19,19 @@ from typing import Protocol
 
 import numpy as np
 
+from paramserver.codes import ErrorCode
 from paramserver.messages import SessionState
 from paramserver.optimizers import Optimizer as OptimizerConfig
 from paramserver.optimizers import TFOptimizer
 
-from .optim import KerasOptimizer, OptimizerState, PreparedGradients, check_weights
+from .optim import (
+    GradientError,
+    KerasOptimizer,
+    OptimizerState,
+    PreparedGradients,
+    StateError,
+    check_weights,
+)
 
 __all__ = ["KerasTrainer", "Trainer", "build_trainer", "restore_trainer"]
 
@@ -49,7 +57,21 @@ class Trainer(Protocol):
         ...
 
     def apply(self, prepared: PreparedGradients) -> None:
-        """One optimizer step with gradients from :meth:`check_gradients` (the latest call)."""
+        """One optimizer step with gradients from :meth:`check_gradients` (the latest call).
+
+        With :attr:`refuse_non_finite`, a step whose weights or slots would not be finite
+        raises ``GradientError`` ``non_finite_result`` and changes nothing.
+        """
+        ...
+
+    @property
+    def refuse_non_finite(self) -> bool:
+        """The session's setting: refuse steps whose result is not finite."""
+        ...
+
+    def rollback(self) -> None:
+        """Undo the last :meth:`apply` (only with :attr:`refuse_non_finite`, which keeps what
+        it needs for that): the journal calls it when it could not log an applied step."""
         ...
 
     def weights(self) -> Mapping[str, np.ndarray]:
@@ -71,10 +93,23 @@ class Trainer(Protocol):
 
 
 class KerasTrainer:
-    """Numpy weights updated in place by a Keras 2.2.4 rule."""
+    """Numpy weights updated in place by a Keras 2.2.4 rule.
 
-    def __init__(self, optimizer: OptimizerConfig, weights: Mapping[str, np.ndarray]) -> None:
-        check_weights(weights)
+    ``refuse_non_finite``: each step first saves the weights and slots (into buffers kept for
+    the next step: twice the session's memory, and a copy of it per step), then checks the
+    result, and puts the saved values back if it is not finite. ``restoring``: the weights
+    come from an exported state and may hold NaN or inf.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerConfig,
+        weights: Mapping[str, np.ndarray],
+        *,
+        refuse_non_finite: bool = False,
+        restoring: bool = False,
+    ) -> None:
+        check_weights(weights, finite=not restoring)
         # Own the weights: aligned, writable, native-endian, C-contiguous copies.
         self._weights = {
             name: np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
@@ -82,6 +117,13 @@ class KerasTrainer:
         }
         self.optimizer = optimizer
         self.engine = KerasOptimizer(optimizer, self._weights)
+        self._refuse_non_finite = refuse_non_finite
+        self._saved: dict[str, np.ndarray] = {}
+        self._saved_counters: tuple[int, dict[str, object]] | None = None
+
+    @property
+    def refuse_non_finite(self) -> bool:
+        return self._refuse_non_finite
 
     @property
     def iterations(self) -> int:
@@ -94,7 +136,41 @@ class KerasTrainer:
         return self.engine.check_gradients(grads)
 
     def apply(self, prepared: PreparedGradients) -> None:
+        if not self._refuse_non_finite:
+            self.engine.apply(self._weights, prepared)
+            return
+        self._save()
         self.engine.apply(self._weights, prepared)
+        if not self.engine.all_finite(self._weights):
+            self.rollback()
+            raise GradientError(
+                "the step would make weights or optimizer slots NaN or infinite; it was not "
+                "applied (the session refuses non-finite results: refuse_non_finite)",
+                code=ErrorCode.NON_FINITE_RESULT,
+            )
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        out = {f"w/{n}": w for n, w in self._weights.items()}
+        for slot, per in self.engine.slots.items():
+            out.update({f"{slot}/{n}": a for n, a in per.items()})
+        return out
+
+    def _save(self) -> None:
+        for key, array in self._arrays().items():
+            saved = self._saved.get(key)
+            if saved is None:
+                saved = self._saved[key] = np.empty_like(array)
+            np.copyto(saved, array)
+        self._saved_counters = (self.engine.iterations, dict(self.engine.scalars))
+
+    def rollback(self) -> None:
+        if self._saved_counters is None:
+            raise RuntimeError("rollback() without a saved step (refuse_non_finite is off)")
+        for key, array in self._arrays().items():
+            np.copyto(array, self._saved[key])
+        self.engine.iterations, scalars = self._saved_counters
+        self.engine.scalars = dict(scalars)
+        self._saved_counters = None
 
     def weights(self) -> Mapping[str, np.ndarray]:
         return self._weights
@@ -106,6 +182,7 @@ class KerasTrainer:
             iterations=self.engine.iterations,
             slots=self.engine.slots,
             scalars={k: float(v) for k, v in self.engine.scalars.items()},
+            refuse_non_finite=self._refuse_non_finite,
         )
 
     def load_state(self, state: SessionState) -> None:
@@ -114,22 +191,43 @@ class KerasTrainer:
         )
 
     def nbytes(self) -> int:
-        return sum(w.nbytes for w in self._weights.values()) + self.engine.state_nbytes
+        held = sum(w.nbytes for w in self._weights.values()) + self.engine.state_nbytes
+        if self._refuse_non_finite:  # the saved copy of weights and slots
+            held *= 2
+        return held
 
 
-def build_trainer(optimizer: OptimizerConfig, weights: Mapping[str, np.ndarray]) -> Trainer:
+def build_trainer(
+    optimizer: OptimizerConfig,
+    weights: Mapping[str, np.ndarray],
+    *,
+    refuse_non_finite: bool = False,
+    restoring: bool = False,
+) -> Trainer:
     """A fresh trainer for ``optimizer`` over copies of ``weights``."""
     if isinstance(optimizer, TFOptimizer):
+        if refuse_non_finite:
+            raise StateError(
+                "refuse_non_finite is not available for TFOptimizer sessions (TensorFlow "
+                "applies its steps in place); create the session without it"
+            )
         # TensorFlow is imported only for these sessions. (tf_trainer does not import this
         # module: it implements the Trainer protocol structurally, so there is no cycle.)
         from .tf_trainer import TFTrainer
 
-        return TFTrainer(optimizer, weights)
-    return KerasTrainer(optimizer, weights)
+        return TFTrainer(optimizer, weights, restoring=restoring)
+    return KerasTrainer(
+        optimizer, weights, refuse_non_finite=refuse_non_finite, restoring=restoring
+    )
 
 
 def restore_trainer(state: SessionState) -> Trainer:
     """A trainer rebuilt from an exported state; raises ``StateError`` if it does not fit."""
-    trainer = build_trainer(state.optimizer, state.weights)
+    trainer = build_trainer(
+        state.optimizer,
+        state.weights,
+        refuse_non_finite=state.refuse_non_finite,
+        restoring=True,
+    )
     trainer.load_state(state)
     return trainer

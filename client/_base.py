@@ -394,6 +394,7 @@ class SessionInfo:
     parameters: dict[str, Parameter]
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    refuse_non_finite: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -418,6 +419,7 @@ class SessionInfo:
             },
             created_at=when("created_at"),
             updated_at=when("updated_at"),
+            refuse_non_finite=bool(obj.get("refuse_non_finite", False)),
         )
 
 
@@ -679,10 +681,17 @@ class ClientCore(Generic[S]):
         return parse
 
     def _create_call(
-        self, weights: Weights, optimizer: OptimizerLike, session_id: str | None
+        self,
+        weights: Weights,
+        optimizer: OptimizerLike,
+        session_id: str | None,
+        *,
+        refuse_non_finite: bool = False,
     ) -> Call[S]:
         arrays, as_list = named_arrays(weights, None, "weights")
-        body = messages.encode_create(optimizers.get(optimizer), arrays, session_id)
+        body = messages.encode_create(
+            optimizers.get(optimizer), arrays, session_id, refuse_non_finite=refuse_non_finite
+        )
 
         return Call(
             "POST",

@@ -191,6 +191,8 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         weights: Mapping[str, ArrayLike],
         optimizer: OptimizerLike,
         session_id: str | None = ...,
+        *,
+        refuse_non_finite: bool = ...,
     ) -> AsyncSession[DictWeights]: ...
 
     @overload
@@ -199,18 +201,29 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         weights: Sequence[ArrayLike],
         optimizer: OptimizerLike,
         session_id: str | None = ...,
+        *,
+        refuse_non_finite: bool = ...,
     ) -> AsyncSession[ListWeights]: ...
 
     async def create_session(
-        self, weights: Weights, optimizer: OptimizerLike, session_id: str | None = None
+        self,
+        weights: Weights,
+        optimizer: OptimizerLike,
+        session_id: str | None = None,
+        *,
+        refuse_non_finite: bool = False,
     ) -> AsyncSession[Any]:
         """Create a session from initial weights and an optimizer; returns its handle.
 
         ``weights``: a dict of name -> array, or a list (``model.get_weights()`` order, named
         "0", "1", ...); the session answers in the same form. ``optimizer``: a name such as
         ``"adam"`` (Keras defaults), an ``optimizers.*`` object, or a Keras config dict.
+        ``refuse_non_finite``: the server refuses (``InvalidRequest`` ``non_finite_result``,
+        nothing changed) a step whose weights or slots would hold NaN or inf.
         """
-        return await self._run(self._create_call(weights, optimizer, session_id))
+        return await self._run(
+            self._create_call(weights, optimizer, session_id, refuse_non_finite=refuse_non_finite)
+        )
 
     @overload
     async def session(

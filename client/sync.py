@@ -191,6 +191,8 @@ class Client(_base.ClientCore["Session[Any]"]):
         weights: Mapping[str, ArrayLike],
         optimizer: OptimizerLike,
         session_id: str | None = ...,
+        *,
+        refuse_non_finite: bool = ...,
     ) -> Session[DictWeights]: ...
 
     @overload
@@ -199,18 +201,29 @@ class Client(_base.ClientCore["Session[Any]"]):
         weights: Sequence[ArrayLike],
         optimizer: OptimizerLike,
         session_id: str | None = ...,
+        *,
+        refuse_non_finite: bool = ...,
     ) -> Session[ListWeights]: ...
 
     def create_session(
-        self, weights: Weights, optimizer: OptimizerLike, session_id: str | None = None
+        self,
+        weights: Weights,
+        optimizer: OptimizerLike,
+        session_id: str | None = None,
+        *,
+        refuse_non_finite: bool = False,
     ) -> Session[Any]:
         """Create a session from initial weights and an optimizer; returns its handle.
 
         ``weights``: a dict of name -> array, or a list (``model.get_weights()`` order, named
         "0", "1", ...); the session answers in the same form. ``optimizer``: a name such as
         ``"adam"`` (Keras defaults), an ``optimizers.*`` object, or a Keras config dict.
+        ``refuse_non_finite``: the server refuses (``InvalidRequest`` ``non_finite_result``,
+        nothing changed) a step whose weights or slots would hold NaN or inf.
         """
-        return self._run(self._create_call(weights, optimizer, session_id))
+        return self._run(
+            self._create_call(weights, optimizer, session_id, refuse_non_finite=refuse_non_finite)
+        )
 
     @overload
     def session(

@@ -45,6 +45,7 @@ class ErrorCode(str, enum.Enum):
     # 409: conflicts with the server's state
     SESSION_EXISTS = "session_exists"
     SNAPSHOTS_DISABLED = "snapshots_disabled"
+    ITERATIONS_EXHAUSTED = "iterations_exhausted"
     # 413, 415
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
@@ -55,6 +56,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_TENSOR = "invalid_tensor"
     PARAMETER_MISMATCH = "parameter_mismatch"
     NON_FINITE_GRADIENT = "non_finite_gradient"
+    NON_FINITE_RESULT = "non_finite_result"
     INVALID_STATE = "invalid_state"
     INVALID_WEIGHTS = "invalid_weights"
     INVALID_SESSION_ID = "invalid_session_id"
@@ -90,6 +92,7 @@ STATUS: dict[ErrorCode, int] = {
     _C.REQUEST_TIMEOUT: 408,
     _C.SESSION_EXISTS: 409,
     _C.SNAPSHOTS_DISABLED: 409,
+    _C.ITERATIONS_EXHAUSTED: 409,
     _C.PAYLOAD_TOO_LARGE: 413,
     _C.UNSUPPORTED_MEDIA_TYPE: 415,
     _C.INVALID_REQUEST: 422,
@@ -98,6 +101,7 @@ STATUS: dict[ErrorCode, int] = {
     _C.INVALID_TENSOR: 422,
     _C.PARAMETER_MISMATCH: 422,
     _C.NON_FINITE_GRADIENT: 422,
+    _C.NON_FINITE_RESULT: 422,
     _C.INVALID_STATE: 422,
     _C.INVALID_WEIGHTS: 422,
     _C.INVALID_SESSION_ID: 422,

@@ -60,6 +60,8 @@ __all__ = [
 JSON_MEDIA_TYPE = "application/json"
 
 #: Iteration counts stay below 2**53: exact as floats (Keras casts them) and as msgpack ints.
+#: A state holds at most ``MAX_ITERATIONS - 1``; a push onto that is refused
+#: (``iterations_exhausted``), so that every state a session reaches can be imported again.
 MAX_ITERATIONS = 2**53
 
 #: Bounds for decoding answers and files a user chose to read (not untrusted requests): only
@@ -79,7 +81,10 @@ class SessionState:
 
     ``weights`` and every ``slots[slot]`` map parameter names to arrays; ``optimizer`` is the
     session's optimizer configuration; ``scalars`` holds scalar optimizer state (Nadam's
-    ``m_schedule``). :meth:`to_bytes` / :meth:`from_bytes` give a checkpoint file's contents.
+    ``m_schedule``); ``refuse_non_finite`` is the session's setting of that name. Weights and
+    slots may hold NaN or inf (Keras lets weights diverge; a state the server reached can
+    always be imported again). :meth:`to_bytes` / :meth:`from_bytes` give a checkpoint file's
+    contents.
     """
 
     iterations: int
@@ -87,6 +92,7 @@ class SessionState:
     weights: dict[str, np.ndarray]
     slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
+    refuse_non_finite: bool = False
 
     def to_bytes(self) -> bytes:
         return encode_state(self)
@@ -104,6 +110,7 @@ class CreateMessage:
     session_id: str | None
     optimizer: Optimizer
     weights: dict[str, np.ndarray]
+    refuse_non_finite: bool = False
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -206,11 +213,19 @@ def decode_create(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> Crea
     obj = _top_level(
         _load(body, kind, limits),
         required=frozenset({"optimizer", "weights"}),
-        optional=frozenset({"session_id"}),
+        optional=frozenset({"session_id", "refuse_non_finite"}),
     )
     optimizer = decode_optimizer(obj["optimizer"])
     weights = _tensors(obj["weights"], field="weights", limits=limits, json_body=kind == "json")
-    return CreateMessage(obj.get("session_id"), optimizer, weights)
+    refuse = _flag(obj, "refuse_non_finite", ErrorCode.INVALID_REQUEST)
+    return CreateMessage(obj.get("session_id"), optimizer, weights, refuse)
+
+
+def _flag(obj: dict[str, Any], key: str, code: ErrorCode) -> bool:
+    value = obj.get(key, False)
+    if not isinstance(value, bool):
+        raise MessageError(f"{key!r} must be true or false, got {value!r}", code=code)
+    return value
 
 
 def decode_push(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
@@ -239,7 +254,11 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
     """``GET``/``PUT /sessions/{id}/state``: the state, checked (``invalid_state``)."""
     # Weights and up to three slots of every parameter: four times a push's budget.
     state_limits = dataclasses.replace(limits, max_objects=4 * limits.max_objects)
-    obj = _top_level(_load(body, "msgpack", state_limits), required=_STATE_KEYS)
+    obj = _top_level(
+        _load(body, "msgpack", state_limits),
+        required=_STATE_KEYS,
+        optional=frozenset({"refuse_non_finite"}),  # absent in states of version 0.1
+    )
     iterations = _iterations(obj["iterations"], ErrorCode.INVALID_STATE)
     optimizer = decode_optimizer(obj["optimizer"])
     weights = _tensors(obj["weights"], field="weights", limits=limits)
@@ -266,6 +285,7 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
         weights=weights,
         slots=slots,
         scalars={str(k): float(v) for k, v in scalars.items()},
+        refuse_non_finite=_flag(obj, "refuse_non_finite", ErrorCode.INVALID_STATE),
     )
 
 
@@ -286,6 +306,8 @@ def encode_create(
     optimizer: Optimizer | str | Mapping[str, Any],
     weights: Mapping[str, Any],
     session_id: str | None = None,
+    *,
+    refuse_non_finite: bool = False,
 ) -> bytes:
     """The create body; the optimizer is validated (and normalised) on the way."""
     message: dict[str, Any] = {
@@ -294,6 +316,8 @@ def encode_create(
     }
     if session_id is not None:
         message["session_id"] = session_id
+    if refuse_non_finite:
+        message["refuse_non_finite"] = True
     return wire.pack(message)
 
 
@@ -319,5 +343,6 @@ def encode_state(state: SessionState) -> bytes:
             "weights": arrays(state.weights, "weights"),
             "slots": {slot: arrays(per, f"slots[{slot!r}]") for slot, per in state.slots.items()},
             "scalars": dict(state.scalars),
+            "refuse_non_finite": bool(state.refuse_non_finite),
         }
     )

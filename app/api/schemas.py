@@ -46,12 +46,19 @@ class CreateSessionRequest(BaseModel):
     weights: dict[str, JsonTensor] = Field(
         description="Parameter name -> tensor. In msgpack, 'data' is bin (little-endian bytes)."
     )
+    refuse_non_finite: bool = Field(
+        False,
+        description="Refuse (422 non_finite_result, nothing changed) a step whose weights or "
+        "slots would hold NaN or inf. Costs a copy of weights and slots per step and twice "
+        "the session's memory. Not available for TFOptimizer.",
+    )
 
 
 class CreateSessionResponse(BaseModel):
     session_id: str
     optimizer: OptimizerSpec
     iterations: int
+    refuse_non_finite: bool
     parameters: dict[str, TensorMeta]
 
 

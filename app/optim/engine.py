@@ -83,14 +83,16 @@ class PreparedGradients:
     sum_squares: float
 
 
-def check_weights(weights: Mapping[str, np.ndarray]) -> None:
-    """Initial weights are a non-empty map of finite float16/32/64 arrays."""
+def check_weights(weights: Mapping[str, np.ndarray], *, finite: bool = True) -> None:
+    """Weights are a non-empty map of float16/32/64 arrays; initial ones (``finite``) hold no
+    NaN or inf. (A restored state may: Keras lets weights diverge, and every state a session
+    reached must load again.)"""
     if not weights:
         raise StateError("a session needs at least one parameter in 'weights'")
     for name, value in weights.items():
         if np.dtype(value.dtype) not in FLOAT_DTYPES:
             raise StateError(f"weight {name!r} has dtype {value.dtype}; use float16/32/64")
-        if not np.isfinite(value).all():
+        if finite and not np.isfinite(value).all():
             raise StateError(f"weight {name!r} contains NaN or infinite values")
 
 
@@ -302,6 +304,12 @@ class KerasOptimizer:
             np.copyto(buf, g, casting="unsafe")
         return buf
 
+    def all_finite(self, params: Mapping[str, np.ndarray]) -> bool:
+        """Whether ``params`` and every slot hold finite values only."""
+        arrays = [params[n] for n in self.specs]
+        arrays += [a for per in self.slots.values() for a in per.values()]
+        return all(bool(np.isfinite(a).all()) for a in arrays)
+
     # --- state -------------------------------------------------------------------------------
 
     def get_state(self) -> OptimizerState:
@@ -349,8 +357,6 @@ class KerasOptimizer:
                         f"slot {slot!r} of {name!r} has shape {list(arr.shape)} and dtype "
                         f"{arr.dtype}; expected {list(shape)} and {dtype}"
                     )
-                if not np.isfinite(arr).all():
-                    raise StateError(f"slot {slot!r} of {name!r} contains NaN or infinite values")
         if set(state.scalars) != set(self.scalars):
             raise StateError(
                 f"{self.config.class_name} has scalar state {sorted(self.scalars)}, "

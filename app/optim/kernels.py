@@ -123,6 +123,21 @@ class NumpyBackend:
         grad_scale: Any,
         grad_clip: Any,
     ) -> None:
+        # Overflow to inf and inf - inf = NaN are results here (Keras lets weights diverge; a
+        # session may refuse them with refuse_non_finite), not errors: no numpy warnings.
+        with np.errstate(all="ignore"):
+            self._update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
+
+    def _update(
+        self,
+        rule: UpdateRule,
+        p: np.ndarray,
+        g: np.ndarray,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        grad_scale: Any,
+        grad_clip: Any,
+    ) -> None:
         scratch, gbuf = self._buffers(p.dtype)
         n = p.size
         step = self.chunk

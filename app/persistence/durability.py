@@ -118,7 +118,9 @@ class Durability:
         self._store = store
         self._idempotency = idempotency
         started = time.monotonic()
-        loaded = load_snapshots(self.snapshots, store, idempotency)
+        loaded = load_snapshots(
+            self.snapshots, store, idempotency, fallback=self.settings.snapshot_fallback
+        )
         for entry in loaded.values():
             self._marks[entry.session] = _mark(entry.session)
         reader = JournalReader(self.journal_dir)

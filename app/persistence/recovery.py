@@ -78,9 +78,17 @@ def _parse_time(value: Any) -> datetime | None:
 
 
 def load_snapshots(
-    store: SnapshotStore, sessions: SessionStore, idempotency: IdempotencyCache
+    store: SnapshotStore,
+    sessions: SessionStore,
+    idempotency: IdempotencyCache,
+    *,
+    fallback: bool = False,
 ) -> dict[str, Loaded]:
-    """Restore every session of the directory from its newest valid snapshot."""
+    """Restore every session of the directory from its newest snapshot.
+
+    A newest snapshot that cannot be loaded is set aside (``.corrupt``) and stops the start-up
+    (:class:`RecoveryError`), unless ``fallback``: then the previous one is loaded, at ERROR.
+    """
     loaded: dict[str, Loaded] = {}
     for session_id, files in sorted(store.scan().items()):
         for index, snapshot in enumerate(files):
@@ -93,16 +101,26 @@ def load_snapshots(
                 del body, state
             except (CorruptSnapshot, ServiceError, MessageError, StateError, GradientError) as exc:
                 more = index + 1 < len(files)
-                log.warning(
-                    "refusing snapshot %s: %s; %s",
+                aside = store.set_aside(snapshot)
+                if not fallback:
+                    # Never come back silently older: what only this file held (pushes that
+                    # were acknowledged) would be gone.
+                    raise RecoveryError(
+                        f"session {session_id!r}: its newest snapshot {snapshot.path} cannot "
+                        f"be loaded ({_reason(exc)}); kept as {aside}. Refusing to start: "
+                        "loading an older snapshot would silently lose what this one held. "
+                        "Start with --snapshot-fallback to load the previous snapshot "
+                        "instead (see docs/durability.md, 'Recovery by hand')."
+                    ) from None
+                log.error(
+                    "refusing snapshot %s: %s; %s (kept as %s)",
                     snapshot.path,
                     _reason(exc),
-                    "using the previous one"
+                    "using the previous one (--snapshot-fallback)"
                     if more
                     else "no older snapshot of this session is left",
+                    aside,
                 )
-                aside = store.set_aside(snapshot)
-                log.warning("kept the refused file as %s", aside)
                 continue
             try:
                 session = sessions.add(session_id, functools.partial(_same, trainer))

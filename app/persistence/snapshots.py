@@ -3,7 +3,7 @@
 File layout (all integers big-endian)::
 
     magic      8 bytes   b"PSSNAP\\r\\n"
-    format     u32       SNAPSHOT_FORMAT (1)
+    format     u32       SNAPSHOT_FORMAT (2; format 1 is still read)
     H          u32       length of the header
     header     H bytes   UTF-8 JSON: format, session_id, created_at, iterations, lsn,
                          session_created_at, session_updated_at, idempotency
@@ -51,7 +51,10 @@ __all__ = [
 log = logging.getLogger("paramserver.persistence")
 
 MAGIC = b"PSSNAP\r\n"
-SNAPSHOT_FORMAT = 1
+#: The format written. 2: the state body carries ``refuse_non_finite`` and may hold non-finite
+#: weights and slots. 1 (paramserver 0.1): the same layout without that key; still read.
+SNAPSHOT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 SUFFIX = ".snapshot"
 CORRUPT_SUFFIX = ".corrupt"
 TMP_SUFFIX = ".tmp"
@@ -76,10 +79,10 @@ def fsync_directory(directory: Path) -> None:
 
 
 def encode_snapshot(header: dict[str, Any], body: bytes) -> list[bytes]:
-    """The pieces of a snapshot file, checksum last."""
+    """The pieces of a snapshot file, checksum last; the format is ``header["format"]``."""
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     pieces = [
-        _PREFIX.pack(MAGIC, SNAPSHOT_FORMAT, len(head)),
+        _PREFIX.pack(MAGIC, int(header.get("format", SNAPSHOT_FORMAT)), len(head)),
         head,
         _BODY_LENGTH.pack(len(body)),
         body,
@@ -104,9 +107,10 @@ def decode_snapshot(data: bytes) -> tuple[dict[str, Any], memoryview]:
     magic, version, head_len = _PREFIX.unpack_from(data, 0)
     if magic != MAGIC:
         raise CorruptSnapshot("not a paramserver snapshot (wrong magic bytes)")
-    if version != SNAPSHOT_FORMAT:
+    if version not in READABLE_FORMATS:
         raise CorruptSnapshot(
-            f"snapshot format {version}; this server reads format {SNAPSHOT_FORMAT}"
+            f"snapshot format {version}; this server reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
         )
     if head_len > _MAX_HEADER:
         raise CorruptSnapshot(f"header length {head_len} is implausible")
@@ -125,7 +129,7 @@ def decode_snapshot(data: bytes) -> tuple[dict[str, Any], memoryview]:
         header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + head_len]))
     except ValueError as exc:  # checksummed, so only a writer's bug gets here
         raise CorruptSnapshot(f"unreadable header: {exc}") from None
-    if not isinstance(header, dict) or header.get("format") != SNAPSHOT_FORMAT:
+    if not isinstance(header, dict) or header.get("format") != version:
         raise CorruptSnapshot("the header is not a snapshot header of this format")
     return header, view[body_at : body_at + body_len]
 

@@ -310,7 +310,7 @@ def test_fallback_snapshot_without_its_journal_is_an_error_not_a_refusal(
     newest = sorted((tmp_path / "snapshots").glob("a.*.snapshot"))[-1]
     newest.write_bytes(newest.read_bytes()[:-1])
     with caplog.at_level(logging.WARNING, logger="paramserver.persistence"):
-        second = journaled(durable_services)
+        second = journaled(durable_services, snapshot_fallback=True)
     assert second.service.store.get("a").trainer.iterations == 1
     assert "refusing snapshot" in caplog.text
     assert "is push number 3 but the session is at iteration 1" in caplog.text

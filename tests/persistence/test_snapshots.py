@@ -18,7 +18,7 @@ import pytest
 
 from paramserver import wire
 from paramserver.server.errors import ServiceUnavailable
-from paramserver.server.persistence import CorruptSnapshot
+from paramserver.server.persistence import CorruptSnapshot, RecoveryError
 from paramserver.server.persistence.snapshots import decode_snapshot, encode_snapshot
 from tests.harness.http_api import HTTP, create_session, push
 from tests.harness.service import DurableService
@@ -106,7 +106,7 @@ def test_snapshot_holds_the_state_and_the_header(
     assert info["session_id"] == "h" and info["iterations"] == 1 and info["file"]
     header, body = decode_snapshot(server.settings.snapshot_dir.joinpath(info["file"]).read_bytes())  # type: ignore[union-attr]
     assert bytes(body) == server.state("h")
-    assert header["session_id"] == "h" and header["iterations"] == 1 and header["format"] == 1
+    assert header["session_id"] == "h" and header["iterations"] == 1 and header["format"] == 2
     assert [k[:2] for k in header["idempotency"]] == [["key-1", 1]]
 
 
@@ -170,7 +170,7 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
-def test_damaged_newest_snapshot_is_refused_and_the_previous_one_used(
+def test_damaged_newest_snapshot_stops_the_start_up_unless_fallback_is_asked_for(
     durable_services: Callable[..., DurableService],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -188,16 +188,25 @@ def test_damaged_newest_snapshot_is_refused_and_the_previous_one_used(
     newest = snapshot_files(tmp_path / "snapshots")[-1]
     damage(newest)
 
+    # By default the server refuses to start: coming back older would lose acknowledged pushes.
+    with pytest.raises(RecoveryError, match="--snapshot-fallback") as refused_start:
+        durable_services()
+    assert str(newest) in str(refused_start.value)
+    aside = newest.with_name(newest.name + ".corrupt")
+    assert aside.exists() and not newest.exists()
+    # The operator asks for the previous snapshot: loaded, and said at ERROR.
+    aside.rename(newest)
     with caplog.at_level(logging.WARNING, logger="paramserver.persistence"):
-        second = durable_services()
+        second = durable_services(snapshot_fallback=True)
     assert second.state("d") == good
-    refused = [r.getMessage() for r in caplog.records if "refusing snapshot" in r.getMessage()]
-    assert len(refused) == 1 and str(newest) in refused[0], caplog.text
-    assert "using the previous one" in refused[0]
-    assert newest.with_name(newest.name + ".corrupt").exists() and not newest.exists()
+    refused = [r for r in caplog.records if "refusing snapshot" in r.getMessage()]
+    assert len(refused) == 1 and str(newest) in refused[0].getMessage(), caplog.text
+    assert refused[0].levelno == logging.ERROR
+    assert "using the previous one" in refused[0].getMessage()
+    assert aside.exists() and not newest.exists()
 
 
-def test_session_without_any_valid_snapshot_is_reported_and_skipped(
+def test_session_without_any_valid_snapshot_stops_the_start_up_or_is_skipped_on_request(
     durable_services: Callable[..., DurableService],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -209,8 +218,12 @@ def test_session_without_any_valid_snapshot_is_reported_and_skipped(
     for path in snapshot_files(tmp_path / "snapshots"):
         if path.name.startswith("bad."):
             _flip(path, 0.5)
+    with pytest.raises(RecoveryError, match="session 'bad'"):
+        durable_services()
+    for aside in (tmp_path / "snapshots").glob("bad.*.corrupt"):
+        aside.rename(aside.with_suffix(""))  # as an operator would, to retry with the flag
     with caplog.at_level(logging.WARNING, logger="paramserver.persistence"):
-        second = durable_services()
+        second = durable_services(snapshot_fallback=True)
     assert [s.id for s in second.service.store.list()] == ["fine"]
     assert "session 'bad': none of its 1 snapshot(s) could be loaded" in caplog.text
 

@@ -38,6 +38,7 @@ def test_create_by_name_fills_in_every_default(api: httpx.Client, name: str) -> 
         "session_id": sid,
         "optimizer": {"class_name": class_name, "config": config},
         "iterations": 0,
+        "refuse_non_finite": False,
         "parameters": {
             "dense/kernel": {"dtype": "float32", "shape": [3, 4]},
             "dense/bias": {"dtype": "float32", "shape": [4]},
@@ -83,6 +84,7 @@ def test_create_with_json(api: httpx.Client) -> None:
             "config": {"lr": 0.5, "momentum": 0.0, "decay": 0.0, "nesterov": False},
         },
         "iterations": 0,
+        "refuse_non_finite": False,
         "parameters": {
             "w": {"dtype": "float32", "shape": [2, 3]},
             "d": {"dtype": "float64", "shape": [2]},

@@ -45,9 +45,6 @@ def _state_edits() -> dict[str, Callable[[dict[str, Any]], None]]:
         "other-optimizer": set_("optimizer", "sgd"),
         "unknown-optimizer": set_("optimizer", "nope"),
         "bad-config": set_("optimizer", {"class_name": "Adam", "config": {"lr": -1}}),
-        "nan-weights": lambda s: s["weights"].__setitem__(
-            "b", tensor(np.array([np.nan] * 3, np.float32))
-        ),
         "missing-slot": slot(lambda sl: sl.pop("v")),
         "extra-slot": slot(lambda sl: sl.__setitem__("extra", {})),
         "slot-missing-parameter": slot(lambda sl: sl["m"].pop("b")),
@@ -65,14 +62,8 @@ def _state_edits() -> dict[str, Callable[[dict[str, Any]], None]]:
         "scalar-nan": set_("scalars", {"x": float("nan")}),
         "unexpected-scalar": set_("scalars", {"m_schedule": 1.0}),
         "no-weights": set_("weights", {}),
-        # A state whose moments hold NaN/inf would poison the weights on the next push, just
-        # as NaN weights would (those are refused).
-        "nan-slot": slot(
-            lambda sl: sl["m"].__setitem__("b", tensor(np.full(3, np.nan, np.float32)))
-        ),
-        "inf-slot": slot(
-            lambda sl: sl["v"].__setitem__("w", tensor(np.full((2, 3), np.inf, np.float32)))
-        ),
+        "iterations-at-the-bound": set_("iterations", 2**53),
+        "refuse-non-finite-not-a-bool": set_("refuse_non_finite", 1),
     }
 
 

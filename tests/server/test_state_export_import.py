@@ -54,7 +54,15 @@ def test_state_export_and_import_continue_bit_for_bit(
         pushed(api, original, g)
     exported = get_state(api, original)
     state = unpackb(exported)
-    assert set(state) == {"iterations", "optimizer", "weights", "slots", "scalars"}
+    assert set(state) == {
+        "iterations",
+        "optimizer",
+        "weights",
+        "slots",
+        "scalars",
+        "refuse_non_finite",
+    }
+    assert state["refuse_non_finite"] is False
     assert state["iterations"] == 3
     summary = api.get(f"/sessions/{original}").json()
     assert state["optimizer"] == summary["optimizer"]
