@@ -346,6 +346,21 @@ class Journal:
                 self._fd = -1
 
 
+def _valid_record_follows(data: bytes, view: memoryview, start: int) -> bool:
+    """Whether a whole record with a valid checksum starts at any offset from ``start`` on."""
+    size = len(data)
+    if data.count(0, start) == size - start:  # zeros (or nothing): a zero-filled file end
+        return False
+    for pos in range(start, size - _FRAME.size + 1):
+        length, crc, lsn = _FRAME.unpack_from(data, pos)
+        end = pos + _FRAME.size + length
+        if length == 0 or end > size:
+            continue
+        if zlib.crc32(_LSN.pack(lsn), zlib.crc32(view[pos + _FRAME.size : end])) == crc:
+            return True
+    return False
+
+
 class JournalReader:
     """Every record of a journal directory in LSN order, with the torn-tail rule applied.
 
@@ -394,12 +409,21 @@ class JournalReader:
             length, crc, lsn = _FRAME.unpack_from(data, pos)
             end = pos + _FRAME.size + length
             if end > size:
+                if _valid_record_follows(data, view, pos + 1):
+                    raise CorruptJournal(
+                        f"journal segment {path} is damaged at offset {pos} (a record's length "
+                        "runs past the end, with valid records after it); refusing to start so "
+                        "that no acknowledged change is dropped. See docs/durability.md, "
+                        "'Recovery by hand'."
+                    )
                 self._damaged(path, data, pos, "a record runs past the end", last=last)
                 return
             payload = view[pos + _FRAME.size : end]
             if zlib.crc32(_LSN.pack(lsn), zlib.crc32(payload)) != crc:
-                # Nothing but zeros after it: a machine crash can leave a file's end zero-filled.
-                if data.count(0, end) == size - end:
+                # A power loss can leave the last record full-length with a bad checksum (its
+                # pages written out of order), followed by zeros or nothing. Only a valid record
+                # after it proves that the damage is not such a torn write.
+                if not _valid_record_follows(data, view, end):
                     self._damaged(path, data, pos, "checksum mismatch", last=last)
                     return
                 raise CorruptJournal(
@@ -421,13 +445,25 @@ class JournalReader:
         if self.torn is None:
             return
         path, offset, nbytes, reason = self.torn
-        log.warning(
-            "journal: ignoring %d bytes at the end of %s from offset %d (%s): a write that a "
-            "crash interrupted, never acknowledged; cutting it off",
+        # Keep what is cut: a torn write was never acknowledged, but the bytes are evidence if
+        # the damage was something else.
+        aside = path.with_name(f"{path.name}.{offset}.corrupt")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            tail = f.read()
+        with open(aside, "wb") as out:
+            out.write(tail)
+            out.flush()
+            os.fsync(out.fileno())
+        log.error(
+            "journal: %d damaged bytes at the end of %s from offset %d (%s), with no valid "
+            "record after them: taken for a write that a crash interrupted (never "
+            "acknowledged) and cut off; a copy is kept as %s",
             nbytes,
             path,
             offset,
             reason,
+            aside,
         )
         if offset < _SEGMENT_HEADER.size:
             path.unlink()

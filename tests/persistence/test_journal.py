@@ -96,6 +96,7 @@ def test_damaged_last_record_and_zero_fill_are_torn_tails(
     with caplog.at_level(logging.WARNING, logger="paramserver.persistence"):
         reader.repair()
     assert f"at the end of {path}" in caplog.text and "never acknowledged" in caplog.text
+    assert any(tmp_path.glob("*.corrupt"))
 
 
 def test_damage_before_the_end_refuses(tmp_path: Path) -> None:

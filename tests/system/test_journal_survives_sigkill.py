@@ -121,7 +121,8 @@ def test_torn_tail_after_sigkill_is_cut_and_the_server_starts(tmp_path: Path) ->
 
     restarted = journal_server(tmp_path)
     try:
-        assert f"ignoring 28 bytes at the end of {segment}" in restarted.log, restarted.log
+        assert f"28 damaged bytes at the end of {segment}" in restarted.log, restarted.log
+        assert any(segment.parent.glob(f"{segment.name}.*.corrupt"))
         assert get_state(restarted.url, "a") == saved
     finally:
         assert restarted.terminate() == 0, restarted.log
