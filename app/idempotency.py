@@ -5,24 +5,30 @@ remembered for ``window_seconds``; the same key on the same session within the w
 nothing and gets that answer again. Keys are checked and recorded under the session's lock, so
 two racing pushes with one key apply once.
 
-Memory stays bounded: at most ``max_keys`` keys, and the answers' bytes up to
-``max_body_bytes`` in all (newest kept). A replay whose bytes were dropped to keep that bound
-answers ``{"iterations": N}`` alone (N of the original step), which tells the client the push
-was applied; the client then pulls the weights if it wanted them.
+A live key is never forgotten before its window ends, whatever other sessions do: each
+session holds at most ``max_keys_per_session`` keys and all sessions together ``max_keys``;
+at either bound a new keyed push is refused (:class:`KeysExhausted`, answered 503 with
+``Retry-After`` until the oldest key of the session expires) rather than evicting a key a
+client may still retry with. Only the answers' bytes shrink: at most ``max_body_bytes`` of them
+in all (newest kept); a replay whose bytes were dropped answers ``{"iterations": N}`` alone (N
+of the original step), which tells the client the push was applied; the client then pulls the
+weights if it wanted them.
 
 Snapshots and the journal carry a session's keys across a restart (:meth:`export_session`,
 :meth:`restore`): restored keys keep their iterations and expiry but not the answer's bytes, so
-a retry after a restart gets ``{"iterations": N}``.
+a retry after a restart gets ``{"iterations": N}``. Restored keys are never refused or dropped
+for the bounds.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-__all__ = ["IdempotencyCache", "Remembered", "check_key"]
+__all__ = ["IdempotencyCache", "KeysExhausted", "Remembered", "check_key"]
 
 _MAX_KEY_LENGTH = 255
 
@@ -32,22 +38,42 @@ def check_key(key: str) -> bool:
     return 0 < len(key) <= _MAX_KEY_LENGTH and key.isascii() and key.isprintable()
 
 
-@dataclass
+@dataclass(slots=True)
 class Remembered:
     iterations: int
     body: bytes | None
     expires: float
 
 
+class KeysExhausted(Exception):
+    """No room for another live key; ``retry_after`` seconds until the session's oldest expires."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
 class IdempotencyCache:
     def __init__(
-        self, *, window_seconds: float, max_keys: int, max_body_bytes: int = 256 * 1024 * 1024
+        self,
+        *,
+        window_seconds: float,
+        max_keys: int,
+        max_keys_per_session: int | None = None,
+        max_body_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.window = window_seconds
         self.max_keys = max_keys
+        self.max_keys_per_session = (
+            max_keys if max_keys_per_session is None else max_keys_per_session
+        )
         self.max_body_bytes = max_body_bytes
-        self._entries: OrderedDict[tuple[str, str], Remembered] = OrderedDict()
-        self._by_session: dict[str, set[str]] = {}  # session id -> its keys in _entries
+        # Per session, its keys in the order they were remembered: that is expiry order, as
+        # every key lives one window (restored keys, which expire sooner, are checked one by
+        # one in get()).
+        self._sessions: dict[str, OrderedDict[str, Remembered]] = {}
+        self._count = 0
         self._body_bytes = 0
         # Entries that still hold an answer, oldest first (stale ones are skipped when met):
         # shrinking answers to fit max_body_bytes never walks the bodiless entries.
@@ -56,31 +82,65 @@ class IdempotencyCache:
 
     @property
     def enabled(self) -> bool:
-        return self.window > 0 and self.max_keys > 0
+        return self.window > 0 and self.max_keys > 0 and self.max_keys_per_session > 0
 
     def get(self, session_id: str, key: str) -> Remembered | None:
         now = time.monotonic()
         with self._lock:
-            entry = self._entries.get((session_id, key))
+            keys = self._sessions.get(session_id)
+            entry = None if keys is None else keys.get(key)
             if entry is None:
                 return None
             if entry.expires <= now:
-                self._drop((session_id, key))
+                self._drop(session_id, key)
                 return None
             return entry
 
-    def remember(self, session_id: str, key: str, iterations: int, body: bytes | None) -> None:
+    def check_room(self, session_id: str) -> None:
+        """Raise :class:`KeysExhausted` unless a new key of ``session_id`` can be remembered
+        without forgetting a live one. Call under the session's lock, before applying."""
         if not self.enabled:
             return
         now = time.monotonic()
         with self._lock:
-            self._drop((session_id, key))
+            self._expire(session_id, now)
+            keys = self._sessions.get(session_id)
+            held = 0 if keys is None else len(keys)
+            if held < self.max_keys_per_session and self._count < self.max_keys:
+                return
+            if held >= self.max_keys_per_session:
+                assert keys is not None
+                oldest = next(iter(keys.values())).expires
+                raise KeysExhausted(
+                    f"session {session_id!r} holds {held} live Idempotency-Keys, its bound "
+                    f"(idempotency_max_keys_per_session); retry when the oldest expires",
+                    retry_after=max(1.0, math.ceil(oldest - now)),
+                )
+            for other in list(self._sessions):  # the global bound: expire everywhere first
+                self._expire(other, now)
+            if self._count < self.max_keys:
+                return
+            soonest = min(next(iter(k.values())).expires for k in self._sessions.values())
+            raise KeysExhausted(
+                f"the server holds {self._count} live Idempotency-Keys, its bound "
+                "(idempotency_max_keys); retry when the oldest expires",
+                retry_after=max(1.0, math.ceil(soonest - now)),
+            )
+
+    def remember(self, session_id: str, key: str, iterations: int, body: bytes | None) -> None:
+        """Remember a key whose push was applied (after :meth:`check_room` said yes)."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._drop(session_id, key)
             keep = body if body is not None and len(body) <= self.max_body_bytes else None
-            self._add(session_id, key, Remembered(iterations, keep, now + self.window))
+            entry = Remembered(iterations, keep, now + self.window)
+            self._add(session_id, key, entry)
             if keep is not None:
                 self._body_bytes += len(keep)
-                self._with_body.append(self._entries[(session_id, key)])
-            self._trim(now)
+                self._with_body.append(entry)
+            self._shrink_bodies()
 
     def restore(self, session_id: str, key: str, iterations: int, expires_at: float) -> None:
         """Remember a key from a snapshot or the journal; ``expires_at`` is unix time."""
@@ -91,11 +151,10 @@ class IdempotencyCache:
         if left <= 0:
             return
         with self._lock:
-            self._drop((session_id, key))
-            # Appended like a new key although it expires sooner: get() checks the expiry of
-            # each key, and _trim() drops it once the keys before it are gone.
+            self._drop(session_id, key)
+            # Appended like a new key although it may expire sooner: get() checks the expiry
+            # of each key, and _expire() drops it once the keys before it are gone.
             self._add(session_id, key, Remembered(iterations, None, now + left))
-            self._trim(now)
 
     def export_session(self, session_id: str) -> list[tuple[str, int, float]]:
         """``(key, iterations, expires_at)`` of the session's live keys, unix time.
@@ -105,42 +164,55 @@ class IdempotencyCache:
         now = time.monotonic()
         wall = time.time()
         with self._lock:
-            keys = self._by_session.get(session_id, ())
-            entries = [(k, self._entries[(session_id, k)]) for k in keys]
+            entries = list(self._sessions.get(session_id, {}).items())
         return [(k, e.iterations, wall + e.expires - now) for k, e in entries if e.expires > now]
 
     def forget_session(self, session_id: str) -> None:
         with self._lock:
-            for key in list(self._by_session.get(session_id, ())):
-                self._drop((session_id, key))
+            keys = self._sessions.pop(session_id, None)
+            if keys is None:
+                return
+            self._count -= len(keys)
+            for entry in keys.values():
+                self._release_body(entry)
+
+    def keys_of(self, session_id: str) -> int:
+        """How many keys the session holds (live or not yet swept)."""
+        with self._lock:
+            return len(self._sessions.get(session_id, ()))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
     def _add(self, session_id: str, key: str, entry: Remembered) -> None:
-        self._entries[(session_id, key)] = entry
-        self._by_session.setdefault(session_id, set()).add(key)
+        self._sessions.setdefault(session_id, OrderedDict())[key] = entry
+        self._count += 1
 
-    def _drop(self, k: tuple[str, str]) -> None:
-        entry = self._entries.pop(k, None)
+    def _drop(self, session_id: str, key: str) -> None:
+        keys = self._sessions.get(session_id)
+        entry = None if keys is None else keys.pop(key, None)
         if entry is None:
             return
-        keys = self._by_session[k[0]]
-        keys.discard(k[1])
+        self._count -= 1
         if not keys:
-            del self._by_session[k[0]]
+            del self._sessions[session_id]
+        self._release_body(entry)
+
+    def _release_body(self, entry: Remembered) -> None:
         if entry.body is not None:
             self._body_bytes -= len(entry.body)
             entry.body = None  # so that its place in _with_body counts for nothing
 
-    def _trim(self, now: float) -> None:
-        # Oldest first: expired entries, then whatever exceeds the key bound.
-        while self._entries:
-            k, entry = next(iter(self._entries.items()))
-            if entry.expires <= now or len(self._entries) > self.max_keys:
-                self._drop(k)
-            else:
+    def _expire(self, session_id: str, now: float) -> None:
+        keys = self._sessions.get(session_id)
+        while keys:
+            key, entry = next(iter(keys.items()))
+            if entry.expires > now:
                 break
+            self._drop(session_id, key)
+            keys = self._sessions.get(session_id)
+
+    def _shrink_bodies(self) -> None:
         while self._with_body and self._with_body[0].body is None:
             self._with_body.popleft()  # dropped or expired: forget them in order
         while self._body_bytes > self.max_body_bytes and self._with_body:

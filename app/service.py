@@ -32,7 +32,7 @@ from paramserver.messages import (
 )
 
 from .errors import InvalidRequest, ServiceError, ServiceUnavailable, SessionNotFound
-from .idempotency import IdempotencyCache
+from .idempotency import IdempotencyCache, KeysExhausted
 from .optim import GradientError, StateError
 from .persistence import Durability, SnapshotInfo
 from .protocol import decode_limits
@@ -81,6 +81,7 @@ class SessionService:
         self.idempotency = IdempotencyCache(
             window_seconds=settings.idempotency_window_seconds,
             max_keys=settings.idempotency_max_keys,
+            max_keys_per_session=settings.idempotency_max_keys_per_session,
             max_body_bytes=settings.idempotency_max_bytes,
         )
 
@@ -153,6 +154,14 @@ class SessionService:
                     if seen.body is not None:
                         return seen.body, True
                     return encode_weights(seen.iterations, None), True
+                try:
+                    self.idempotency.check_room(session.id)
+                except KeysExhausted as exc:
+                    raise ServiceUnavailable(
+                        exc.message,
+                        code=ErrorCode.TOO_MANY_IDEMPOTENCY_KEYS,
+                        headers={"Retry-After": str(int(exc.retry_after))},
+                    ) from None
             if trainer.iterations >= MAX_ITERATIONS - 1:
                 raise IterationsExhausted(
                     f"session {session.id!r} is at iteration {trainer.iterations}, the most a "

@@ -72,10 +72,20 @@ class Settings(BaseSettings):
     idempotency_window_seconds: float = Field(
         600.0,
         ge=0,
-        description="How long a push's Idempotency-Key is remembered (its response replayed).",
+        description="How long a push's Idempotency-Key is remembered (its response replayed): "
+        "twice the client's default deadline (300 s), so a retry always finds its key.",
     )
     idempotency_max_keys: int = Field(
-        100_000, ge=0, description="Most Idempotency-Keys remembered across all sessions."
+        2_000_000,
+        ge=0,
+        description="Most live Idempotency-Keys across all sessions (about 280 bytes each); "
+        "at the bound new keyed pushes get 503 with Retry-After, no live key is evicted.",
+    )
+    idempotency_max_keys_per_session: int = Field(
+        1_000_000,
+        ge=0,
+        description="Most live Idempotency-Keys of one session (one window of pushes: 1,000,000 "
+        "covers 1,600 pushes/s for 600 s); at the bound its new keyed pushes get 503.",
     )
     idempotency_max_bytes: int = Field(
         256 * MiB,

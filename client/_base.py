@@ -75,9 +75,11 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0, pool=60.0)
 
 #: The most one call may take in all, retries and waits included (``deadline=``): longer than
-#: the server's longest legitimate answer (a push waiting its turn, 120 s by default, plus
-#: the transfer), far shorter than the read timeout times the attempts (4 x 300 s).
-DEFAULT_DEADLINE = 600.0
+#: the server's longest legitimate answer (a body received in up to 120 s, then a wait of up
+#: to 120 s for the session's turn, then the step and the transfer), far shorter than the read
+#: timeout times the attempts (4 x 300 s), and half the server's idempotency window (600 s), so
+#: a push retried by hand with its key after ``DeadlineExceeded`` still finds it.
+DEFAULT_DEADLINE = 300.0
 
 #: Keep-alive pool: one connection per concurrent request, up to these bounds.
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)

@@ -69,6 +69,7 @@ class ErrorCode(str, enum.Enum):
     SESSION_BUSY = "session_busy"
     JOURNAL_FAILED = "journal_failed"
     SNAPSHOT_FAILED = "snapshot_failed"
+    TOO_MANY_IDEMPOTENCY_KEYS = "too_many_idempotency_keys"
     # 507: a quota would be exceeded
     INSUFFICIENT_STORAGE = "insufficient_storage"
     TOO_MANY_SESSIONS = "too_many_sessions"
@@ -112,6 +113,7 @@ STATUS: dict[ErrorCode, int] = {
     _C.SESSION_BUSY: 503,
     _C.JOURNAL_FAILED: 503,
     _C.SNAPSHOT_FAILED: 503,
+    _C.TOO_MANY_IDEMPOTENCY_KEYS: 503,
     _C.INSUFFICIENT_STORAGE: 507,
     _C.TOO_MANY_SESSIONS: 507,
     _C.MEMORY_QUOTA_EXCEEDED: 507,

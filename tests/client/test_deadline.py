@@ -142,7 +142,7 @@ def test_the_async_client_has_the_same_deadline(server: MisbehavingServer) -> No
 
 def test_the_deadline_is_finite_by_default_and_validated() -> None:
     with Client("http://127.0.0.1:9") as client:
-        assert client.deadline == 600.0
+        assert client.deadline == 300.0
     with Client("http://127.0.0.1:9", deadline=None) as client:
         assert client.deadline is None
     for bad in (0, -1, float("inf"), float("nan"), True, "10"):

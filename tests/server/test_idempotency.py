@@ -227,20 +227,55 @@ def test_keys_are_forgotten_when_the_session_is_deleted(base_url: str, http: htt
     assert wire.unpack(r.content)["iterations"] == 1
 
 
-def test_the_number_of_keys_is_bounded(
+def test_a_session_at_its_key_bound_refuses_new_keys_and_evicts_none(
     server_factory: Callable[..., ServerThread], http: httpx.Client
 ) -> None:
-    url = server_factory(idempotency_max_keys=3).url
+    url = server_factory(idempotency_max_keys=10, idempotency_max_keys_per_session=3).url
+    a, b = new_id(), new_id()
+    create(url, a)
+    create(url, b)
+    assert push(http, url, b, "b1").status_code == 200
+    first = {key: push(http, url, a, key).content for key in ("k1", "k2", "k3")}
+    refused = push(http, url, a, "k4")
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "too_many_idempotency_keys"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert pulled(url, a)[0] == 3  # the refused push was not applied
+    for key in ("k1", "k2", "k3"):  # no live key was forgotten: retries replay
+        r = push(http, url, a, key)
+        assert r.headers[REPLAYED] == "true" and r.content == first[key]
+    again = push(http, url, b, "b1")  # nor another session's
+    assert again.headers[REPLAYED] == "true"
+    assert push(http, url, b, "b2").status_code == 200  # which has room of its own
+    assert push(http, url, a, None).status_code == 200  # and pushes without a key go on
+    assert pulled(url, a)[0] == 4
+
+
+def test_the_server_wide_key_bound_refuses_rather_than_evicts(
+    server_factory: Callable[..., ServerThread], http: httpx.Client
+) -> None:
+    url = server_factory(idempotency_max_keys=3, idempotency_max_keys_per_session=3).url
+    a, b = new_id(), new_id()
+    create(url, a)
+    create(url, b)
+    for key in ("k1", "k2", "k3"):
+        assert push(http, url, a, key).status_code == 200
+    r = push(http, url, b, "b1")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_idempotency_keys"
+    assert push(http, url, a, "k1").headers[REPLAYED] == "true"
+
+
+def test_keys_make_room_when_their_window_ends(
+    server_factory: Callable[..., ServerThread], http: httpx.Client
+) -> None:
+    url = server_factory(idempotency_window_seconds=0.5, idempotency_max_keys_per_session=1).url
     sid = new_id()
     create(url, sid)
-    first = {key: push(http, url, sid, key).content for key in ("k1", "k2", "k3", "k4")}
-    for key in ("k4", "k3", "k2"):  # the three newest are remembered
-        r = push(http, url, sid, key)
-        assert r.headers[REPLAYED] == "true", key
-        assert r.content == first[key]
-    oldest = push(http, url, sid, "k1")  # the oldest was dropped: applied again
-    assert REPLAYED not in oldest.headers
-    assert pulled(url, sid)[0] == 5
+    assert push(http, url, sid, "k1").status_code == 200
+    assert push(http, url, sid, "k2").status_code == 503
+    time.sleep(0.6)  # past k1's window
+    assert push(http, url, sid, "k2").status_code == 200
+    assert pulled(url, sid)[0] == 2
 
 
 def test_the_bytes_of_remembered_answers_are_bounded(
