@@ -103,9 +103,13 @@ class SessionService:
             except (StateError, GradientError) as exc:
                 raise InvalidRequest(str(exc), code=ErrorCode.INVALID_WEIGHTS) from None
 
-        session = self.store.add(session_id, build)
+        session = self.store.add(session_id, build, persisted=self._journaled is None)
         self._persist_new(session)
         return session.summary(timestamps=False)
+
+    @property
+    def _journaled(self) -> object | None:
+        return None if self.durability is None else self.durability.journal
 
     def _persist_new(self, session: Session) -> None:
         """Make a new session durable; if that fails it is removed again and 503 answered."""
@@ -114,6 +118,7 @@ class SessionService:
         try:
             self.durability.created(session)
         except (OSError, ServiceUnavailable) as exc:
+            session.persisted.set()  # waiting pushes go on, and find it deleted
             with session.lock:
                 if not session.deleted:
                     self.idempotency.forget_session(session.id)
@@ -124,6 +129,7 @@ class SessionService:
                 f"the session could not be saved ({exc}); it was not created",
                 code=ErrorCode.SNAPSHOT_FAILED,
             ) from None
+        session.persisted.set()
 
     def push(
         self,
@@ -141,6 +147,15 @@ class SessionService:
         grads = _decoded(decode_push, body, self.limits)
         journal = None if self.durability is None else self.durability.journal
         lsn = 0
+        if not session.persisted.is_set():
+            # Created a moment ago and its create record is being written: a push journaled
+            # before that record could be acknowledged and then lost with the session.
+            if not session.persisted.wait(self.settings.request_timeout_seconds):
+                raise ServiceUnavailable(
+                    f"session {session.id!r} is still being created; retry",
+                    code=ErrorCode.SESSION_BUSY,
+                    headers={"Retry-After": "1"},
+                )
         with session.locked() as trainer:
             if session.deleted:  # deleted while this push waited for the lock
                 raise SessionNotFound(f"no session {session.id!r}")
@@ -236,10 +251,16 @@ class SessionService:
                 if replaced:
                     if journal is not None:
                         journal.check()
-                    self.store.check_memory(trainer.nbytes(), replacing=session.trainer.nbytes())
-                    if journal is not None:  # write-ahead: logged before it takes effect
-                        lsn = journal.append("state", session.id, body=body, time=time.time())
-                    self.store.replace(session, trainer)
+                    appended: list[int] = []
+
+                    def log_it() -> None:  # write-ahead: logged before it takes effect
+                        if journal is not None:
+                            appended.append(
+                                journal.append("state", session.id, body=body, time=time.time())
+                            )
+
+                    self.store.replace_checked(session, trainer, log_it)
+                    lsn = appended[0] if appended else 0
                     summary = session.summary()
             if replaced:
                 if journal is not None:
@@ -247,7 +268,7 @@ class SessionService:
                 elif self.durability is not None:
                     self._snapshot_now(session)
                 return summary, False
-        created = self.store.add(session_id, restore)
+        created = self.store.add(session_id, restore, persisted=self._journaled is None)
         self._persist_new(created)
         return created.summary(), True
 

@@ -50,6 +50,10 @@ class Session:
         self.created_at = _now()
         self.updated_at = self.created_at
         self.deleted = False
+        #: Set once the session is durable (its create record written, with the journal): a
+        #: push journaled before that record could be acknowledged and then lost with it.
+        self.persisted = threading.Event()
+        self.persisted.set()
 
     @contextmanager
     def locked(self) -> Iterator[Trainer]:
@@ -120,11 +124,15 @@ class SessionStore:
             sessions = list(self._sessions.values())
         return sum(s.trainer.nbytes() for s in sessions)
 
-    def add(self, session_id: str, build: Callable[[], Trainer]) -> Session:
+    def add(
+        self, session_id: str, build: Callable[[], Trainer], *, persisted: bool = True
+    ) -> Session:
         """Create a session from ``build()`` under ``session_id``; 409 if the id is taken.
 
         The id is reserved before the (possibly slow) build so that two racing creates of the
-        same id cannot both succeed.
+        same id cannot both succeed; the memory quota is checked and the session inserted under
+        one lock, so that two racing creates cannot both pass it. ``persisted=False``: the
+        session's :attr:`Session.persisted` is clear until the caller sets it.
         """
         check_session_id(session_id)
         with self._lock:
@@ -139,9 +147,11 @@ class SessionStore:
             self._reserved.add(session_id)
         try:
             trainer = build()
-            self.check_memory(trainer.nbytes())
             session = Session(session_id, trainer)
+            if not persisted:
+                session.persisted.clear()
             with self._lock:
+                self._check_memory(trainer.nbytes(), 0)
                 self._sessions[session_id] = session
             return session
         finally:
@@ -150,6 +160,10 @@ class SessionStore:
 
     def check_memory(self, needed: int, *, replacing: int = 0) -> None:
         """507 if a session of ``needed`` bytes (replacing one of ``replacing``) would not fit."""
+        with self._lock:
+            self._check_memory(needed, replacing)
+
+    def _check_memory(self, needed: int, replacing: int) -> None:
         if self.max_session_bytes is not None and needed > self.max_session_bytes:
             raise InsufficientStorage(
                 f"the session needs {needed} bytes of weights and optimizer state; the "
@@ -158,7 +172,7 @@ class SessionStore:
             )
         if self.max_total_bytes is None:
             return
-        used = self.total_bytes() - replacing
+        used = sum(s.trainer.nbytes() for s in self._sessions.values()) - replacing
         if used + needed > self.max_total_bytes:
             raise InsufficientStorage(
                 f"the session needs {needed} bytes; the server holds {used} of its "
@@ -177,3 +191,13 @@ class SessionStore:
         """Swap in a new trainer (a loaded state); the caller holds ``session.lock``."""
         session.trainer = trainer
         session.touch()
+
+    def replace_checked(
+        self, session: Session, trainer: Trainer, before: Callable[[], None] = lambda: None
+    ) -> None:
+        """:meth:`check_memory` for ``trainer`` in place of the session's, ``before()``, then
+        :meth:`replace`, under one lock (so racing imports cannot both pass the quota)."""
+        with self._lock:
+            self._check_memory(trainer.nbytes(), session.trainer.nbytes())
+            before()
+            self.replace(session, trainer)

@@ -372,8 +372,10 @@ class KerasOptimizer:
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes held by the slots."""
-        return sum(a.nbytes for per in self.slots.values() for a in per.values())
+        """Bytes held by the slots and by the buffers that gradients of another dtype are cast
+        into (made on the first such push, one per parameter, kept for the next)."""
+        slots = sum(a.nbytes for per in self.slots.values() for a in per.values())
+        return slots + sum(b.nbytes for b in self._cast_buffers.values())
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
