@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from durable_service import DurableService, opened_services
 
 from paramserver import optimizers, wire
 from paramserver.server.errors import InsufficientStorage
 from paramserver.server.persistence import JournalReader
 from paramserver.server.sessions import SessionStore
 from paramserver.server.training import KerasTrainer, Trainer
+from tests.harness.service import DurableService, opened_services
 
 
 def test_racing_creates_cannot_both_pass_the_memory_quota() -> None:

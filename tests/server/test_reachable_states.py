@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from paramserver import messages, wire
-from paramserver.codes import ErrorCode, MessageError
+from paramserver.codes import ErrorCode
 from paramserver.messages import ANSWER_LIMITS, MAX_ITERATIONS
 from paramserver.server.errors import ServiceError
 from tests.harness.service import DurableService, opened_services
@@ -118,7 +118,7 @@ def test_the_iteration_bound_is_the_same_for_pushes_and_imports(
     assert err.value.code is ErrorCode.ITERATIONS_EXHAUSTED and err.value.status == 409
     assert server.state("i") == before  # nothing changed
     state.iterations = MAX_ITERATIONS
-    with pytest.raises(MessageError) as refused:
+    with pytest.raises(ServiceError) as refused:
         load(server, "i", messages.encode_state(state))
     assert refused.value.code is ErrorCode.INVALID_STATE
     server.crash()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server_process import ServerProcess, start
+from tests.harness.servers import ServerProcess, start_paramserver
 
 
 def test_tokens_on_the_command_line_are_warned_about(tmp_path: Path) -> None:
-    server = start(tmp_path, "--tokens", "s3cret")
+    server = start_paramserver(tmp_path, "--tokens", "s3cret")
     try:
         assert server.terminate() == 0
     finally:
@@ -22,7 +22,7 @@ def test_tokens_on_the_command_line_are_warned_about(tmp_path: Path) -> None:
 def test_tokens_from_a_file_are_not_warned_about(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
-    server: ServerProcess = start(tmp_path, "--tokens-file", str(tokens))
+    server: ServerProcess = start_paramserver(tmp_path, "--tokens-file", str(tokens))
     try:
         assert server.terminate() == 0
     finally:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_process import HTTP, create, push, start
 
 from paramserver import wire
+from tests.harness.http_api import HTTP, create_session, push
+from tests.harness.servers import start_paramserver
 
 
 @pytest.fixture
@@ -65,9 +66,9 @@ def test_a_full_disk_answers_the_snapshot_endpoint_with_503(
     small_disk: Path, tmp_path: Path
 ) -> None:
     snapshots = small_disk / "snapshots"
-    server = start(tmp_path, "--snapshot-dir", str(snapshots))
+    server = start_paramserver(tmp_path, "--snapshot-dir", str(snapshots))
     try:
-        create(server.url, "a", "sgd", WEIGHTS)  # its first snapshot fits
+        create_session(server.url, "sgd", WEIGHTS, session_id="a")  # its first snapshot fits
         assert push(server.url, "a", GRADS).status_code == 200
         fill(small_disk)
         r = HTTP.post(f"{server.url}/sessions/a/snapshot")
@@ -85,11 +86,11 @@ def test_a_shutdown_that_cannot_write_its_final_snapshots_exits_non_zero(
     small_disk: Path, tmp_path: Path
 ) -> None:
     snapshots = small_disk / "snapshots"
-    server = start(
+    server = start_paramserver(
         tmp_path, "--snapshot-dir", str(snapshots), "--snapshot-interval-seconds", "3600"
     )
     try:
-        create(server.url, "a", "sgd", WEIGHTS)
+        create_session(server.url, "sgd", WEIGHTS, session_id="a")
         for _ in range(3):
             assert push(server.url, "a", GRADS).status_code == 200
         filler = fill(small_disk)
@@ -102,7 +103,7 @@ def test_a_shutdown_that_cannot_write_its_final_snapshots_exits_non_zero(
     # What was lost is what the ERROR said: with room again, the session is back at its last
     # snapshot (the one taken when it was created).
     filler.unlink()
-    again = start(tmp_path, "--snapshot-dir", str(snapshots))
+    again = start_paramserver(tmp_path, "--snapshot-dir", str(snapshots))
     try:
         assert iterations(again.url, "a") == 0
     finally:
@@ -111,10 +112,10 @@ def test_a_shutdown_that_cannot_write_its_final_snapshots_exits_non_zero(
 
 def test_a_clean_shutdown_with_room_exits_zero(small_disk: Path, tmp_path: Path) -> None:
     snapshots = small_disk / "snapshots"
-    server = start(
+    server = start_paramserver(
         tmp_path, "--snapshot-dir", str(snapshots), "--snapshot-interval-seconds", "3600"
     )
-    create(server.url, "a", "sgd", WEIGHTS)
+    create_session(server.url, "sgd", WEIGHTS, session_id="a")
     body = wire.pack({"gradients": GRADS})
     r = HTTP.post(
         f"{server.url}/sessions/a/gradients",
@@ -123,7 +124,7 @@ def test_a_clean_shutdown_with_room_exits_zero(small_disk: Path, tmp_path: Path)
     )
     assert r.status_code == 200
     assert server.terminate() == 0, server.log
-    again = start(tmp_path, "--snapshot-dir", str(snapshots))
+    again = start_paramserver(tmp_path, "--snapshot-dir", str(snapshots))
     try:
         assert iterations(again.url, "a") == 1
     finally:
