@@ -2,8 +2,8 @@
 the content types it reads.
 
 The messages themselves are encoded and decoded by :mod:`paramserver.messages`, the same code
-the client uses; their errors (:class:`~paramserver.codes.MessageError`) are answered with
-their code and status by the error handlers (:mod:`paramserver.server.errors`).
+the client uses; the service turns their errors (:class:`~paramserver.codes.MessageError`)
+into :class:`~paramserver.server.errors.ServiceError` with the same code and status.
 """
 
 from __future__ import annotations
