@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -196,6 +197,22 @@ def test_no_module_imports_a_bare_folder_name() -> None:
                     if name.split(".")[0] in ("app", "client"):
                         offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {name}")
     assert not offenders, "\n".join(offenders)
+
+
+#: Python embedded in the CI scripts and the Dockerfile imports the installed names too.
+EMBEDDED_PYTHON = (".ci/run", ".ci/docker-check", ".ci/typecheck", "Dockerfile")
+BARE_IMPORT = re.compile(r"^\s*(from|import)\s+(app|client)\b|\b(app|client)\.cli\b", re.M)
+
+
+def test_the_ci_scripts_import_no_bare_folder_name() -> None:
+    offenders = [
+        f"{name}: {m.group(0).strip()}"
+        for name in EMBEDDED_PYTHON
+        for m in BARE_IMPORT.finditer((REPO / name).read_text(encoding="utf-8"))
+    ]
+    assert not offenders, "\n".join(offenders)
+    assert BARE_IMPORT.search("x = 1\nimport client\n")  # the pattern finds what it should
+    assert BARE_IMPORT.search("python -c 'import tensorflow, app.cli'")
 
 
 # --- dependency directions ---------------------------------------------------------------------
