@@ -34,7 +34,7 @@ from paramserver.messages import (
 from .errors import InvalidRequest, ServiceError, ServiceUnavailable, SessionNotFound
 from .idempotency import IdempotencyCache, KeysExhausted
 from .optim import GradientError, StateError
-from .persistence import Durability, SnapshotInfo
+from .persistence import Durability, Journal, SnapshotInfo
 from .protocol import decode_limits
 from .sessions import Session, SessionStore, check_session_id
 from .settings import Settings
@@ -103,12 +103,13 @@ class SessionService:
             except (StateError, GradientError) as exc:
                 raise InvalidRequest(str(exc), code=ErrorCode.INVALID_WEIGHTS) from None
 
-        session = self.store.add(session_id, build, persisted=self._journaled is None)
+        session = self.store.add(session_id, build, persisted=self.journal is None)
         self._persist_new(session)
         return session.summary(timestamps=False)
 
     @property
-    def _journaled(self) -> object | None:
+    def journal(self) -> Journal | None:
+        """The write-ahead journal, with ``durability="journal"``."""
         return None if self.durability is None else self.durability.journal
 
     def _persist_new(self, session: Session) -> None:
@@ -145,7 +146,7 @@ class SessionService:
         is applied and the first answer is returned again.
         """
         grads = _decoded(decode_push, body, self.limits)
-        journal = None if self.durability is None else self.durability.journal
+        journal = self.journal
         lsn = 0
         if not session.persisted.is_set():
             # Created a moment ago and its create record is being written: a push journaled
@@ -243,7 +244,7 @@ class SessionService:
         session = self.store.find(session_id)
         if session is not None:
             trainer = restore()  # built outside the lock: the session keeps serving meanwhile
-            journal = None if self.durability is None else self.durability.journal
+            journal = self.journal
             lsn = 0
             summary: dict[str, Any] = {}
             with session.lock:
@@ -268,7 +269,7 @@ class SessionService:
                 elif self.durability is not None:
                     self._snapshot_now(session)
                 return summary, False
-        created = self.store.add(session_id, restore, persisted=self._journaled is None)
+        created = self.store.add(session_id, restore, persisted=self.journal is None)
         self._persist_new(created)
         return created.summary(), True
 

@@ -126,36 +126,26 @@ class NumpyBackend:
         # Overflow to inf and inf - inf = NaN are results here (Keras lets weights diverge; a
         # session may refuse them with refuse_non_finite), not errors: no numpy warnings.
         with np.errstate(all="ignore"):
-            self._update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
-
-    def _update(
-        self,
-        rule: UpdateRule,
-        p: np.ndarray,
-        g: np.ndarray,
-        slots: tuple[np.ndarray, ...],
-        coeffs: tuple[Any, ...],
-        grad_scale: Any,
-        grad_clip: Any,
-    ) -> None:
-        scratch, gbuf = self._buffers(p.dtype)
-        n = p.size
-        step = self.chunk
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            k = stop - start
-            if k == step:
-                sc = scratch
-            else:
-                sc = Scratch(scratch.a[:k], scratch.b[:k])
-            gc = g[start:stop]
-            if grad_scale is not None or grad_clip is not None:
-                gb = gbuf[:k]
-                if grad_scale is not None:
-                    np.multiply(gc, grad_scale, out=gb)
+            scratch, gbuf = self._buffers(p.dtype)
+            n = p.size
+            step = self.chunk
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                k = stop - start
+                if k == step:
+                    sc = scratch
                 else:
-                    gb[...] = gc
-                if grad_clip is not None:
-                    np.clip(gb, -grad_clip, grad_clip, out=gb)
-                gc = gb
-            rule.numpy_kernel(p[start:stop], gc, tuple(s[start:stop] for s in slots), coeffs, sc)
+                    sc = Scratch(scratch.a[:k], scratch.b[:k])
+                gc = g[start:stop]
+                if grad_scale is not None or grad_clip is not None:
+                    gb = gbuf[:k]
+                    if grad_scale is not None:
+                        np.multiply(gc, grad_scale, out=gb)
+                    else:
+                        gb[...] = gc
+                    if grad_clip is not None:
+                        np.clip(gb, -grad_clip, grad_clip, out=gb)
+                    gc = gb
+                rule.numpy_kernel(
+                    p[start:stop], gc, tuple(s[start:stop] for s in slots), coeffs, sc
+                )
