@@ -75,9 +75,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(settings: Settings, *, demo: bool = False, tokens_in_argv: bool = False) -> None:
-    import uvicorn
-
     from .main import create_app
+    from .serving import http_server
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -90,20 +89,19 @@ def serve(settings: Settings, *, demo: bool = False, tokens_in_argv: bool = Fals
             "(ps, /proc/PID/cmdline); pass them in --tokens-file or PARAMSERVER_TOKENS instead"
         )
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=30,
-        access_log=not demo,  # keep the demo's output readable
-    )
-    server = uvicorn.Server(config)
+    try:
+        server = http_server(app, settings, access_log=not demo)  # keep the demo readable
+    except ValueError as exc:  # a certificate that does not load
+        print(f"paramserver: invalid settings: {exc}", file=sys.stderr)
+        sys.exit(2)
     if demo:
         from .demo import first_write_token, start_demo_thread
 
         start_demo_thread(
-            server, settings.host, first_write_token(settings.tokens, settings.tokens_file)
+            server,
+            settings.host,
+            first_write_token(settings.tokens, settings.tokens_file),
+            tls=settings.ssl_certfile is not None,
         )
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then restores the handlers it found and
     # raises the signal again, so that with Python's defaults the process would die of SIGTERM

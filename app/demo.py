@@ -20,17 +20,20 @@ log = logging.getLogger("paramserver.demo")
 STEPS = 300
 
 
-def demo_url(host: str, port: int) -> str:
+def demo_url(host: str, port: int, *, tls: bool = False) -> str:
     """Where a local worker reaches the server (a wildcard bind is reached on loopback)."""
     if host in ("0.0.0.0", "", "::"):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 def run_demo(url: str, *, token: str | None = None, steps: int = STEPS) -> list[float]:
-    """Train ``y = X @ w + b`` through the server at ``url``; returns the loss history."""
+    """Train ``y = X @ w + b`` through the server at ``url``; returns the loss history.
+
+    Over https the local worker does not check the certificate: it names the server's
+    public name, not the loopback address the worker uses."""
     from paramserver.client import Client, optimizers
 
     rng = np.random.default_rng(0)
@@ -44,7 +47,7 @@ def run_demo(url: str, *, token: str | None = None, steps: int = STEPS) -> list[
     weights = {"w": np.zeros(8, np.float32), "b": np.zeros((), np.float32)}
     history = [loss(weights)]
     print(f"demo: training a linear regression through {url}", flush=True)
-    with Client(url, token=token) as client:
+    with Client(url, token=token, verify=not url.startswith("https:")) as client:
         session = client.create_session(weights, optimizers.Adam(lr=0.05))
         print(
             f"demo: session {session.id} (Adam, lr=0.05); step 0 loss {history[0]:.5f}", flush=True
@@ -87,7 +90,9 @@ def first_write_token(tokens: str | None, tokens_file: Any) -> str | None:
     return None
 
 
-def start_demo_thread(server: Any, host: str, token: str | None) -> threading.Thread:
+def start_demo_thread(
+    server: Any, host: str, token: str | None, *, tls: bool = False
+) -> threading.Thread:
     """Run the demo once ``server`` (a uvicorn.Server) has started; never kills the server."""
 
     def run() -> None:
@@ -97,7 +102,7 @@ def start_demo_thread(server: Any, host: str, token: str | None) -> threading.Th
             time.sleep(0.05)
         try:
             port = server.servers[0].sockets[0].getsockname()[1]  # the bound port (even for 0)
-            run_demo(demo_url(host, port), token=token)
+            run_demo(demo_url(host, port, tls=tls), token=token)
         except Exception:
             log.exception("the demo worker failed")
 

@@ -25,6 +25,7 @@ from .errors import install_error_handlers
 from .optim import default_backend
 from .persistence import Durability, FinalSnapshotsFailed
 from .service import SessionService
+from .serving import LOOPBACK_HOSTS, warn_if_tokens_travel_in_clear
 from .sessions import SessionStore
 from .settings import Settings
 
@@ -128,8 +129,9 @@ async def _snapshot_periodically(
 def _announce_access(settings: Settings, has_tokens: bool) -> None:
     if has_tokens:
         log.info("authentication on: every endpoint but /health needs a bearer token")
+        warn_if_tokens_travel_in_clear(settings, has_tokens)
         return
-    loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+    loopback = settings.host in LOOPBACK_HOSTS
     log.warning(
         "no tokens configured: the server is OPEN to anyone who can reach %s%s",
         settings.host,

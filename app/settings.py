@@ -59,6 +59,44 @@ class Settings(BaseSettings):
         "past it the request gets 408 (body) or 503 (busy session).",
     )
 
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest wait for a request line and its headers, from the connection's "
+        "accept (TLS handshake included) or the first byte of the next request; past it the "
+        "connection is closed.",
+    )
+    idle_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Longest silence of a kept-alive connection between two requests; past it "
+        "the connection is closed.",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Most open connections. At the cap a new connection first closes the "
+        "oldest one still sending its headers, then the oldest idle one; when all are busy it "
+        "is refused (503). Lowered to fit the file-descriptor limit.",
+    )
+
+    ssl_certfile: Path | None = Field(
+        None, description="Serve https with this PEM certificate (chain); off if unset."
+    )
+    ssl_keyfile: Path | None = Field(
+        None, description="The certificate's PEM private key (if not in ssl_certfile)."
+    )
+    ssl_ca_certs: Path | None = Field(
+        None,
+        description="PEM CA certificates that sign client certificates: asks each client "
+        "for a certificate (see ssl_client_cert).",
+    )
+    ssl_client_cert: Literal["required", "optional"] = Field(
+        "required",
+        description="With ssl_ca_certs: 'required' refuses a TLS client without a valid "
+        "certificate; 'optional' verifies one if sent.",
+    )
+
     tokens: str | None = Field(
         None,
         description="Comma-separated bearer tokens; 'SECRET' or 'SECRET:rw' may write, "
@@ -121,6 +159,17 @@ class Settings(BaseSettings):
     warm_up_kernels: bool = Field(
         True, description="Compile the numba kernels at start-up instead of on first use."
     )
+
+    @model_validator(mode="after")
+    def _tls_needs_a_certificate(self) -> Settings:
+        if self.ssl_certfile is None and (
+            self.ssl_keyfile is not None or self.ssl_ca_certs is not None
+        ):
+            raise ValueError(
+                "ssl_keyfile and ssl_ca_certs need ssl_certfile (--ssl-certfile or "
+                "PARAMSERVER_SSL_CERTFILE): the server's own certificate"
+            )
+        return self
 
     @model_validator(mode="after")
     def _journal_needs_a_directory(self) -> Settings:

@@ -36,7 +36,9 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import random
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -306,12 +308,14 @@ class Attempts:
         safe = _NOT_SENT if self.call.safety is Safety.UNSENT_ONLY else _TRANSIENT
         if isinstance(exc, httpx.TimeoutException):
             self.check_deadline(exc)  # the attempt's timeout was the deadline's remainder
-        if isinstance(exc, safe) and self._may_retry():
+        if isinstance(exc, safe) and not tls_failure(exc) and self._may_retry():
             delay = self.policy.delay(self.count - 1, rng=self.rng)
             if delay >= self.remaining():
                 raise self.deadline_error() from exc
             return delay
-        raise transport_error(self.call, exc, self.count, retryable=isinstance(exc, safe)) from exc
+        raise transport_error(
+            self.call, exc, self.count, retryable=isinstance(exc, safe) and not tls_failure(exc)
+        ) from exc
 
     def after_reply(self, reply: Reply) -> float | None:
         """A delay before the next try (for a 503), or ``None``: the reply is final."""
@@ -325,6 +329,19 @@ class Attempts:
         if delay >= self.remaining():
             return None  # no time left for another try: the 503 is the answer
         return delay
+
+
+def tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error under an httpx error (a certificate that does not verify, a server that
+    wants a client certificate): a setting to fix, not a transient failure."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def transport_error(
@@ -342,6 +359,11 @@ def transport_error(
         note = (
             "; the request may have reached the server (not retried after such a failure, as "
             "creating is not idempotent): the session may exist, check with client.sessions()"
+        )
+    elif tls_failure(exc) is not None:
+        note = (
+            " (a TLS failure, not retried: check the client's verify= (the CA that signed the "
+            "server's certificate) and cert= (a client certificate, if the server asks for one))"
         )
     elif not retryable:
         note = " (not a transient failure: not retried)"
@@ -611,6 +633,56 @@ def load_state_call(session_id: str, state: SessionState, parse: Callable[[Reply
     )
 
 
+#: ``verify=``: True checks the server's certificate against the usual roots (certifi, or
+#: ``SSL_CERT_FILE``), a path against that PEM CA bundle, an ``ssl.SSLContext`` as configured,
+#: False not at all (testing only).
+Verify: TypeAlias = "bool | str | os.PathLike[str] | ssl.SSLContext"
+#: ``cert=``: the client's certificate for servers that ask for one: a PEM file holding the
+#: certificate and its key, or ``(certfile, keyfile)``.
+Cert: TypeAlias = "str | os.PathLike[str] | tuple[str | os.PathLike[str], str | os.PathLike[str]]"
+
+
+def tls_verification(verify: Verify, cert: Cert | None) -> bool | ssl.SSLContext:
+    """What httpx's ``verify=`` takes for ``verify`` and ``cert`` (httpx 0.28 wants one
+    ``SSLContext`` for both); ValueError for a file that does not load."""
+    if isinstance(verify, ssl.SSLContext):
+        if cert is not None:
+            raise ValueError("give cert= or an ssl.SSLContext in verify=, not both")
+        return verify
+    if isinstance(verify, bool) and cert is None:
+        return verify
+    if isinstance(verify, bool):
+        context = ssl.create_default_context(cafile=_default_ca_bundle())
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            context = ssl.create_default_context(cafile=os.fspath(verify))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"verify={verify!r}: cannot load the CA bundle: {exc}") from exc
+    if cert is not None:
+        certfile, keyfile = cert if isinstance(cert, tuple) else (cert, None)
+        try:
+            context.load_cert_chain(
+                os.fspath(certfile), None if keyfile is None else os.fspath(keyfile)
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cert={cert!r}: cannot load the certificate: {exc}") from exc
+    return context
+
+
+def _default_ca_bundle() -> str | None:
+    """The roots httpx verifies against by default: ``SSL_CERT_FILE``, else certifi's."""
+    if os.environ.get("SSL_CERT_FILE"):
+        return os.environ["SSL_CERT_FILE"]
+    try:
+        import certifi
+    except ImportError:  # pragma: no cover - httpx depends on certifi
+        return None
+    return str(certifi.where())
+
+
 S = TypeVar("S", bound=SessionCore[Any])
 
 
@@ -629,6 +701,8 @@ class ClientCore(Generic[S]):
         headers: Mapping[str, str] | None,
         limits: httpx.Limits | None,
         deadline: float | None = DEFAULT_DEADLINE,
+        verify: Verify = True,
+        cert: Cert | None = None,
     ) -> None:
         self.base_url = httpx.URL(str(base_url))
         if self.base_url.scheme not in ("http", "https"):
@@ -653,6 +727,7 @@ class ClientCore(Generic[S]):
             all_headers["Authorization"] = f"Bearer {token}"
         self._headers = all_headers
         self._limits = DEFAULT_LIMITS if limits is None else limits
+        self._verify = tls_verification(verify, cert)
         self._rng = random.Random()
 
     def _httpx_options(self) -> dict[str, Any]:
@@ -661,6 +736,7 @@ class ClientCore(Generic[S]):
             "timeout": self.timeout,
             "headers": self._headers,
             "limits": self._limits,
+            "verify": self._verify,
         }
 
     def __repr__(self) -> str:

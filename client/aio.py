@@ -133,6 +133,9 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
     most seconds one call may take in all, retries and waits included (``None``: none);
     ``retries`` a count or a :class:`RetryPolicy`; ``token`` is sent as
     ``Authorization: Bearer <token>``.
+    ``verify`` checks the server's TLS certificate (True: the usual roots; a path: that PEM CA
+    bundle; an ``ssl.SSLContext``; False: not at all), ``cert`` is the client's certificate
+    (a PEM file with its key, or ``(certfile, keyfile)``) for a server that asks for one.
     ``transport`` and ``limits`` go to ``httpx.AsyncClient`` (a custom transport, pool sizes).
     Use it as an async context manager, or await :meth:`aclose`.
     """
@@ -150,6 +153,8 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         limits: httpx.Limits | None = None,
         deadline: float | None = DEFAULT_DEADLINE,
         transport: httpx.AsyncBaseTransport | None = None,
+        verify: _base.Verify = True,
+        cert: _base.Cert | None = None,
     ) -> None:
         super().__init__(
             base_url,
@@ -159,6 +164,8 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
             headers=headers,
             limits=limits,
             deadline=deadline,
+            verify=verify,
+            cert=cert,
         )
         self._http = httpx.AsyncClient(transport=transport, **self._httpx_options())
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +32,7 @@ import httpx
 import uvicorn
 
 from paramserver.server.main import create_app
+from paramserver.server.serving import http_server
 from paramserver.server.settings import Settings
 
 __all__ = [
@@ -81,8 +84,7 @@ def start_server_thread(**overrides: Any) -> ServerThread:
     overrides.setdefault("warm_up_kernels", False)
     app = create_app(Settings(**overrides))
     port = free_port()
-    config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    server = http_server(app, app.state.settings, host=HOST, port=port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://{HOST}:{port}"
@@ -128,12 +130,16 @@ def settings_options(**settings: Any) -> list[str]:
     return options
 
 
-def _is_up(port: int, http: bool) -> bool:
-    """Whether 127.0.0.1:``port`` accepts a connection (and answers ``GET /health`` with 200)."""
+def _is_up(port: int, http: bool, tls: ssl.SSLContext | None = None) -> bool:
+    """Whether 127.0.0.1:``port`` accepts a connection (and answers ``GET /health`` with 200,
+    over TLS with ``tls``)."""
     try:
-        with socket.create_connection((HOST, port), timeout=2) as sock:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection((HOST, port), timeout=2))
             if not http:
                 return True
+            if tls is not None:
+                sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=HOST))
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             head = b""
             while b"\r\n" not in head:
@@ -155,7 +161,9 @@ class ServerProcess:
     ``argv`` follows ``python``; every ``{port}`` in it becomes the port. :meth:`start` waits
     until the server answers (``GET /health``, or accepts a connection when ``http=False``)
     and starts it again on another port if the one picked was taken meanwhile; :meth:`launch`
-    only starts it (for a server that is expected to refuse to start). The child gets this
+    only starts it (for a server that is expected to refuse to start). ``tls`` (a client
+    context trusting the server's certificate) makes the URL and the readiness check https;
+    ``nofile`` sets the child's file-descriptor limit (soft and hard). The child gets this
     process's environment without its ``PARAMSERVER_*`` variables, plus ``env``. Its output
     goes to a file in ``log_dir`` (kept, for a failing test to show) or to a temporary file,
     and :attr:`log` reads it. Leaving a ``with`` block stops it (SIGTERM, then SIGKILL after
@@ -174,9 +182,13 @@ class ServerProcess:
         log_dir: Path | None = None,
         start_timeout: float = 120.0,
         stop_timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.argv_template = list(argv)
         self.http = http
+        self.tls = tls
+        self.nofile = nofile
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVER_")}
         self.env.update(env or {})
         self.start_timeout = start_timeout
@@ -192,19 +204,26 @@ class ServerProcess:
 
     @classmethod
     def paramserver(
-        cls: type[_Process], *args: str, log_dir: Path | None = None, **settings: Any
+        cls: type[_Process],
+        *args: str,
+        log_dir: Path | None = None,
+        tls: ssl.SSLContext | None = None,
+        nofile: int | None = None,
+        **settings: Any,
     ) -> _Process:
         """``python -m paramserver serve`` with the options ``args``, and ``settings``
         (:class:`Settings` fields, see :func:`settings_options`)."""
         argv = ["-m", "paramserver", "serve", "--port", "{port}"]
-        return cls([*argv, *settings_options(**settings), *args], log_dir=log_dir)
+        return cls(
+            [*argv, *settings_options(**settings), *args], log_dir=log_dir, tls=tls, nofile=nofile
+        )
 
     # --- lifecycle ---
 
     def launch(self: _Process) -> _Process:
         """Start the process on a free port; do not wait for it."""
         self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
+        self.url = f"{'http' if self.tls is None else 'https'}://{HOST}:{self.port}"
         argv = [sys.executable, *(a.replace("{port}", str(self.port)) for a in self.argv_template)]
         if self._log is not None:
             self._log.close()
@@ -224,9 +243,21 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+                preexec_fn=self._preexec(),
             )
         return self
+
+    def _preexec(self) -> Callable[[], None] | None:
+        nofile = self.nofile
+        if nofile is None:
+            return _die_with_parent if _PRCTL is not None else None
+
+        def preexec() -> None:  # pragma: no cover - runs in the child before exec
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            if _PRCTL is not None:
+                _die_with_parent()
+
+        return preexec
 
     def start(self: _Process) -> _Process:
         """Launch and wait until it serves; on another port if the first was taken."""
@@ -243,7 +274,7 @@ class ServerProcess:
         assert self.proc is not None, "not launched"
         deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
-            if _is_up(self.port, self.http):
+            if _is_up(self.port, self.http, self.tls):
                 return True
             if self.proc.poll() is not None:
                 if "address already in use" in self.log.lower():
@@ -288,6 +319,8 @@ class ServerProcess:
             self._log = None
 
     def __enter__(self: _Process) -> _Process:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # already started (start_paramserver)
         return self.start()
 
     def __exit__(
@@ -321,8 +354,16 @@ class ServerProcess:
         return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
 
 
-def start_paramserver(log_dir: Path, *args: str, **settings: Any) -> ServerProcess:
+def start_paramserver(
+    log_dir: Path,
+    *args: str,
+    tls: ssl.SSLContext | None = None,
+    nofile: int | None = None,
+    **settings: Any,
+) -> ServerProcess:
     """``python -m paramserver serve`` with ``args`` and ``settings``, started and serving;
     its output in ``log_dir``. The kernels are not warmed up unless asked."""
     settings.setdefault("warm_up_kernels", False)
-    return ServerProcess.paramserver(*args, log_dir=log_dir, **settings).start()
+    return ServerProcess.paramserver(
+        *args, log_dir=log_dir, tls=tls, nofile=nofile, **settings
+    ).start()

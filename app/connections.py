@@ -1,0 +1,332 @@
+"""Connection guard: header-read and idle timeouts and a cap on open connections.
+
+uvicorn closes a kept-alive connection that stays silent between two requests (its keep-alive
+timeout), but not one that never finishes its request line and headers: a client that opens
+connections and sends half a header holds a file descriptor each, for ever, and a thousand of
+them lock every other client out. This module adds what servers such as nginx
+(``client_header_timeout``) and hyper (``header_read_timeout``) have:
+
+* **header timeout**: from the moment a connection is accepted (its TLS handshake included), or
+  from the first byte of the next request on a kept-alive connection, the request line and
+  headers must arrive within ``header_timeout``; else the connection is closed (with a 408 when
+  part of a request had arrived);
+* **idle timeout**: uvicorn's keep-alive timeout, between two requests;
+* **connection cap**: at ``max_connections`` open connections a new one first closes the
+  oldest connection that has not finished its headers, then the oldest idle kept-alive one;
+  only when every connection is busy with a request is the new one refused (503, or a reset
+  before a TLS handshake).
+
+The request body is bounded by the app (``request_timeout_seconds``, 408). Everything here runs
+on the event loop; :class:`ConnectionGuard` is per server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from asyncio import sslproto
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from paramserver.codes import ErrorCode, error_json
+
+log = logging.getLogger("paramserver.connections")
+
+#: How often, at most, the guard logs a summary of what it closed or refused.
+REPORT_INTERVAL_SECONDS = 10.0
+
+
+class ConnectionGuard:
+    """Which connections are open and in what state, oldest first, for one server.
+
+    A connection is *waiting* (accepted, or a kept-alive one whose next request started, and
+    its headers not complete), *busy* (a request being read, run or answered) or *idle*
+    (kept alive between requests). Each state keeps insertion order, so the oldest waiting and
+    the oldest idle connection are the first of their dict.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        header_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1; got {max_connections}")
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self._waiting: dict[GuardedConnection, None] = {}
+        self._idle: dict[GuardedConnection, None] = {}
+        self._busy: dict[GuardedConnection, None] = {}
+        self._clock = clock
+        self._counts = {"header_timeouts": 0, "evicted_waiting": 0, "evicted_idle": 0, "refused": 0}
+        self._last_report = clock()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._waiting) + len(self._idle) + len(self._busy)
+
+    def admit(self, connection: GuardedConnection) -> bool:
+        """Make room for a new connection; False when every open connection is busy."""
+        if self.open_connections >= self.max_connections:
+            victim = next(iter(self._waiting), None)
+            kind = "evicted_waiting"
+            if victim is None:
+                victim = next(iter(self._idle), None)
+                kind = "evicted_idle"
+            if victim is None:
+                self._note("refused")
+                return False
+            self.forget(victim)
+            victim.evict()
+            self._note(kind)
+        self._waiting[connection] = None
+        return True
+
+    def waiting(self, connection: GuardedConnection) -> None:
+        self._move(connection, self._waiting)
+
+    def busy(self, connection: GuardedConnection) -> None:
+        self._move(connection, self._busy)
+
+    def idle(self, connection: GuardedConnection) -> None:
+        self._move(connection, self._idle)
+
+    def is_waiting(self, connection: GuardedConnection) -> bool:
+        return connection in self._waiting
+
+    def is_open(self, connection: GuardedConnection) -> bool:
+        return connection in self._waiting or connection in self._idle or connection in self._busy
+
+    def forget(self, connection: GuardedConnection) -> None:
+        for group in (self._waiting, self._idle, self._busy):
+            group.pop(connection, None)
+
+    def header_timed_out(self) -> None:
+        self._note("header_timeouts")
+
+    def _move(self, connection: GuardedConnection, target: dict[GuardedConnection, None]) -> None:
+        if not self.is_open(connection):
+            return  # closed (evicted) meanwhile
+        self.forget(connection)
+        target[connection] = None
+
+    def _note(self, event: str) -> None:
+        self._counts[event] += 1
+        now = self._clock()
+        if now - self._last_report >= REPORT_INTERVAL_SECONDS:
+            self._report(now)
+
+    def _report(self, now: float) -> None:
+        counts, self._counts = self._counts, dict.fromkeys(self._counts, 0)
+        self._last_report = now
+        log.warning(
+            "connection guard (cap %d, %d open): in the last %.0f s closed %d connections whose "
+            "headers took over %g s, closed %d waiting and %d idle connections to make room, "
+            "refused %d new ones (every connection busy)",
+            self.max_connections,
+            self.open_connections,
+            REPORT_INTERVAL_SECONDS,
+            counts["header_timeouts"],
+            self.header_timeout,
+            counts["evicted_waiting"],
+            counts["evicted_idle"],
+            counts["refused"],
+        )
+
+
+def _raw_response(status: int, reason: str, code: ErrorCode, message: str, extra: bytes) -> bytes:
+    body = error_json(code, message)
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n".encode("ascii")
+        + extra
+        + f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n".encode("ascii")
+        + body
+    )
+
+
+class GuardedConnection(HttpToolsProtocol):
+    """uvicorn's httptools protocol, reporting its state to a :class:`ConnectionGuard` and
+    closing itself when its headers are late.
+
+    ``tcp_connected`` runs when the TCP connection is accepted: at once for plain HTTP, and
+    before the TLS handshake (by :class:`GuardedTLSProtocol`) for https, so the handshake
+    counts in the header timeout and in the cap.
+    """
+
+    guard: ConnectionGuard  # set on the subclass made by :func:`protocol_factory`
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._raw_transport: asyncio.BaseTransport | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._request_started = False
+        self._refused = False
+
+    # -- the guard's side ----------------------------------------------------------------------
+
+    def tcp_connected(self, raw_transport: asyncio.BaseTransport) -> bool:
+        """Register with the guard; False when the cap refuses the connection."""
+        self._raw_transport = raw_transport
+        if not self.guard.admit(self):
+            self._refused = True
+            return False
+        self._start_header_timer()
+        return True
+
+    def evict(self) -> None:
+        """Closed by the guard to make room for a new connection."""
+        self._cancel_header_timer()
+        if self._raw_transport is not None:
+            self._raw_transport.abort()  # type: ignore[attr-defined]
+
+    def _start_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._request_started = False
+        self._header_timer = self.loop.call_later(self.guard.header_timeout, self._headers_late)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.guard.is_waiting(self):
+            return
+        self.guard.header_timed_out()
+        self.guard.forget(self)
+        transport = self.transport
+        if self._request_started and transport is not None and not transport.is_closing():
+            # Part of a request arrived: say why before closing, as Apache does.
+            transport.write(
+                _raw_response(
+                    408,
+                    "Request Timeout",
+                    ErrorCode.REQUEST_TIMEOUT,
+                    f"the request line and headers did not arrive within "
+                    f"{self.guard.header_timeout:g} s",
+                    b"",
+                )
+            )
+            transport.close()
+        elif self._raw_transport is not None:
+            self._raw_transport.abort()  # type: ignore[attr-defined]
+
+    def tcp_lost(self) -> None:
+        self._cancel_header_timer()
+        self.guard.forget(self)
+
+    # -- uvicorn's protocol, extended ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self._raw_transport is not None:
+            return  # TLS: registered before the handshake
+        if not self.tcp_connected(transport):
+            transport.write(
+                _raw_response(
+                    503,
+                    "Service Unavailable",
+                    ErrorCode.SERVICE_UNAVAILABLE,
+                    f"the server holds {self.guard.max_connections} connections, all busy; "
+                    "retry later",
+                    b"retry-after: 1\r\n",
+                )
+            )
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tcp_lost()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if not self.guard.is_waiting(self) and self.guard.is_open(self) and self._is_idle():
+            # The next request on a kept-alive connection: its headers are timed from here.
+            self.guard.waiting(self)
+            self._start_header_timer()
+        self._request_started = True
+        super().data_received(data)
+
+    def _is_idle(self) -> bool:
+        return self.cycle is None or (self.cycle.response_complete and not self.pipeline)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        self.guard.busy(self)
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:
+            # Nothing pipelined: idle until the next request (uvicorn's keep-alive timeout).
+            self.guard.idle(self)
+
+
+class GuardedTLSProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS layer, registering its HTTP connection with the guard before the
+    handshake, so that a client that never completes one is timed and capped too."""
+
+    _app: GuardedConnection
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        app_protocol: GuardedConnection,
+        context: ssl.SSLContext,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__(
+            loop,
+            app_protocol,
+            context,
+            None,  # type: ignore[arg-type]  # no waiter: nobody awaits the handshake
+            server_side=True,
+            ssl_handshake_timeout=handshake_timeout,  # type: ignore[arg-type]  # float works
+        )
+        self._app = app_protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._app.tcp_connected(transport):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._app.tcp_lost()
+        super().connection_lost(exc)
+
+
+def protocol_factory(
+    guard: ConnectionGuard, tls: ssl.SSLContext | None
+) -> Callable[..., asyncio.BaseProtocol]:
+    """What uvicorn's ``Config(http=...)`` calls for every accepted connection."""
+    protocol = type("GuardedConnection", (GuardedConnection,), {"guard": guard})
+
+    def create(
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> asyncio.BaseProtocol:
+        connection = protocol(config, server_state, app_state, _loop)
+        if tls is None:
+            return connection
+        return GuardedTLSProtocol(connection.loop, connection, tls, guard.header_timeout)
+
+    return create

@@ -1,0 +1,131 @@
+"""The HTTP server around the app: uvicorn, with the connection guard and TLS.
+
+:func:`http_server` is what ``paramserver serve`` runs and what the tests' in-process servers
+run, so both have the same timeouts, cap and TLS. TLS is Python's ``ssl`` under asyncio's TLS
+layer (:class:`paramserver.server.connections.GuardedTLSProtocol`), built from
+``--ssl-certfile`` / ``--ssl-keyfile`` and, for client certificates, ``--ssl-ca-certs`` with
+``--ssl-client-cert required|optional``.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import ssl
+from typing import Any
+
+import uvicorn
+
+from .connections import ConnectionGuard, protocol_factory
+from .settings import Settings
+
+log = logging.getLogger("paramserver")
+
+#: File descriptors kept out of the connection cap: the listening socket, snapshot and journal
+#: files, log files, numba's caches, the event loop's own.
+RESERVED_FILE_DESCRIPTORS = 64
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for plain HTTP; ValueError names a bad file."""
+    if settings.ssl_certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(settings.ssl_certfile), _optional_path(settings.ssl_keyfile))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"cannot load the certificate {settings.ssl_certfile} "
+            f"(key {settings.ssl_keyfile or 'in the same file'}): {exc}"
+        ) from exc
+    if settings.ssl_ca_certs is not None:
+        try:
+            context.load_verify_locations(cafile=str(settings.ssl_ca_certs))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"cannot load the client CA certificates {settings.ssl_ca_certs}: {exc}"
+            ) from exc
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if settings.ssl_client_cert == "required" else ssl.CERT_OPTIONAL
+        )
+    return context
+
+
+def _optional_path(path: Any) -> str | None:
+    return None if path is None else str(path)
+
+
+def connection_cap(requested: int) -> int:
+    """``requested``, lowered to what the file-descriptor limit allows (raised first to the
+    hard limit, as Go's runtime does), with a warning when lowered."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = requested + RESERVED_FILE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return requested
+    allowed = max(1, soft - RESERVED_FILE_DESCRIPTORS)
+    log.warning(
+        "max_connections %d lowered to %d: the file-descriptor limit is %d (ulimit -n) and %d "
+        "are kept for files; raise the limit to hold more connections",
+        requested,
+        allowed,
+        soft,
+        RESERVED_FILE_DESCRIPTORS,
+    )
+    return allowed
+
+
+def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
+    """A uvicorn server for ``app`` on ``settings.host:settings.port`` with the guard's
+    timeouts and cap and TLS when configured; ``config`` adds uvicorn options (log_level,
+    access_log, port, ...)."""
+    tls = tls_context(settings)
+    guard = ConnectionGuard(
+        max_connections=connection_cap(settings.max_connections),
+        header_timeout=settings.header_timeout_seconds,
+    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": 30,
+        "lifespan": "on",
+        "ws": "none",  # no WebSocket routes: an upgrade request is answered as plain HTTP
+    }
+    options.update(config)
+    uvicorn_config = uvicorn.Config(
+        app,
+        http=protocol_factory(guard, tls),  # type: ignore[arg-type]
+        timeout_keep_alive=settings.idle_timeout_seconds,  # type: ignore[arg-type]
+        **options,
+    )
+    server = uvicorn.Server(uvicorn_config)
+    server.connection_guard = guard  # type: ignore[attr-defined]
+    if tls is not None:
+        log.info(
+            "TLS on%s",
+            ""
+            if settings.ssl_ca_certs is None
+            else f"; client certificates {settings.ssl_client_cert}",
+        )
+    return server
+
+
+def warn_if_tokens_travel_in_clear(settings: Settings, has_tokens: bool) -> None:
+    """Tokens without TLS on a non-loopback address cross the network in clear text."""
+    if has_tokens and settings.ssl_certfile is None and settings.host not in LOOPBACK_HOSTS:
+        log.warning(
+            "tokens are set but TLS is not: on %s every bearer token crosses the network in "
+            "clear text; give --ssl-certfile and --ssl-keyfile (or PARAMSERVER_SSL_CERTFILE / "
+            "PARAMSERVER_SSL_KEYFILE)",
+            settings.host,
+        )

@@ -1,0 +1,288 @@
+"""Header-read and idle timeouts and the connection cap (paramserver.server.connections).
+
+The attack these guard against: connections that never finish their headers, each holding a
+file descriptor, until no client (not even ``/health``) gets in. The servers here run on
+loopback (in a thread with small timeouts, or as a process with a low file-descriptor limit)
+and are driven with raw sockets, so that every byte the attacker sends is ours to choose.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from paramserver.client import Client
+from paramserver.server.connections import ConnectionGuard
+from tests.harness.servers import HOST, ServerThread, start_paramserver
+
+HALF_HEADERS = b"POST /sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+HEALTH = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+
+
+def _port(server: ServerThread) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+def _connect(port: int, first: bytes = b"") -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=10)
+    if first:
+        sock.sendall(first)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One whole HTTP response (Content-Length framed) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response; got {data!r}"
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed in the middle of a body"
+        rest += chunk
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Whether the server closes ``sock`` within ``seconds``, and what it sent before."""
+    sock.settimeout(0.1)
+    received = b""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return True, received
+        if not chunk:
+            return True, received
+        received += chunk
+    return False, received
+
+
+def _is_open(sock: socket.socket) -> bool:
+    closed, _ = _closed_within(sock, 0.3)
+    return not closed
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()
+
+
+# --- timeouts ---------------------------------------------------------------------------------
+
+
+def test_half_sent_headers_are_answered_408_and_closed_at_the_header_timeout(
+    server_factory, sockets
+):
+    port = _port(server_factory(header_timeout_seconds=0.5, idle_timeout_seconds=30))
+    sock = _connect(port, HALF_HEADERS)
+    sockets.append(sock)
+    started = time.monotonic()
+    closed, received = _closed_within(sock, 10)
+    assert closed and time.monotonic() - started < 5
+    assert received.startswith(b"HTTP/1.1 408 ")
+    body = json.loads(received.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "request_timeout"
+    assert "headers did not arrive within 0.5 s" in body["error"]["message"]
+
+
+def test_the_header_timeout_runs_from_the_accept_even_while_bytes_trickle_in(
+    server_factory, sockets
+):
+    port = _port(server_factory(header_timeout_seconds=1.0, idle_timeout_seconds=30))
+    sock = _connect(port)
+    sockets.append(sock)
+    started = time.monotonic()
+    closed = False
+    for byte in (HALF_HEADERS * 10)[:80]:  # one byte every 0.1 s: 8 s of headers
+        try:
+            sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+        time.sleep(0.1)
+        closed, _ = _closed_within(sock, 0.01)
+        if closed:
+            break
+    assert closed, "a connection sending a byte at a time stayed open past its header timeout"
+    assert time.monotonic() - started < 4
+
+
+def test_a_connection_that_sends_nothing_is_closed_at_the_header_timeout(server_factory, sockets):
+    port = _port(server_factory(header_timeout_seconds=0.5, idle_timeout_seconds=30))
+    sock = _connect(port)
+    sockets.append(sock)
+    closed, received = _closed_within(sock, 10)
+    assert closed and received == b""  # no request begun: no answer, only the close
+
+
+def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(server_factory, sockets):
+    port = _port(server_factory(header_timeout_seconds=30, idle_timeout_seconds=0.5))
+    sock = _connect(port, HEALTH)
+    sockets.append(sock)
+    status, _, _ = _read_response(sock)
+    assert status == 200
+    started = time.monotonic()
+    closed, received = _closed_within(sock, 10)
+    assert closed and received == b"" and time.monotonic() - started < 5
+
+
+def test_the_next_request_on_a_kept_alive_connection_gets_its_own_header_timeout(
+    server_factory, sockets
+):
+    port = _port(server_factory(header_timeout_seconds=0.5, idle_timeout_seconds=30))
+    sock = _connect(port, HEALTH)
+    sockets.append(sock)
+    assert _read_response(sock)[0] == 200
+    time.sleep(1.0)  # idle longer than the header timeout: idle connections are not timed by it
+    sock.sendall(HEALTH)
+    assert _read_response(sock)[0] == 200
+    sock.sendall(HALF_HEADERS)  # the next request stalls in its headers
+    closed, received = _closed_within(sock, 10)
+    assert closed and received.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_slow_but_complete_request_is_not_cut_by_the_header_timeout(server_factory, sockets):
+    port = _port(server_factory(header_timeout_seconds=1.0, idle_timeout_seconds=30))
+    sock = _connect(port, HEALTH[:10])
+    sockets.append(sock)
+    time.sleep(0.5)
+    sock.sendall(HEALTH[10:])
+    assert _read_response(sock)[0] == 200
+    time.sleep(1.5)  # past the header timeout, idle: still open
+    assert _is_open(sock)
+
+
+# --- the cap ----------------------------------------------------------------------------------
+
+
+def _busy(port: int) -> socket.socket:
+    """A connection whose headers are complete and whose body has not come: busy."""
+    return _connect(
+        port,
+        b"POST /sessions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n",
+    )
+
+
+def _idle(port: int) -> socket.socket:
+    sock = _connect(port, HEALTH)
+    assert _read_response(sock)[0] == 200
+    return sock
+
+
+def test_at_the_cap_the_oldest_connection_still_sending_headers_is_closed_first(
+    server_factory, sockets
+):
+    port = _port(
+        server_factory(max_connections=3, header_timeout_seconds=60, idle_timeout_seconds=60)
+    )
+    idle = _idle(port)
+    oldest = _connect(port, HALF_HEADERS)
+    newer = _connect(port, HALF_HEADERS)
+    sockets.extend([idle, oldest, newer])
+    time.sleep(0.2)
+    fresh = _connect(port, HEALTH)
+    sockets.append(fresh)
+    assert _read_response(fresh)[0] == 200
+    assert not _is_open(oldest)
+    assert _is_open(newer) and _is_open(idle)
+
+
+def test_at_the_cap_idle_connections_are_closed_before_a_new_one_is_refused(
+    server_factory, sockets
+):
+    port = _port(
+        server_factory(
+            max_connections=2,
+            header_timeout_seconds=60,
+            idle_timeout_seconds=60,
+            request_timeout_seconds=60,
+        )
+    )
+    idle = _idle(port)
+    busy = _busy(port)
+    sockets.extend([idle, busy])
+    time.sleep(0.2)
+    second_busy = _busy(port)  # closes the idle one to make room
+    sockets.append(second_busy)
+    time.sleep(0.2)
+    assert not _is_open(idle)
+    assert _is_open(busy) and _is_open(second_busy)
+    refused = _connect(port, HEALTH)  # every connection busy: refused
+    sockets.append(refused)
+    status, headers, body = _read_response(refused)
+    assert status == 503
+    assert headers["retry-after"] == "1"
+    assert json.loads(body)["error"]["code"] == "service_unavailable"
+    assert _is_open(busy) and _is_open(second_busy)  # busy connections are never evicted
+
+
+def test_half_open_connections_beyond_the_descriptor_limit_leave_health_and_pushes_answered(
+    tmp_path, sockets
+):
+    """The reported attack: more half-open connections than the server has file descriptors
+    (256 here), no token needed; ``/health`` and an authorized push still work."""
+    token = "s3cret-token"
+    with start_paramserver(tmp_path, nofile=256, tokens=token) as srv:
+        assert "max_connections 1000 lowered to 192" in srv.log
+        for _ in range(400):
+            sockets.append(_connect(srv.port, HALF_HEADERS))
+        time.sleep(0.5)
+        health = _connect(srv.port, HEALTH)
+        sockets.append(health)
+        assert _read_response(health)[0] == 200
+        with Client(srv.url, token=token, retries=0) as client:
+            session = client.create_session([np.zeros(4, np.float32)], "sgd")
+            weights = session.push([np.ones(4, np.float32)])
+            np.testing.assert_array_equal(weights[0], np.full(4, -0.01, np.float32))
+        # The oldest attackers were closed to make room; the newest still wait.
+        assert not _is_open(sockets[0])
+        assert _is_open(sockets[399])
+
+
+# --- the guard's bookkeeping, in process ------------------------------------------------------
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self.evicted = False
+
+    def evict(self) -> None:
+        self.evicted = True
+
+
+def test_the_guard_evicts_waiting_then_idle_connections_oldest_first_and_never_busy_ones():
+    guard = ConnectionGuard(max_connections=3, header_timeout=10)
+    a, b, c, d, e, f = (_Connection() for _ in range(6))
+    for conn in (a, b, c):
+        assert guard.admit(conn)  # type: ignore[arg-type]
+    guard.idle(a)  # type: ignore[arg-type]
+    guard.busy(b)  # type: ignore[arg-type]
+    assert guard.admit(d)  # type: ignore[arg-type]  # c: the oldest waiting one
+    assert c.evicted and not a.evicted
+    guard.busy(d)  # type: ignore[arg-type]
+    assert guard.admit(e)  # type: ignore[arg-type]  # no waiting one: a, the oldest idle
+    assert a.evicted
+    guard.busy(e)  # type: ignore[arg-type]
+    assert not guard.admit(f)  # type: ignore[arg-type]  # all busy
+    assert not any(x.evicted for x in (b, d, e, f))
+    assert guard.open_connections == 3
+    guard.forget(b)  # type: ignore[arg-type]
+    assert guard.admit(f)  # type: ignore[arg-type]
