@@ -84,9 +84,10 @@ USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8000
 
-# python, not curl (the slim image has no curl); follows PARAMSERVER_PORT if it is changed.
+# GET /health on loopback (the slim image has no curl): follows PARAMSERVER_PORT, and speaks
+# https when a certificate is mounted and PARAMSERVER_SSL_CERTFILE names it (docs/deployment.md).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PARAMSERVER_PORT', '8000'), timeout=3)"]
+    CMD ["paramserver", "health"]
 
 # Exec form: the server is PID 1 and gets SIGTERM from "docker stop" itself; it then finishes
 # the requests in flight, runs its shutdown (final snapshots) and exits 0.

@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="once the server answers, train a small linear regression through it with the "
         "client library and print the loss as it falls; the server keeps running",
     )
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if the local server answers GET /health (for container health checks)",
+        description="GET /health of the server these PARAMSERVER_* settings describe, on "
+        "loopback (https when PARAMSERVER_SSL_CERTFILE is set; the certificate is not checked: "
+        "it names the server's public address). Exit 0 when it answers 200, else 1.",
+    )
+    health.add_argument(
+        "--cert",
+        default=None,
+        help="a client certificate (PEM with its key) for a server that requires one",
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     return parser
 
 
@@ -149,8 +162,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"paramserver: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    if args.command == "health":
+        return check_health(settings, cert=args.cert, timeout=args.timeout)
     if args.command == "serve":
         serve(settings, demo=args.demo, tokens_in_argv=getattr(args, "tokens", None) is not None)
+    return 0
+
+
+def check_health(settings: Settings, *, cert: str | None, timeout: float) -> int:
+    """0 if the server of ``settings`` answers ``GET /health`` with 200 on loopback, else 1."""
+    import http.client
+    import ssl
+
+    from .demo import local_address
+
+    host = local_address(settings.host)
+    connection: http.client.HTTPConnection
+    if settings.ssl_certfile is None:
+        connection = http.client.HTTPConnection(host, settings.port, timeout=timeout)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # loopback: the certificate names the public host
+        if cert is not None:
+            context.load_cert_chain(cert)
+        connection = http.client.HTTPSConnection(
+            host, settings.port, timeout=timeout, context=context
+        )
+    try:
+        connection.request("GET", "/health")
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"paramserver health: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    if status != 200:
+        print(f"paramserver health: GET /health answered {status}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,10 +20,15 @@ log = logging.getLogger("paramserver.demo")
 STEPS = 300
 
 
+def local_address(host: str) -> str:
+    """Where a process on this machine reaches a server bound to ``host``: a wildcard bind
+    is reached on loopback."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
 def demo_url(host: str, port: int, *, tls: bool = False) -> str:
-    """Where a local worker reaches the server (a wildcard bind is reached on loopback)."""
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
+    """Where a local worker reaches the server."""
+    host = local_address(host)
     if ":" in host:
         host = f"[{host}]"
     return f"{'https' if tls else 'http'}://{host}:{port}"

@@ -14,10 +14,16 @@ in all (newest kept); a replay whose bytes were dropped answers ``{"iterations":
 of the original step), which tells the client the push was applied; the client then pulls the
 weights if it wanted them.
 
+A key remembers the :func:`push_digest` of its push: a repeat whose gradients differ is not a
+retry but a client reusing a key for another push, refused (``idempotency_key_reused``) rather
+than answered with the first push's result. The digest is of the decoded gradients (names,
+dtypes, shapes, bytes), not of the request body, so a retry framed differently still matches.
+
 Snapshots and the journal carry a session's keys across a restart (:meth:`export_session`,
-:meth:`restore`): restored keys keep their iterations and expiry but not the answer's bytes, so
-a retry after a restart gets ``{"iterations": N}``. Restored keys are never refused or dropped
-for the bounds.
+:meth:`restore`): restored keys keep their iterations, digest and expiry but not the answer's
+bytes, so a retry after a restart gets ``{"iterations": N}``. Keys restored from a snapshot of
+format 2 or older have no digest and match any push. Restored keys are never refused or
+dropped for the bounds.
 """
 
 from __future__ import annotations
@@ -26,9 +32,13 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["IdempotencyCache", "KeysExhausted", "Remembered", "check_key"]
+import numpy as np
+import xxhash
+
+__all__ = ["IdempotencyCache", "KeysExhausted", "Remembered", "check_key", "push_digest"]
 
 _MAX_KEY_LENGTH = 255
 
@@ -38,11 +48,27 @@ def check_key(key: str) -> bool:
     return 0 < len(key) <= _MAX_KEY_LENGTH and key.isascii() and key.isprintable()
 
 
+def push_digest(gradients: Mapping[str, np.ndarray]) -> bytes:
+    """A 16-byte xxh3-128 digest of a decoded push: every tensor's name, dtype, shape and
+    bytes, in name order. Not a cryptographic hash: it tells a retry from another push of the
+    same client, which chose the key (~0.06 ms for 4 MB)."""
+    digest = xxhash.xxh3_128()
+    for name in sorted(gradients):
+        array = np.ascontiguousarray(gradients[name])
+        digest.update(f"{len(name)}:{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.digest()
+
+
 @dataclass(slots=True)
 class Remembered:
     iterations: int
     body: bytes | None
     expires: float
+    digest: bytes | None = None  # None: restored from a snapshot of format <= 2
+
+    def matches(self, digest: bytes) -> bool:
+        return self.digest is None or self.digest == digest
 
 
 class KeysExhausted(Exception):
@@ -127,7 +153,14 @@ class IdempotencyCache:
                 retry_after=max(1.0, math.ceil(soonest - now)),
             )
 
-    def remember(self, session_id: str, key: str, iterations: int, body: bytes | None) -> None:
+    def remember(
+        self,
+        session_id: str,
+        key: str,
+        iterations: int,
+        body: bytes | None,
+        digest: bytes | None = None,
+    ) -> None:
         """Remember a key whose push was applied (after :meth:`check_room` said yes)."""
         if not self.enabled:
             return
@@ -135,14 +168,21 @@ class IdempotencyCache:
         with self._lock:
             self._drop(session_id, key)
             keep = body if body is not None and len(body) <= self.max_body_bytes else None
-            entry = Remembered(iterations, keep, now + self.window)
+            entry = Remembered(iterations, keep, now + self.window, digest)
             self._add(session_id, key, entry)
             if keep is not None:
                 self._body_bytes += len(keep)
                 self._with_body.append(entry)
             self._shrink_bodies()
 
-    def restore(self, session_id: str, key: str, iterations: int, expires_at: float) -> None:
+    def restore(
+        self,
+        session_id: str,
+        key: str,
+        iterations: int,
+        expires_at: float,
+        digest: bytes | None = None,
+    ) -> None:
         """Remember a key from a snapshot or the journal; ``expires_at`` is unix time."""
         if not self.enabled:
             return
@@ -154,10 +194,11 @@ class IdempotencyCache:
             self._drop(session_id, key)
             # Appended like a new key although it may expire sooner: get() checks the expiry
             # of each key, and _expire() drops it once the keys before it are gone.
-            self._add(session_id, key, Remembered(iterations, None, now + left))
+            self._add(session_id, key, Remembered(iterations, None, now + left, digest))
 
-    def export_session(self, session_id: str) -> list[tuple[str, int, float]]:
-        """``(key, iterations, expires_at)`` of the session's live keys, unix time.
+    def export_session(self, session_id: str) -> list[tuple[str, int, float, str | None]]:
+        """``(key, iterations, expires_at, digest)`` of the session's live keys: unix time,
+        the digest in hex (None for a key restored without one).
 
         Call under the session's lock, so that the keys match the state saved with them.
         """
@@ -165,7 +206,11 @@ class IdempotencyCache:
         wall = time.time()
         with self._lock:
             entries = list(self._sessions.get(session_id, {}).items())
-        return [(k, e.iterations, wall + e.expires - now) for k, e in entries if e.expires > now]
+        return [
+            (k, e.iterations, wall + e.expires - now, None if e.digest is None else e.digest.hex())
+            for k, e in entries
+            if e.expires > now
+        ]
 
     def forget_session(self, session_id: str) -> None:
         with self._lock:

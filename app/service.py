@@ -32,7 +32,7 @@ from paramserver.messages import (
 )
 
 from .errors import InvalidRequest, ServiceError, ServiceUnavailable, SessionNotFound
-from .idempotency import IdempotencyCache, KeysExhausted
+from .idempotency import IdempotencyCache, KeysExhausted, push_digest
 from .optim import GradientError, StateError
 from .persistence import Durability, Journal, SnapshotInfo
 from .protocol import decode_limits
@@ -146,6 +146,7 @@ class SessionService:
         is applied and the first answer is returned again.
         """
         grads = _decoded(decode_push, body, self.limits)
+        digest = None if idempotency_key is None else push_digest(grads)
         journal = self.journal
         lsn = 0
         if not session.persisted.is_set():
@@ -164,9 +165,16 @@ class SessionService:
                 # A failed journal acknowledges nothing, replays included: the first answer of
                 # a replayed key may be one whose fsync failed.
                 journal.check()
-            if idempotency_key is not None:
+            if idempotency_key is not None and digest is not None:
                 seen = self.idempotency.get(session.id, idempotency_key)
                 if seen is not None:
+                    if not seen.matches(digest):
+                        raise InvalidRequest(
+                            f"Idempotency-Key {idempotency_key!r} was used on session "
+                            f"{session.id!r} by an earlier push with other gradients (applied "
+                            f"as step {seen.iterations}); a new push needs a new key",
+                            code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
+                        )
                     if seen.body is not None:
                         return seen.body, True
                     return encode_weights(seen.iterations, None), True
@@ -202,6 +210,7 @@ class SessionService:
                         body=body,
                         iterations=trainer.iterations + (0 if trainer.refuse_non_finite else 1),
                         key=idempotency_key,
+                        digest=None if digest is None else digest.hex(),
                         time=time.time(),
                     )
                 except BaseException:
@@ -215,7 +224,9 @@ class SessionService:
                 trainer.iterations, trainer.weights() if return_weights else None
             )
             if idempotency_key is not None:
-                self.idempotency.remember(session.id, idempotency_key, trainer.iterations, answer)
+                self.idempotency.remember(
+                    session.id, idempotency_key, trainer.iterations, answer, digest
+                )
         if journal is not None:
             journal.commit(lsn)  # outside the lock: one fsync serves pushes of many sessions
         return answer, False

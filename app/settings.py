@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     idempotency_max_keys: int = Field(
         2_000_000,
         ge=0,
-        description="Most live Idempotency-Keys across all sessions (about 280 bytes each); "
+        description="Most live Idempotency-Keys across all sessions (about 340 bytes each); "
         "at the bound new keyed pushes get 503 with Retry-After, no live key is evicted.",
     )
     idempotency_max_keys_per_session: int = Field(

@@ -61,6 +61,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_WEIGHTS = "invalid_weights"
     INVALID_SESSION_ID = "invalid_session_id"
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     TENSORFLOW_NOT_INSTALLED = "tensorflow_not_installed"
     # 500
     INTERNAL_ERROR = "internal_error"
@@ -107,6 +108,7 @@ STATUS: dict[ErrorCode, int] = {
     _C.INVALID_WEIGHTS: 422,
     _C.INVALID_SESSION_ID: 422,
     _C.INVALID_IDEMPOTENCY_KEY: 422,
+    _C.IDEMPOTENCY_KEY_REUSED: 422,
     _C.TENSORFLOW_NOT_INSTALLED: 422,
     _C.INTERNAL_ERROR: 500,
     _C.SERVICE_UNAVAILABLE: 503,

@@ -14,7 +14,10 @@ Layout: ``<snapshot_dir>/journal/<first_lsn>.wal`` segments (20-digit names), ea
     lsn     u64   log sequence number, increasing across all sessions and segments
     payload       msgpack map: op ("create" | "push" | "state" | "delete"), session,
                   and per op: body (bin: the state or the push's request body), iterations
-                  (after a push), key (the push's Idempotency-Key), time (unix seconds)
+                  (after a push), key (the push's Idempotency-Key), digest (hex of the
+                  key's push digest, see paramserver.server.idempotency; absent in records
+                  of paramserver 0.1, whose digest replay computes from the body),
+                  time (unix seconds)
 
 All integers are big-endian. Records are written with one ``writev`` under the journal's
 lock; ``commit(lsn)`` makes them durable before an answer goes out: "always" fsyncs (one fsync
@@ -108,6 +111,7 @@ class Record:
     time: float | None
     segment: Path
     offset: int
+    digest: bytes | None = None
 
     @property
     def where(self) -> str:
@@ -488,6 +492,8 @@ def _decode(payload: memoryview, lsn: int, path: Path, offset: int) -> Record:
     iterations = obj.get("iterations")
     key = obj.get("key")
     time = obj.get("time")
+    digest_hex = obj.get("digest")
+    digest = _digest(digest_hex)
     if (
         not isinstance(session_id, str)
         or not (body is None or isinstance(body, memoryview))
@@ -496,6 +502,17 @@ def _decode(payload: memoryview, lsn: int, path: Path, offset: int) -> Record:
         or not (time is None or isinstance(time, (int, float)))
         or (obj["op"] != "delete" and body is None)
         or (obj["op"] == "push" and iterations is None)
+        or (digest_hex is not None and digest is None)
     ):
         raise CorruptJournal(f"{where}: a {obj['op']!r} record with missing or wrong fields")
-    return Record(lsn, obj["op"], session_id, body, iterations, key, time, path, offset)
+    return Record(lsn, obj["op"], session_id, body, iterations, key, time, path, offset, digest)
+
+
+def _digest(value: object) -> bytes | None:
+    """A push digest from its hex form (32 hex digits), or None if it is not one."""
+    if not isinstance(value, str) or len(value) != 32:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None

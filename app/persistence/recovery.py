@@ -28,7 +28,7 @@ from paramserver.codes import MessageError
 from paramserver.messages import ANSWER_LIMITS, decode_push, decode_state
 
 from ..errors import ServiceError
-from ..idempotency import IdempotencyCache
+from ..idempotency import IdempotencyCache, push_digest
 from ..optim import GradientError, StateError
 from ..sessions import Session, SessionStore
 from ..training import Trainer, restore_trainer
@@ -130,8 +130,11 @@ def load_snapshots(
                 ) from None
             session.created_at = _parse_time(header.get("session_created_at")) or session.created_at
             session.updated_at = _parse_time(header.get("session_updated_at")) or session.updated_at
-            for key, iterations, expires_at in header.get("idempotency", []):
-                idempotency.restore(session_id, key, iterations, expires_at)
+            for entry in header.get("idempotency", []):
+                # (key, iterations, expires_at[, digest hex]): format 3 adds the digest
+                key, iterations, expires_at = entry[:3]
+                digest = bytes.fromhex(entry[3]) if len(entry) > 3 and entry[3] else None
+                idempotency.restore(session_id, key, iterations, expires_at, digest)
             lsn = header.get("lsn", 0)
             loaded[session_id] = Loaded(session, snapshot, int(lsn), fallback=index > 0)
             break
@@ -215,9 +218,16 @@ class _Replay:
     def _push(self, record: Record) -> None:
         sid = record.session_id
         assert record.body is not None and record.iterations is not None
+        gradients = None
         if record.key is not None and record.time is not None:
+            digest = record.digest
+            if digest is None:  # a record of paramserver 0.1: the digest of its body
+                gradients = decode_push(_buffer(record.body), TRUSTED_LIMITS)
+                digest = push_digest(gradients)
             window = self.idempotency.window
-            self.idempotency.restore(sid, record.key, record.iterations, record.time + window)
+            self.idempotency.restore(
+                sid, record.key, record.iterations, record.time + window, digest
+            )
         session = self.store.find(sid)
         if session is None:
             # A push can reach the journal just before its session's create record; the create
@@ -244,7 +254,9 @@ class _Replay:
             raise RecoveryError(
                 f"{message}; refusing to start. See docs/durability.md, 'Recovery by hand'."
             )
-        trainer.apply(trainer.check_gradients(decode_push(_buffer(record.body), TRUSTED_LIMITS)))
+        if gradients is None:
+            gradients = decode_push(_buffer(record.body), TRUSTED_LIMITS)
+        trainer.apply(trainer.check_gradients(gradients))
         if record.time is not None:
             session.updated_at = datetime.fromtimestamp(record.time, timezone.utc)
         self.result.pending.setdefault(sid, record.lsn)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgpack
 import numpy as np
 import pytest
 
@@ -77,15 +78,69 @@ def test_same_key_twice_applies_once_and_replays_the_body(
     np.testing.assert_array_equal(w, np.full(4, -LR))
 
 
-def test_a_replay_ignores_the_second_body(base_url: str, http: httpx.Client) -> None:
-    """The key names the push: a retry with other gradients or options still applies nothing."""
+def test_the_same_key_with_other_gradients_is_refused_and_applies_nothing(
+    base_url: str, http: httpx.Client
+) -> None:
+    """A key names one push: the same key with other gradients is a client bug, not a
+    retry. It is refused (422 ``idempotency_key_reused``) instead of answered with the first
+    push's result, and the session does not move."""
     sid = new_id()
     create(base_url, sid)
     first = push(http, base_url, sid, "key-1", 1.0)
-    second = push(http, base_url, sid, "key-1", 8.0, return_weights=False)
-    assert second.headers[REPLAYED] == "true"
-    assert second.content == first.content
+    assert first.status_code == 200
+    second = push(http, base_url, sid, "key-1", 8.0)
+    assert second.status_code == 422, second.text
+    error = second.json()["error"]
+    assert error["code"] == "idempotency_key_reused"
+    assert "'key-1'" in error["message"] and "step 1" in error["message"]
     assert pulled(base_url, sid)[0] == 1
+    again = push(http, base_url, sid, "key-1", 1.0)  # the real retry still replays
+    assert again.headers[REPLAYED] == "true" and again.content == first.content
+
+
+def test_a_retry_matches_its_key_whatever_the_framing_or_options(
+    base_url: str, http: httpx.Client
+) -> None:
+    """The digest is of the decoded push, not of its bytes: a retry whose msgpack is framed
+    differently (map order, bin width) or that asks for no weights still replays."""
+    sid = new_id()
+    create(base_url, sid)
+    data = np.ones(4, np.float64).tobytes()
+    compact = msgpack.packb({"gradients": {"w": {"dtype": "float64", "shape": [4], "data": data}}})
+    reordered = msgpack.packb(
+        {"gradients": {"w": {"data": data, "shape": [4], "dtype": "float64"}}}
+    )
+    bin8 = b"\xc4\x20" + data
+    assert reordered.count(bin8) == 1
+    reordered = reordered.replace(bin8, b"\xc6\x00\x00\x00\x20" + data)  # as bin 32
+    assert compact != reordered
+    url = f"{base_url}/sessions/{sid}/gradients"
+    headers = {"content-type": "application/msgpack", "idempotency-key": "framed"}
+    first = http.post(url, content=compact, headers=headers)
+    assert first.status_code == 200, first.text
+    second = http.post(url, content=reordered, headers=headers, params={"return_weights": "false"})
+    assert second.status_code == 200, second.text
+    assert second.headers[REPLAYED] == "true"
+    assert pulled(base_url, sid)[0] == 1
+
+
+def test_a_key_reused_for_a_push_of_another_shape_or_dtype_is_refused(
+    base_url: str, http: httpx.Client
+) -> None:
+    sid = new_id()
+    create_session(base_url, SGD, {"w": np.zeros(4, np.float32)}, session_id=sid)
+    url = f"{base_url}/sessions/{sid}/gradients"
+    headers = {"content-type": "application/msgpack", "idempotency-key": "k"}
+    zeros4 = bytes(16)
+
+    def body(dtype: str, shape: list[int]) -> bytes:
+        return msgpack.packb({"gradients": {"w": {"dtype": dtype, "shape": shape, "data": zeros4}}})
+
+    assert http.post(url, content=body("float32", [4]), headers=headers).status_code == 200
+    for dtype, shape in (("float32", [2, 2]), ("float64", [2]), ("float16", [8])):
+        answer = http.post(url, content=body(dtype, shape), headers=headers)
+        assert answer.status_code == 422
+        assert answer.json()["error"]["code"] == "idempotency_key_reused"
 
 
 def test_different_keys_apply_two_steps(base_url: str, http: httpx.Client) -> None:
@@ -121,7 +176,7 @@ def test_the_same_key_on_another_session_is_independent(base_url: str, http: htt
     assert pulled(base_url, two)[0] == 1
     np.testing.assert_array_equal(pulled(base_url, two)[1], np.full(4, -LR * 2.0))
     assert push(http, base_url, one, "shared-key").content == r1.content
-    assert push(http, base_url, two, "shared-key").content == r2.content
+    assert push(http, base_url, two, "shared-key", 2.0).content == r2.content
 
 
 def test_racing_pushes_with_one_key_apply_once(base_url: str, http: httpx.Client) -> None:

@@ -5,8 +5,11 @@ by trustme and servers run as processes on loopback."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,3 +230,46 @@ def test_a_key_or_ca_file_without_a_certificate_is_refused(tmp_path):
     assert server.wait_exit() == 2
     assert "need ssl_certfile" in server.log
     server.stop()
+
+
+def _health(server: ServerProcess, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``paramserver health`` with the server's settings in the environment, as in a container."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVER_")}
+    environment.update(PARAMSERVER_PORT=str(server.port), **env)
+    return subprocess.run(
+        [sys.executable, "-m", "paramserver", "health", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_health_command_checks_plain_and_tls_servers(
+    tls_server: ServerProcess, certs: Certificates, tmp_path
+):
+    tls_env = {"PARAMSERVER_SSL_CERTFILE": str(certs.server_cert)}
+    assert _health(tls_server, **tls_env).returncode == 0
+    assert _health(tls_server).returncode == 1  # plain http to a TLS port
+    with ServerProcess.paramserver(log_dir=tmp_path, warm_up_kernels=False) as plain:
+        assert _health(plain).returncode == 0
+        port = plain.port
+    nothing = _health(plain)
+    assert nothing.returncode == 1 and "refused" in nothing.stderr.lower(), (port, nothing)
+
+
+def test_the_health_command_presents_a_client_certificate_when_one_is_required(
+    certs: Certificates, tmp_path
+):
+    server = start_paramserver(
+        tmp_path,
+        tls=certs.client_context(certs.client_pem),
+        ssl_ca_certs=str(certs.ca_pem),
+        **certs.server_options(),
+    )
+    try:
+        env = {"PARAMSERVER_SSL_CERTFILE": str(certs.server_cert)}
+        assert _health(server, "--cert", str(certs.client_pem), **env).returncode == 0
+        assert _health(server, **env).returncode == 1
+    finally:
+        server.stop()
