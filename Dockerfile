@@ -78,11 +78,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     NUMBA_CACHE_DIR=/tmp/numba-cache \
     PARAMSERVER_HOST=0.0.0.0 \
-    PARAMSERVER_PORT=8000
+    PARAMSERVER_PORT=8000 \
+    PARAMSERVER_DATA_PLANE_PORT=8001
 
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+# 8000: the REST API; 8001: the data plane (push and pull at wire speed, docs/protocol.md).
+EXPOSE 8000 8001
 
 # GET /health on loopback (the slim image has no curl): follows PARAMSERVER_PORT, and speaks
 # https when a certificate is mounted and PARAMSERVER_SSL_CERTFILE names it (docs/deployment.md).

@@ -94,8 +94,14 @@ class AuthMiddleware:
         self.tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] == "lifespan" or (scope["type"] == "http" and scope["path"] in OPEN_PATHS):
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            # No route takes another scope (the server runs without WebSockets); whatever
+            # the transport, nothing reaches the app unauthenticated.
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
             return
         token = None
         for name, value in scope["headers"]:

@@ -28,7 +28,7 @@ import ssl
 import time
 from asyncio import sslproto
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -40,6 +40,12 @@ log = logging.getLogger("paramserver.connections")
 
 #: How often, at most, the guard logs a summary of what it closed or refused.
 REPORT_INTERVAL_SECONDS = 10.0
+
+
+class Evictable(Protocol):
+    """What the guard tracks: a connection it can close to make room."""
+
+    def evict(self) -> None: ...
 
 
 class ConnectionGuard:
@@ -62,9 +68,9 @@ class ConnectionGuard:
             raise ValueError(f"max_connections must be >= 1; got {max_connections}")
         self.max_connections = max_connections
         self.header_timeout = header_timeout
-        self._waiting: dict[GuardedConnection, None] = {}
-        self._idle: dict[GuardedConnection, None] = {}
-        self._busy: dict[GuardedConnection, None] = {}
+        self._waiting: dict[Evictable, None] = {}
+        self._idle: dict[Evictable, None] = {}
+        self._busy: dict[Evictable, None] = {}
         self._clock = clock
         self._counts = {"header_timeouts": 0, "evicted_waiting": 0, "evicted_idle": 0, "refused": 0}
         self._last_report = clock()
@@ -73,7 +79,7 @@ class ConnectionGuard:
     def open_connections(self) -> int:
         return len(self._waiting) + len(self._idle) + len(self._busy)
 
-    def admit(self, connection: GuardedConnection) -> bool:
+    def admit(self, connection: Evictable) -> bool:
         """Make room for a new connection; False when every open connection is busy."""
         if self.open_connections >= self.max_connections:
             victim = next(iter(self._waiting), None)
@@ -90,29 +96,29 @@ class ConnectionGuard:
         self._waiting[connection] = None
         return True
 
-    def waiting(self, connection: GuardedConnection) -> None:
+    def waiting(self, connection: Evictable) -> None:
         self._move(connection, self._waiting)
 
-    def busy(self, connection: GuardedConnection) -> None:
+    def busy(self, connection: Evictable) -> None:
         self._move(connection, self._busy)
 
-    def idle(self, connection: GuardedConnection) -> None:
+    def idle(self, connection: Evictable) -> None:
         self._move(connection, self._idle)
 
-    def is_waiting(self, connection: GuardedConnection) -> bool:
+    def is_waiting(self, connection: Evictable) -> bool:
         return connection in self._waiting
 
-    def is_open(self, connection: GuardedConnection) -> bool:
+    def is_open(self, connection: Evictable) -> bool:
         return connection in self._waiting or connection in self._idle or connection in self._busy
 
-    def forget(self, connection: GuardedConnection) -> None:
+    def forget(self, connection: Evictable) -> None:
         for group in (self._waiting, self._idle, self._busy):
             group.pop(connection, None)
 
     def header_timed_out(self) -> None:
         self._note("header_timeouts")
 
-    def _move(self, connection: GuardedConnection, target: dict[GuardedConnection, None]) -> None:
+    def _move(self, connection: Evictable, target: dict[Evictable, None]) -> None:
         if not self.is_open(connection):
             return  # closed (evicted) meanwhile
         self.forget(connection)

@@ -56,7 +56,7 @@ def push_digest(gradients: Mapping[str, np.ndarray]) -> bytes:
     for name in sorted(gradients):
         array = np.ascontiguousarray(gradients[name])
         digest.update(f"{len(name)}:{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.data.cast("B"))
     return digest.digest()
 
 

@@ -21,11 +21,12 @@ from .api import health, sessions
 from .api.schemas import CreateSessionRequest
 from .auth import AuthMiddleware, load_tokens
 from .backpressure import ConcurrencyLimitMiddleware
+from .dataplane import DataPlane
 from .errors import install_error_handlers
 from .optim import default_backend
 from .persistence import Durability, FinalSnapshotsFailed
 from .service import SessionService
-from .serving import LOOPBACK_HOSTS, warn_if_tokens_travel_in_clear
+from .serving import LOOPBACK_HOSTS, connection_caps, tls_context, warn_if_tokens_travel_in_clear
 from .sessions import SessionStore
 from .settings import Settings
 
@@ -42,6 +43,7 @@ new weights back. Arrays travel as `{dtype, shape, data}` maps with little-endia
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     tokens = load_tokens(settings.tokens, settings.tokens_file)
+    caps = connection_caps(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,6 +72,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 warm_up = getattr(backend, "warm_up", None)
                 if warm_up is not None:
                     await run_in_threadpool(warm_up)
+            address = settings.data_plane_address()
+            if address is not None:
+                plane = DataPlane(
+                    service, settings, tokens, tls_context(settings), max_connections=caps[1]
+                )
+                try:
+                    plane.start(*address)
+                except OSError as exc:
+                    log.critical("cannot start the data plane on %s:%d: %s", *address, exc)
+                    raise
+                app.state.data_plane = plane
             log.info("paramserver %s ready (kernels: %s)", __version__, default_backend().name)
             if durability is not None:
                 periodic = asyncio.create_task(
@@ -77,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             yield
         finally:
+            plane = app.state.data_plane
+            if plane is not None:
+                await run_in_threadpool(plane.stop)
             if durability is not None:
                 stop.set()
                 if periodic is not None:
@@ -98,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.shutdown_failed = False
+    app.state.connection_caps = caps
+    app.state.data_plane = None
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(sessions.router)

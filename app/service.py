@@ -17,7 +17,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
 
 from paramserver import wire
 from paramserver.codes import ErrorCode, MessageError
@@ -54,6 +57,17 @@ def _decoded(decode: Callable[..., T], *args: Any) -> T:
         return decode(*args)
     except MessageError as exc:
         raise ServiceError.of(exc) from None
+
+
+@dataclass(frozen=True)
+class PushOutcome(Generic[T]):
+    """What :meth:`SessionService.push_gradients` did: the transport's ``value`` built after
+    the step at ``iterations``, or, for a replayed key, the ``remembered`` answer (if kept)."""
+
+    value: T | None
+    iterations: int
+    replayed: bool
+    remembered: bytes | None
 
 
 class IterationsExhausted(ServiceError):
@@ -146,6 +160,45 @@ class SessionService:
         is applied and the first answer is returned again.
         """
         grads = _decoded(decode_push, body, self.limits)
+
+        def answer(trainer: Trainer) -> bytes:
+            return encode_weights(trainer.iterations, trainer.weights() if return_weights else None)
+
+        outcome = self.push_gradients(
+            session,
+            grads,
+            journal_body=lambda: body,
+            idempotency_key=idempotency_key,
+            answer=answer,
+            remember=lambda encoded: encoded,
+        )
+        if outcome.replayed:
+            if outcome.remembered is not None:
+                return outcome.remembered, True
+            return encode_weights(outcome.iterations, None), True
+        assert outcome.value is not None
+        return outcome.value, False
+
+    def push_gradients(
+        self,
+        session: Session,
+        grads: dict[str, np.ndarray],
+        *,
+        journal_body: Callable[[], bytes | bytearray | memoryview],
+        idempotency_key: str | None,
+        answer: Callable[[Trainer], T],
+        remember: Callable[[T], bytes | None],
+        wait: float | None = None,
+    ) -> PushOutcome[T]:
+        """One step of decoded gradients, for every transport: checks, idempotency, journal.
+
+        ``answer(trainer)`` runs under the session's lock right after the step and builds what
+        the transport sends (it may copy the weights, never keep references to them);
+        ``remember(answer)`` is the answer's bytes kept for a replay of the key (None: a replay
+        answers the iterations alone). ``journal_body()`` is the push as a msgpack body, asked
+        only in journal mode. ``wait`` bounds the wait for the session's lock (503
+        ``session_busy`` past it); the HTTP layer queues requests before that instead.
+        """
         digest = None if idempotency_key is None else push_digest(grads)
         journal = self.journal
         lsn = 0
@@ -158,7 +211,7 @@ class SessionService:
                     code=ErrorCode.SESSION_BUSY,
                     headers={"Retry-After": "1"},
                 )
-        with session.locked() as trainer:
+        with session.locked(wait) as trainer:
             if session.deleted:  # deleted while this push waited for the lock
                 raise SessionNotFound(f"no session {session.id!r}")
             if journal is not None:
@@ -175,9 +228,7 @@ class SessionService:
                             f"as step {seen.iterations}); a new push needs a new key",
                             code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
                         )
-                    if seen.body is not None:
-                        return seen.body, True
-                    return encode_weights(seen.iterations, None), True
+                    return PushOutcome(None, seen.iterations, True, seen.body)
                 try:
                     self.idempotency.check_room(session.id)
                 except KeysExhausted as exc:
@@ -207,7 +258,7 @@ class SessionService:
                     lsn = journal.append(
                         "push",
                         session.id,
-                        body=body,
+                        body=journal_body(),
                         iterations=trainer.iterations + (0 if trainer.refuse_non_finite else 1),
                         key=idempotency_key,
                         digest=None if digest is None else digest.hex(),
@@ -220,16 +271,24 @@ class SessionService:
             if not trainer.refuse_non_finite:
                 trainer.apply(prepared)
             session.touch()
-            answer = encode_weights(
-                trainer.iterations, trainer.weights() if return_weights else None
-            )
+            value = answer(trainer)
+            iterations = trainer.iterations
             if idempotency_key is not None:
                 self.idempotency.remember(
-                    session.id, idempotency_key, trainer.iterations, answer, digest
+                    session.id, idempotency_key, iterations, remember(value), digest
                 )
         if journal is not None:
             journal.commit(lsn)  # outside the lock: one fsync serves pushes of many sessions
-        return answer, False
+        return PushOutcome(value, iterations, False, None)
+
+    def read_weights(
+        self, session: Session, answer: Callable[[Trainer], T], *, wait: float | None = None
+    ) -> T:
+        """``answer(trainer)`` under the session's lock: a consistent view of the weights."""
+        with session.locked(wait) as trainer:
+            if session.deleted:
+                raise SessionNotFound(f"no session {session.id!r}")
+            return answer(trainer)
 
     def weights(self, session: Session) -> bytes:
         with session.locked() as trainer:

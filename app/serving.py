@@ -58,6 +58,19 @@ def _optional_path(path: Any) -> str | None:
     return None if path is None else str(path)
 
 
+def connection_caps(settings: Settings) -> tuple[int, int]:
+    """The HTTP and data-plane connection caps: ``max_connections`` and
+    ``data_plane_max_connections`` (0 without a data plane), lowered together to what the
+    file-descriptor limit allows."""
+    http = settings.max_connections
+    plane = settings.data_plane_max_connections if settings.data_plane else 0
+    allowed = connection_cap(http + plane)
+    if allowed >= http + plane:
+        return http, plane
+    plane_share = 0 if plane == 0 else max(1, allowed * plane // (http + plane))
+    return max(1, allowed - plane_share), plane_share
+
+
 def connection_cap(requested: int) -> int:
     """``requested``, lowered to what the file-descriptor limit allows (raised first to the
     hard limit, as Go's runtime does), with a warning when lowered."""
@@ -74,8 +87,9 @@ def connection_cap(requested: int) -> int:
         return requested
     allowed = max(1, soft - RESERVED_FILE_DESCRIPTORS)
     log.warning(
-        "max_connections %d lowered to %d: the file-descriptor limit is %d (ulimit -n) and %d "
-        "are kept for files; raise the limit to hold more connections",
+        "connections (max_connections plus data_plane_max_connections) %d lowered to %d: the "
+        "file-descriptor limit is %d (ulimit -n) and %d are kept for files; raise the limit "
+        "to hold more connections",
         requested,
         allowed,
         soft,
@@ -89,9 +103,10 @@ def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
     timeouts and cap and TLS when configured; ``config`` adds uvicorn options (log_level,
     access_log, port, ...)."""
     tls = tls_context(settings)
+    caps = getattr(getattr(app, "state", None), "connection_caps", None)
+    http_cap = (caps or connection_caps(settings))[0]
     guard = ConnectionGuard(
-        max_connections=connection_cap(settings.max_connections),
-        header_timeout=settings.header_timeout_seconds,
+        max_connections=http_cap, header_timeout=settings.header_timeout_seconds
     )
     options: dict[str, Any] = {
         "host": settings.host,

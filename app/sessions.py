@@ -18,7 +18,13 @@ from typing import Any
 
 from paramserver.codes import SESSION_ID_RULE, ErrorCode, is_session_id
 
-from .errors import InsufficientStorage, InvalidRequest, SessionExists, SessionNotFound
+from .errors import (
+    InsufficientStorage,
+    InvalidRequest,
+    ServiceUnavailable,
+    SessionExists,
+    SessionNotFound,
+)
 from .training import Trainer
 
 __all__ = ["Session", "SessionStore", "check_session_id"]
@@ -56,10 +62,21 @@ class Session:
         self.persisted.set()
 
     @contextmanager
-    def locked(self) -> Iterator[Trainer]:
-        """Hold the session's lock; yields the current trainer."""
-        with self.lock:
+    def locked(self, wait: float | None = None) -> Iterator[Trainer]:
+        """Hold the session's lock; yields the current trainer. With ``wait``, a lock not
+        free within that many seconds is 503 ``session_busy`` (nothing done)."""
+        if wait is None:
+            self.lock.acquire()
+        elif not self.lock.acquire(timeout=wait):
+            raise ServiceUnavailable(
+                f"session {self.id!r} stayed busy for {wait:g} s; retry",
+                code=ErrorCode.SESSION_BUSY,
+                headers={"Retry-After": "1"},
+            )
+        try:
             yield self.trainer
+        finally:
+            self.lock.release()
 
     def touch(self) -> None:
         self.updated_at = _now()

@@ -80,6 +80,25 @@ class Settings(BaseSettings):
         "is refused (503). Lowered to fit the file-descriptor limit.",
     )
 
+    data_plane: bool = Field(
+        True,
+        description="Serve push and pull on a TCP port of their own too (the data plane, "
+        "docs/protocol.md): the client uses it when it can, at about the speed of the wire.",
+    )
+    data_plane_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="The data plane's port; unset: the HTTP port + 1 (any free port when "
+        "the HTTP port is 0). GET /data-plane announces it.",
+    )
+    data_plane_max_connections: int = Field(
+        256,
+        ge=1,
+        description="Most open data-plane connections (a thread each); at the cap as for "
+        "max_connections.",
+    )
+
     ssl_certfile: Path | None = Field(
         None, description="Serve https with this PEM certificate (chain); off if unset."
     )
@@ -159,6 +178,14 @@ class Settings(BaseSettings):
     warm_up_kernels: bool = Field(
         True, description="Compile the numba kernels at start-up instead of on first use."
     )
+
+    def data_plane_address(self) -> tuple[str, int] | None:
+        """Where the data plane listens, or None when it is off."""
+        if not self.data_plane:
+            return None
+        if self.data_plane_port is not None:
+            return self.host, self.data_plane_port
+        return self.host, 0 if self.port == 0 else self.port + 1
 
     @model_validator(mode="after")
     def _tls_needs_a_certificate(self) -> Settings:

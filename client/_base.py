@@ -42,7 +42,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar, cast
 from urllib.parse import quote
@@ -50,7 +50,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from paramserver import messages, optimizers, wire
+from paramserver import frames, messages, optimizers, wire
 from paramserver.messages import ANSWER_LIMITS, SessionState
 
 from . import errors
@@ -196,12 +196,34 @@ class BodyBuffer:
         return self._buf
 
 
+@dataclass
+class LeanRequest:
+    """A push or pull as the data plane carries it (:mod:`paramserver.frames`): the frame
+    header, the tensors whose memory is sent, and ``out``, arrays to receive the weights in."""
+
+    header: dict[str, Any]
+    tensors: Sequence[np.ndarray] = ()
+    out: Mapping[str, np.ndarray] | None = None
+
+
+@dataclass
+class LeanAnswer:
+    """A data plane's 200 answer: the iterations, and the weights (None when not asked for,
+    or for a replay whose weights the server did not keep)."""
+
+    iterations: int
+    weights: dict[str, np.ndarray] | None
+    replayed: bool
+
+
 @dataclass(frozen=True)
 class Call(Generic[T]):
     """One protocol operation: the request, its retry safety and how to read its answer.
 
     ``finish(reply)`` raises the mapped :class:`~paramserver.client.errors.ServerError` for any
-    status not in ``expect``, else returns ``parse(reply)``.
+    status not in ``expect``, else returns ``parse(reply)``. ``encode`` makes the body when
+    HTTP needs it (once per call, not for the data plane). A push or pull also has ``lean``,
+    its data-plane form, and ``parse_lean`` for the data plane's answer.
     """
 
     method: str
@@ -212,10 +234,26 @@ class Call(Generic[T]):
     params: Mapping[str, str] | None = None
     body: bytes | None = None
     idempotency_key: str | None = None
+    encode: Callable[[], bytes] | None = None
+    lean: LeanRequest | None = None
+    parse_lean: Callable[[LeanAnswer], T] | None = None
+    _encoded: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+    def content(self) -> bytes | None:
+        """The HTTP body (encoded on first use)."""
+        if self.body is not None or self.encode is None:
+            return self.body
+        if not self._encoded:
+            self._encoded.append(self.encode())
+        return self._encoded[0]
+
+    def finish_lean(self, answer: LeanAnswer) -> T:
+        assert self.parse_lean is not None
+        return self.parse_lean(answer)
 
     def headers(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        if self.body is not None:
+        if self.body is not None or self.encode is not None:
             out["Content-Type"] = wire.MSGPACK_MEDIA_TYPE
         if self.idempotency_key is not None:
             out["Idempotency-Key"] = self.idempotency_key
@@ -547,14 +585,21 @@ class SessionCore(Generic[W]):
         return cast(W, shape_weights(weights, self.names, self.as_list))
 
     def _push_call(
-        self, gradients: Weights, *, return_weights: bool, idempotency_key: str | None
+        self,
+        gradients: Weights,
+        *,
+        return_weights: bool,
+        idempotency_key: str | None,
+        out: Weights | None = None,
     ) -> Call[tuple[int, W | None]]:
         """The push; its answer is ``(iterations, weights or None)``.
 
         The weights are ``None`` with ``return_weights=False``, and also for a replayed push
-        whose answer the server kept without weights (then the twin pulls them).
+        whose answer the server kept without weights (then the twin pulls them). With ``out``
+        they are written into those arrays, which are returned.
         """
         grads, _ = named_arrays(gradients, self.names, "gradients")
+        targets = self._targets(out)
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
 
         def parse(reply: Reply) -> tuple[int, W | None]:
@@ -562,26 +607,88 @@ class SessionCore(Generic[W]):
             self._seen(iterations)
             if weights is None:
                 return iterations, None
-            return iterations, self._shape(weights)
+            return iterations, self._deliver(weights, targets, out)
 
+        def parse_lean(answer: LeanAnswer) -> tuple[int, W | None]:
+            self._seen(answer.iterations)
+            if answer.weights is None:
+                return answer.iterations, None
+            return answer.iterations, self._deliver(answer.weights, targets, out)
+
+        header = {
+            "op": "push",
+            "session": self.id,
+            "key": key,
+            "return_weights": return_weights,
+            "tensors": frames.specs_of(grads),
+        }
         return Call(
             "POST",
             session_path(self.id, "gradients"),
             parse,
             params=None if return_weights else {"return_weights": "false"},
-            body=messages.encode_push(grads),
+            encode=lambda: messages.encode_push(grads),
             idempotency_key=key,
+            lean=LeanRequest(header, list(grads.values()), targets),
+            parse_lean=parse_lean,
         )
 
-    def _pull_call(self) -> Call[W]:
+    def _pull_call(self, out: Weights | None = None) -> Call[W]:
+        targets = self._targets(out)
+
         def parse(reply: Reply) -> W:
             iterations, weights = _weights_message(reply)
             self._seen(iterations)
             if weights is None:
                 raise KeyError("the answer has no 'weights'")
-            return self._shape(weights)
+            return self._deliver(weights, targets, out)
 
-        return Call("GET", session_path(self.id, "weights"), parse)
+        def parse_lean(answer: LeanAnswer) -> W:
+            self._seen(answer.iterations)
+            if answer.weights is None:
+                raise KeyError("the answer has no weights")
+            return self._deliver(answer.weights, targets, out)
+
+        return Call(
+            "GET",
+            session_path(self.id, "weights"),
+            parse,
+            lean=LeanRequest({"op": "pull", "session": self.id}, (), targets),
+            parse_lean=parse_lean,
+        )
+
+    def _targets(self, out: Weights | None) -> dict[str, np.ndarray] | None:
+        """``out`` (the session's form) by name, checked: writable numpy arrays."""
+        if out is None:
+            return None
+        targets, _ = named_arrays(out, self.names, "out")
+        for name, array in targets.items():
+            if not isinstance(array, np.ndarray) or not array.flags.writeable:
+                raise TypeError(f"out[{name!r}] must be a writable numpy array")
+        return targets
+
+    def _deliver(
+        self,
+        weights: dict[str, np.ndarray],
+        targets: dict[str, np.ndarray] | None,
+        out: Weights | None,
+    ) -> W:
+        """The answer's weights in the session's form; with ``out``, written into it first
+        (arrays the data plane received in place need no copy)."""
+        if targets is None or out is None:
+            return self._shape(weights)
+        missing = [name for name in targets if name not in weights]
+        if missing:
+            raise KeyError(f"the answer has no weights for {missing[:5]}")
+        for name, target in targets.items():
+            if weights[name] is not target:
+                if target.shape != weights[name].shape:
+                    raise ValueError(
+                        f"out[{name!r}] has shape {list(target.shape)}; the weights have "
+                        f"{list(weights[name].shape)}"
+                    )
+                np.copyto(target, weights[name], casting="same_kind")
+        return cast(W, out)
 
     def _info_call(self) -> Call[SessionInfo]:
         def parse(reply: Reply) -> SessionInfo:
@@ -703,6 +810,7 @@ class ClientCore(Generic[S]):
         deadline: float | None = DEFAULT_DEADLINE,
         verify: Verify = True,
         cert: Cert | None = None,
+        data_plane: bool = True,
     ) -> None:
         self.base_url = httpx.URL(str(base_url))
         if self.base_url.scheme not in ("http", "https"):
@@ -729,6 +837,10 @@ class ClientCore(Generic[S]):
         self._limits = DEFAULT_LIMITS if limits is None else limits
         self._verify = tls_verification(verify, cert)
         self._rng = random.Random()
+        self._token = token
+        #: The data plane: False (off: asked not to, or it cannot serve this URL), None (not
+        #: asked yet), or the channel. Set by the twins.
+        self._plane: Any = None if data_plane else False
 
     def _httpx_options(self) -> dict[str, Any]:
         return {
@@ -741,6 +853,37 @@ class ClientCore(Generic[S]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {str(self.base_url)!r}>"
+
+    def _plane_from_announcement(self, status: int, body: bytes) -> Any:
+        """The data-plane channel ``GET /data-plane`` announced, or False (HTTP only)."""
+        from .dataplane import DataPlaneChannel, client_tls_context
+
+        if status != 200:
+            return False
+        try:
+            announced = json.loads(body)
+            port, tls, version = announced["port"], announced["tls"], announced["version"]
+        except (ValueError, KeyError, TypeError):
+            return False
+        if version != frames.VERSION or not isinstance(port, int) or not isinstance(tls, bool):
+            return False
+        if self.base_url.scheme == "https" and not tls:
+            return False  # never downgrade: the data plane of an https server speaks TLS
+        host = self.base_url.host
+        return DataPlaneChannel(
+            host,
+            port,
+            tls=client_tls_context(self._verify) if tls else None,
+            server_hostname=host,
+            token=self._token,
+        )
+
+    def _usable_plane(self) -> Any:
+        """The channel if it is known and not resting after a failure, else None."""
+        plane = self._plane
+        if plane is None or plane is False or not plane.available:
+            return None
+        return plane
 
     def _attempts(self, call: Call[Any]) -> Attempts:
         return Attempts(

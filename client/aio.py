@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+import anyio.to_thread
 import httpx
 
 from . import _base
@@ -31,6 +32,7 @@ from ._base import (
     BodyBuffer,
     Call,
     DictWeights,
+    LeanAnswer,
     ListWeights,
     OptimizerLike,
     Reply,
@@ -40,6 +42,7 @@ from ._base import (
     W,
     Weights,
 )
+from .dataplane import DataPlaneChannel, usable_for
 
 __all__ = ["AsyncClient", "AsyncSession"]
 
@@ -63,6 +66,7 @@ class AsyncSession(_base.SessionCore[W]):
         *,
         return_weights: Literal[True] = ...,
         idempotency_key: str | None = ...,
+        out: Weights | None = ...,
     ) -> W: ...
 
     @overload
@@ -72,11 +76,17 @@ class AsyncSession(_base.SessionCore[W]):
         *,
         return_weights: Literal[False],
         idempotency_key: str | None = ...,
+        out: Weights | None = ...,
     ) -> int: ...
 
     @overload
     async def push(
-        self, gradients: Weights, *, return_weights: bool, idempotency_key: str | None = ...
+        self,
+        gradients: Weights,
+        *,
+        return_weights: bool,
+        idempotency_key: str | None = ...,
+        out: Weights | None = ...,
     ) -> W | int: ...
 
     async def push(
@@ -85,6 +95,7 @@ class AsyncSession(_base.SessionCore[W]):
         *,
         return_weights: bool = True,
         idempotency_key: str | None = None,
+        out: Weights | None = None,
     ) -> W | int:
         """Apply one optimizer step; returns the new weights, or the iteration count.
 
@@ -93,21 +104,30 @@ class AsyncSession(_base.SessionCore[W]):
         transport failure or a 503: the server applies it at most once. If the server replays
         an earlier answer to that key without its weights (it keeps a bounded amount), the
         weights are pulled.
+
+        With ``out`` (arrays in the session's form, e.g. the worker's own weights) the new
+        weights are written into them and ``out`` is returned; over the data plane they are
+        received straight into those arrays. Without it the arrays returned are new and
+        belong to the caller: no later call changes them.
         """
         iterations, weights = await self._client._run(
             self._push_call(
-                gradients, return_weights=return_weights, idempotency_key=idempotency_key
+                gradients,
+                return_weights=return_weights,
+                idempotency_key=idempotency_key,
+                out=out,
             )
         )
         if not return_weights:
             return iterations
         if weights is None:  # a replay whose weights the server no longer kept: applied once
-            return await self.pull()
+            return await self.pull(out=out)
         return weights
 
-    async def pull(self) -> W:
-        """The current weights (dict, or list in the session's order)."""
-        return await self._client._run(self._pull_call())
+    async def pull(self, *, out: Weights | None = None) -> W:
+        """The current weights (dict, or list in the session's order); with ``out``, written
+        into those arrays, which are returned."""
+        return await self._client._run(self._pull_call(out))
 
     async def info(self) -> SessionInfo:
         """The session's summary: optimizer, iterations, parameters, timestamps."""
@@ -136,6 +156,9 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
     ``verify`` checks the server's TLS certificate (True: the usual roots; a path: that PEM CA
     bundle; an ``ssl.SSLContext``; False: not at all), ``cert`` is the client's certificate
     (a PEM file with its key, or ``(certfile, keyfile)``) for a server that asks for one.
+    ``data_plane=False`` keeps push and pull on HTTP; by default they use the server's data
+    plane (``GET /data-plane``) when it can serve the URL (no proxy, path prefix or custom
+    transport), falling back to HTTP.
     ``transport`` and ``limits`` go to ``httpx.AsyncClient`` (a custom transport, pool sizes).
     Use it as an async context manager, or await :meth:`aclose`.
     """
@@ -155,6 +178,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         transport: httpx.AsyncBaseTransport | None = None,
         verify: _base.Verify = True,
         cert: _base.Cert | None = None,
+        data_plane: bool = True,
     ) -> None:
         super().__init__(
             base_url,
@@ -166,6 +190,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
             deadline=deadline,
             verify=verify,
             cert=cert,
+            data_plane=data_plane and usable_for(httpx.URL(str(base_url)), transport=transport),
         )
         self._http = httpx.AsyncClient(transport=transport, **self._httpx_options())
 
@@ -184,6 +209,8 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
 
     async def aclose(self) -> None:
         """Close the pooled connections. The client cannot be used afterwards."""
+        if self._plane:
+            self._plane.close()
         await self._http.aclose()
 
     @property
@@ -292,19 +319,35 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
             except httpx.RequestError as exc:
                 delay = attempts.after_exception(exc)
             else:
+                if isinstance(reply, LeanAnswer):
+                    return call.finish_lean(reply)
                 retry_in = attempts.after_reply(reply)
                 if retry_in is None:
                     return call.finish(reply)
                 delay = retry_in
             await asyncio.sleep(delay)
 
-    async def _send(self, call: Call[Any], attempts: Attempts) -> Reply:
+    async def _data_plane(self, attempts: Attempts) -> DataPlaneChannel | None:
+        """The data-plane channel, asked for once (``GET /data-plane``); None: use HTTP."""
+        if self._plane is None:
+            try:
+                response = await self._http.get("/data-plane", timeout=attempts.timeout())
+            except httpx.RequestError:
+                return None  # ask again on the next call; this one goes over HTTP
+            self._plane = self._plane_from_announcement(response.status_code, response.content)
+        return self._usable_plane()
+
+    async def _send(self, call: Call[Any], attempts: Attempts) -> Reply | LeanAnswer:
         attempts.check_deadline()
+        if call.lean is not None:
+            plane = await self._data_plane(attempts)
+            if plane is not None:
+                return await anyio.to_thread.run_sync(plane.exchange, call.lean, attempts)
         request = self._http.build_request(
             call.method,
             call.path,
             params=call.params,
-            content=call.body,
+            content=call.content(),
             headers=call.headers(),
             timeout=attempts.timeout(),
         )

@@ -39,6 +39,7 @@ __all__ = [
     "LimitExceeded",
     "MalformedBody",
     "TensorError",
+    "check_dtype_and_shape",
     "decode_tensor",
     "decode_tensor_map",
     "decode_json_tensor",
@@ -293,6 +294,14 @@ def _check_dtype(dtype: Any, where: str) -> np.dtype:
             f"{where}: 'dtype' must be one of {', '.join(TENSOR_DTYPES)}, got {dtype!r}"
         )
     return TENSOR_DTYPES[dtype]
+
+
+def check_dtype_and_shape(
+    dtype: Any, shape: Any, where: str, limits: DecodeLimits
+) -> tuple[np.dtype, tuple[int, ...]]:
+    """A tensor's dtype (from the allow-list) and shape (within ``limits``), checked as
+    :func:`decode_tensor` checks them; :class:`TensorError` says what is wrong."""
+    return _check_dtype(dtype, where), _check_shape(shape, where, limits)
 
 
 def _check_keys(obj: Any, where: str) -> None:

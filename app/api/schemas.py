@@ -84,6 +84,14 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class DataPlaneAnnouncement(BaseModel):
+    """Where the data plane listens (on this server's host) and how to speak to it."""
+
+    port: int = Field(description="TCP port of the data plane, on the same host as this API")
+    tls: bool = Field(description="whether the data plane speaks TLS (as the API does)")
+    version: int = Field(description="the frame version (paramserver.frames.VERSION)")
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses a route can answer."""
     text = {

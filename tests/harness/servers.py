@@ -82,6 +82,7 @@ def start_server_thread(**overrides: Any) -> ServerThread:
     the numba tests' business, and costs seconds per server.
     """
     overrides.setdefault("warm_up_kernels", False)
+    overrides.setdefault("data_plane_port", 0)  # any free port: "HTTP port + 1" may be taken
     app = create_app(Settings(**overrides))
     port = free_port()
     server = http_server(app, app.state.settings, host=HOST, port=port, log_level="warning")
@@ -214,6 +215,8 @@ class ServerProcess:
         """``python -m paramserver serve`` with the options ``args``, and ``settings``
         (:class:`Settings` fields, see :func:`settings_options`)."""
         argv = ["-m", "paramserver", "serve", "--port", "{port}"]
+        if not any(a.startswith("--data-plane-port") or a == "--no-data-plane" for a in args):
+            settings.setdefault("data_plane_port", 0)  # "HTTP port + 1" may be taken
         return cls(
             [*argv, *settings_options(**settings), *args], log_dir=log_dir, tls=tls, nofile=nofile
         )

@@ -273,3 +273,26 @@ def test_the_health_command_presents_a_client_certificate_when_one_is_required(
         assert _health(server, **env).returncode == 1
     finally:
         server.stop()
+
+
+def test_the_data_plane_speaks_tls_too_and_the_client_takes_it(
+    tls_server: ServerProcess, certs: Certificates
+):
+    from paramserver.client.dataplane import DataPlaneChannel
+
+    with Client(tls_server.url, token="tls-secret", verify=certs.ca_pem) as client:
+        announced = client._http.get("/data-plane").json()
+        assert announced["tls"] is True
+        session = client.create_session(WEIGHTS, "sgd")
+        out = [np.empty_like(w) for w in WEIGHTS]
+        session.push(GRADS, out=out)
+        np.testing.assert_allclose(out[0], WEIGHTS[0] - 0.01, rtol=1e-6)
+        assert isinstance(client._plane, DataPlaneChannel) and client._plane.tls is not None
+        session.delete()
+    with socket.create_connection((HOST, announced["port"]), timeout=10) as sock:
+        started = time.monotonic()
+        assert sock.recv(100) == b""  # no handshake: closed at the header timeout (1 s)
+        assert time.monotonic() - started < 5
+    with Client(tls_server.url, token="tls-secret", retries=0) as untrusting:
+        with pytest.raises(errors.TransportError):  # default roots: the CA is not trusted
+            untrusting.health()

@@ -1,0 +1,343 @@
+"""Push and pull over the server's data plane (:mod:`paramserver.frames`), beside httpx.
+
+The lean path of both clients: a pool of plain (or TLS) sockets to the port the server
+announces at ``GET /data-plane``, one per call in flight. A push sends the frame header and
+every gradient's own memory in one ``sendmsg`` (no join, no msgpack copy) and receives the new
+weights straight into the arrays it returns, or into the caller's (``out=``), with
+``recv_into``. Failures are raised as the ``httpx`` exceptions the retry logic of
+:mod:`paramserver.client._base` already classifies (connect, read, write, timeouts, a dropped
+connection), and error answers come back as a :class:`~._base.Reply` with the protocol's JSON
+error body, so timeouts, retries with the same Idempotency-Key, the deadline and the typed
+errors are those of the HTTP path. Where the lean path cannot serve a URL (a proxy, a path
+prefix, a custom transport, a server without a data plane, https without a TLS data plane)
+the client stays on HTTP.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import httpx
+import numpy as np
+
+from paramserver import frames, wire
+from paramserver.codes import error_json
+
+from ._base import Attempts, LeanAnswer, LeanRequest, Reply
+
+__all__ = ["DataPlaneChannel", "client_tls_context", "usable_for"]
+
+#: How long a data plane that refused connections is left alone (HTTP meanwhile).
+RETRY_AFTER_FAILURE_SECONDS = 30.0
+#: A pooled connection idle longer than this is closed rather than reused (the server's
+#: default idle timeout is 5 s).
+MAX_IDLE_SECONDS = 4.0
+_HEADER_LIMITS = wire.DecodeLimits(
+    max_depth=4, max_objects=200_000, max_map_items=64, max_array_items=100_000
+)
+
+
+def usable_for(base_url: httpx.URL, *, transport: object | None) -> bool:
+    """Whether the data plane may serve this URL: no custom transport, no path prefix (a
+    reverse proxy), no proxy configured for the host."""
+    if transport is not None or base_url.path not in ("", "/"):
+        return False
+    host = base_url.host
+    proxies = urllib.request.getproxies()
+    if not any(k in proxies for k in ("http", "https", "all")):
+        return True
+    return bool(urllib.request.proxy_bypass(host))
+
+
+def client_tls_context(verify: bool | ssl.SSLContext) -> ssl.SSLContext:
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    from ._base import _default_ca_bundle
+
+    context = ssl.create_default_context(cafile=_default_ca_bundle())
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class DataPlaneChannel:
+    """Connections to one server's data plane, and the frames over them (thread-safe)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None,
+        server_hostname: str,
+        token: str | None,
+        max_idle: int = 20,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.server_hostname = server_hostname
+        self.token = token
+        self.max_idle = max_idle
+        self._idle: list[tuple[socket.socket, float]] = []
+        self._lock = threading.Lock()
+        self._request_id = 0
+        self.down_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock, _ in idle:
+            sock.close()
+
+    # -- one exchange --------------------------------------------------------------------------
+
+    def exchange(self, request: LeanRequest, attempts: Attempts) -> Reply | LeanAnswer:
+        """Send ``request``, read its answer: a :class:`LeanAnswer`, or a :class:`Reply`
+        holding an error; raises httpx exceptions for transport failures."""
+        attempts.check_deadline()
+        timeout = attempts.timeout()
+        try:
+            sock = self._take(timeout)
+        except _HelloRefused as refused:  # a bad token: 401, as the REST routes answer
+            return _error_reply(refused.header)
+        keep = False
+        try:
+            with self._lock:
+                self._request_id = (self._request_id + 1) & 0xFFFFFFFF
+                request_id = self._request_id
+            self._send(sock, request_id, request.header, request.tensors, timeout)
+            answer, keep = self._receive(sock, request_id, request.out, timeout, attempts)
+            return answer
+        finally:
+            if keep:
+                self._give_back(sock)
+            else:
+                sock.close()
+
+    def _take(self, timeout: httpx.Timeout) -> socket.socket:
+        """A pooled connection that is still open, else a new one. A connection idle for
+        longer than the server's idle timeout (5 s by default) is not trusted."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                sock, since = self._idle.pop()
+            if time.monotonic() - since < MAX_IDLE_SECONDS and not _closed_by_peer(sock):
+                return sock
+            sock.close()
+        return self._connect(timeout)
+
+    def _give_back(self, sock: socket.socket) -> None:
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append((sock, time.monotonic()))
+                return
+        sock.close()
+
+    def _connect(self, timeout: httpx.Timeout) -> socket.socket:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout.connect)
+        except TimeoutError as exc:
+            self.down_until = time.monotonic() + RETRY_AFTER_FAILURE_SECONDS
+            raise httpx.ConnectTimeout(f"data plane {self.host}:{self.port}: {exc}") from exc
+        except OSError as exc:
+            self.down_until = time.monotonic() + RETRY_AFTER_FAILURE_SECONDS
+            raise httpx.ConnectError(f"data plane {self.host}:{self.port}: {exc}") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.server_hostname)
+            hello: dict[str, Any] = {"op": "hello", "version": frames.VERSION}
+            if self.token is not None:
+                hello["token"] = self.token
+            self._send(sock, 0, hello, (), timeout)
+            prefix, header = self._read_head(sock, 0, timeout)
+            if header.get("status") != 200:
+                raise _HelloRefused(header)
+        except _HelloRefused:
+            sock.close()
+            raise
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise httpx.ConnectError(f"data plane {self.host}:{self.port}: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _send(
+        self,
+        sock: socket.socket,
+        request_id: int,
+        header: Mapping[str, Any],
+        tensors: Sequence[np.ndarray],
+        timeout: httpx.Timeout,
+    ) -> None:
+        head = wire.pack(dict(header))
+        buffers = frames.buffers_of(tensors)
+        body_len = sum(len(b) for b in buffers)
+        prefix = frames.pack_prefix(frames.REQUEST, request_id, len(head), body_len)
+        sock.settimeout(timeout.write)
+        try:
+            frames.send_buffers(sock, [prefix + head, *buffers])
+        except TimeoutError as exc:
+            raise httpx.WriteTimeout(f"data plane: {exc}") from exc
+        except ssl.SSLError as exc:
+            raise httpx.WriteError(f"data plane: {exc}") from exc
+        except OSError as exc:
+            raise httpx.WriteError(f"data plane: {exc}") from exc
+
+    def _read_head(
+        self, sock: socket.socket, request_id: int, timeout: httpx.Timeout
+    ) -> tuple[frames.Prefix, dict[str, Any]]:
+        raw = bytearray(frames.PREFIX.size)
+        _recv_exact(sock, memoryview(raw), timeout.read, first=True)
+        try:
+            prefix = frames.unpack_prefix(raw, expect=frames.RESPONSE)
+        except frames.FrameError as exc:
+            raise httpx.RemoteProtocolError(f"data plane: {exc}") from exc
+        if prefix.request_id not in (request_id, 0):
+            raise httpx.RemoteProtocolError(
+                f"data plane: an answer to request {prefix.request_id}, not {request_id}"
+            )
+        head = bytearray(prefix.header_len)
+        _recv_exact(sock, memoryview(head), timeout.read)
+        try:
+            header = wire.unpack(head, _HEADER_LIMITS)
+        except wire.MalformedBody as exc:
+            raise httpx.RemoteProtocolError(f"data plane: answer header: {exc}") from exc
+        if not isinstance(header, dict) or not isinstance(header.get("status"), int):
+            raise httpx.RemoteProtocolError("data plane: an answer header without a status")
+        return prefix, header
+
+    def _receive(
+        self,
+        sock: socket.socket,
+        request_id: int,
+        out: Mapping[str, np.ndarray] | None,
+        timeout: httpx.Timeout,
+        attempts: Attempts,
+    ) -> tuple[Reply | LeanAnswer, bool]:
+        prefix, header = self._read_head(sock, request_id, timeout)
+        status = header["status"]
+        if status != 200:
+            if prefix.body_len:
+                raise httpx.RemoteProtocolError("data plane: an error answer with a body")
+            # the server closes after refusing a request whose body it did not read
+            return _error_reply(header), False
+        iterations = header.get("iterations")
+        if not isinstance(iterations, int):
+            raise httpx.RemoteProtocolError("data plane: an answer without iterations")
+        specs = header.get("tensors")
+        if specs is None:
+            if prefix.body_len:
+                raise httpx.RemoteProtocolError("data plane: a body without tensors")
+            return LeanAnswer(iterations, None, bool(header.get("replayed"))), True
+        try:
+            layout = frames.layout_of(specs, field="tensors")
+        except wire.TensorError as exc:
+            raise httpx.RemoteProtocolError(f"data plane: {exc}") from exc
+        if layout.nbytes != prefix.body_len:
+            raise httpx.RemoteProtocolError(
+                "data plane: the answer's body does not fit its tensors"
+            )
+        arrays = _destinations(layout, out)
+        for array in arrays.values():
+            if array.nbytes:
+                _recv_exact(
+                    sock,
+                    array.data.cast("B"),
+                    timeout.read,
+                    check=attempts.check_deadline,
+                )
+        return LeanAnswer(iterations, arrays, False), True
+
+
+def _error_reply(header: dict[str, Any]) -> Reply:
+    """An error answer as the REST routes would have sent it (JSON body, Retry-After)."""
+    error = header.get("error") or {}
+    headers = httpx.Headers({"content-type": "application/json"})
+    if header.get("retry_after") is not None:
+        headers["retry-after"] = str(header["retry_after"])
+    body = error_json(str(error.get("code", "")), str(error.get("message", "")))
+    return Reply(int(header["status"]), headers, bytearray(body))
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether an idle connection is readable: closed by the server (or unexpected bytes)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+class _HelloRefused(Exception):
+    """The hello was answered with an error (a bad token): no transient failure."""
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        super().__init__(f"data plane refused the connection: {header.get('error')}")
+        self.header = header
+
+
+def _destinations(
+    layout: frames.Layout, out: Mapping[str, np.ndarray] | None
+) -> dict[str, np.ndarray]:
+    """Where each answered tensor is received: the caller's array when it fits exactly
+    (C-contiguous, writable, same dtype and shape), else a new array (copied into ``out``
+    by the caller)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtype, shape, _, _ in layout.tensors:
+        target = None if out is None else out.get(name)
+        if (
+            target is not None
+            and target.dtype == dtype
+            and target.shape == shape
+            and target.flags.c_contiguous
+            and target.flags.writeable
+        ):
+            arrays[name] = target
+        else:
+            arrays[name] = np.empty(shape, dtype=dtype)
+    return arrays
+
+
+def _recv_exact(
+    sock: socket.socket,
+    view: memoryview,
+    timeout: float | None,
+    *,
+    first: bool = False,
+    check: Callable[[], None] | None = None,
+) -> None:
+    sock.settimeout(timeout)
+    pos = 0
+    while pos < len(view):
+        try:
+            n = sock.recv_into(view[pos:])
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"data plane: {exc}") from exc
+        except ssl.SSLError as exc:
+            raise httpx.ReadError(f"data plane: {exc}") from exc
+        except OSError as exc:
+            raise httpx.ReadError(f"data plane: {exc}") from exc
+        if n == 0:
+            if first and pos == 0:
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            raise httpx.RemoteProtocolError("data plane: the connection closed mid-answer")
+        pos += n
+        if check is not None:
+            check()  # an answer that trickles in ends at the deadline

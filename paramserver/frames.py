@@ -1,0 +1,215 @@
+"""The data plane's frames: push and pull as length-prefixed frames on a TCP port of their own.
+
+Both sides import this module; ``docs/protocol.md`` ("Data plane") describes it for other
+implementations. A frame is a 24-byte prefix, a msgpack header and a body::
+
+    magic       4 bytes  b"PSDP"
+    version     u8       1
+    kind        u8       1 request, 2 response
+    flags       u16      0
+    request_id  u32      chosen by the client, echoed by the answer
+    header_len  u32      bytes of the msgpack header (at most MAX_HEADER_BYTES)
+    body_len    u64      bytes of the body
+    header      msgpack map
+    body        the tensors' bytes, little-endian, one after the other in the header's order
+
+(integers little-endian). Unlike the HTTP bodies, tensors are not msgpack values here: the
+header lists them as ``[name, dtype, shape]`` and the body holds their bytes back to back, so
+that either side can send an array's own memory (``sendmsg``) and receive straight into the
+array it will use (``recv_into``). The request header holds ``op`` (``"hello"``, ``"push"``,
+``"pull"``) and its fields (see :data:`OPS`); the answer header holds ``status`` (an HTTP
+status) and, for an error, ``error`` (``{"code", "message"}``, as the REST errors) and
+``retry_after``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import wire
+
+__all__ = [
+    "MAGIC",
+    "MAX_HEADER_BYTES",
+    "OPS",
+    "PREFIX",
+    "REQUEST",
+    "RESPONSE",
+    "VERSION",
+    "FrameError",
+    "Layout",
+    "Prefix",
+    "layout_of",
+    "buffers_of",
+    "pack_prefix",
+    "send_buffers",
+    "send_for",
+    "specs_of",
+    "unpack_prefix",
+]
+
+MAGIC = b"PSDP"
+VERSION = 1
+REQUEST = 1
+RESPONSE = 2
+PREFIX = struct.Struct("<4sBBHIIQ")
+#: A header lists at most ``max_tensors`` (4096) tensors of names up to 256 characters.
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+
+#: The request header's fields, per op (``op`` itself aside). ``hello`` opens a connection
+#: (``token`` when the server has tokens); ``push`` carries its tensors in the body; ``pull``
+#: has no body. Answers to push and pull list the weights in ``tensors`` and carry their bytes.
+OPS: Mapping[str, frozenset[str]] = {
+    "hello": frozenset({"version", "token"}),
+    "push": frozenset({"session", "key", "return_weights", "tensors"}),
+    "pull": frozenset({"session"}),
+}
+
+
+class FrameError(ValueError):
+    """A frame that breaks the format (the connection cannot go on after it)."""
+
+
+@dataclass(frozen=True)
+class Prefix:
+    kind: int
+    request_id: int
+    header_len: int
+    body_len: int
+
+
+def pack_prefix(kind: int, request_id: int, header_len: int, body_len: int) -> bytes:
+    return PREFIX.pack(MAGIC, VERSION, kind, 0, request_id, header_len, body_len)
+
+
+def unpack_prefix(data: bytes | bytearray | memoryview, *, expect: int) -> Prefix:
+    magic, version, kind, _flags, request_id, header_len, body_len = PREFIX.unpack(data)
+    if magic != MAGIC:
+        raise FrameError(f"not a paramserver data-plane frame (magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise FrameError(f"data-plane version {version}; this side speaks {VERSION}")
+    if kind != expect:
+        raise FrameError(f"frame kind {kind}, expected {expect}")
+    if header_len > MAX_HEADER_BYTES:
+        raise FrameError(f"a frame header of {header_len} bytes; at most {MAX_HEADER_BYTES}")
+    return Prefix(kind, request_id, header_len, body_len)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor of a body lies: ``(name, dtype, shape, offset, nbytes)``."""
+
+    tensors: tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]
+    nbytes: int
+
+    def views(self, buffer: bytearray | memoryview | np.ndarray) -> dict[str, np.ndarray]:
+        """Arrays that view ``buffer`` (no copy), by name."""
+        out: dict[str, np.ndarray] = {}
+        for name, dtype, shape, offset, nbytes in self.tensors:
+            count = nbytes // dtype.itemsize
+            out[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(
+                shape
+            )
+        return out
+
+    def specs(self) -> list[list[Any]]:
+        return [[name, wire.dtype_name(dt), list(shape)] for name, dt, shape, _, _ in self.tensors]
+
+
+def specs_of(arrays: Mapping[str, np.ndarray]) -> list[list[Any]]:
+    """``[name, dtype, shape]`` of each array, in order (dtype names as on the wire)."""
+    return [[name, wire.dtype_name(a.dtype), list(a.shape)] for name, a in arrays.items()]
+
+
+_NO_LIMITS = wire.DecodeLimits()
+
+
+def layout_of(specs: Any, *, field: str, limits: wire.DecodeLimits = _NO_LIMITS) -> Layout:
+    """The layout of a body listed by ``specs``, checked as the REST decoder checks tensors
+    (dtype allow-list, shapes, element and tensor counts, names, no duplicates);
+    :class:`wire.TensorError` says what is wrong."""
+    if not isinstance(specs, list):
+        raise wire.TensorError(f"'{field}' must be a list of [name, dtype, shape]")
+    if limits.max_tensors is not None and len(specs) > limits.max_tensors:
+        raise wire.TensorError(
+            f"'{field}' holds {len(specs)} tensors; at most {limits.max_tensors} allowed"
+        )
+    tensors = []
+    seen: set[str] = set()
+    offset = 0
+    for spec in specs:
+        if not isinstance(spec, list) or len(spec) != 3:
+            raise wire.TensorError(
+                f"'{field}': each entry is [name, dtype, shape], got {spec!r}"[:300]
+            )
+        name, dtype_name, shape = spec
+        wire.check_parameter_name(name)
+        if name in seen:
+            raise wire.TensorError(f"'{field}' lists {name!r} twice")
+        seen.add(name)
+        where = f"{field}[{name!r}]"
+        dtype, dims = wire.check_dtype_and_shape(dtype_name, shape, where, limits)
+        nbytes = math.prod(dims) * dtype.itemsize
+        tensors.append((name, dtype, dims, offset, nbytes))
+        offset += nbytes
+    return Layout(tuple(tensors), offset)
+
+
+def buffers_of(arrays: Sequence[np.ndarray]) -> list[memoryview]:
+    """Each array's bytes as a flat memoryview, without a copy for contiguous arrays."""
+    return [np.ascontiguousarray(a).data.cast("B") for a in arrays]
+
+
+def send_buffers(sock: Any, buffers: Sequence[Any]) -> None:
+    """Every byte of ``buffers`` on ``sock``: one scatter-gather ``sendmsg`` on a plain socket
+    (the arrays' own memory, no join), ``sendall`` of each on a TLS one (no ``sendmsg``)."""
+    import ssl
+
+    if isinstance(sock, ssl.SSLSocket):
+        for buffer in buffers:
+            sock.sendall(buffer)
+        return
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
+def send_for(sock: Any, buffers: Sequence[Any], seconds: float) -> list[memoryview]:
+    """Send ``buffers`` on a plain socket for at most ``seconds``; returns what is left
+    (empty when all was sent). The socket's own timeout is left as it was."""
+    import select
+    import time
+
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    timeout = sock.gettimeout()
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.0)
+    try:
+        while views:
+            try:
+                sent = sock.sendmsg(views)
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                select.select([], [sock], [], remaining)
+                continue
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+    finally:
+        sock.settimeout(timeout)
+    return views

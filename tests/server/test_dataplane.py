@@ -1,0 +1,322 @@
+"""The data plane (paramserver.server.dataplane) spoken frame by frame, as a third party would.
+
+Frames are built here with ``struct`` and the reference ``msgpack`` package (never with
+:mod:`paramserver.frames`), against servers on loopback. What is checked: the same step as
+REST, bit for bit; auth before any body byte; limits before the body is read; idempotency;
+the header, idle and body timeouts; the connection cap; TLS.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+
+from tests.harness.http_api import create_session, new_id, pull, push
+from tests.harness.servers import HOST, ServerThread
+
+PREFIX = struct.Struct("<4sBBHIIQ")
+
+
+class Frames:
+    """One data-plane connection: requests out, answers in."""
+
+    def __init__(self, port: int, *, timeout: float = 10) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        self.next_id = 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(
+        self, header: dict[str, Any], body: bytes = b"", *, body_len: int | None = None
+    ) -> int:
+        request_id = self.next_id
+        self.next_id += 1
+        head = msgpack.packb(header)
+        size = len(body) if body_len is None else body_len
+        self.sock.sendall(PREFIX.pack(b"PSDP", 1, 1, 0, request_id, len(head), size) + head + body)
+        return request_id
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    def answer(self) -> tuple[int, dict[str, Any], bytes]:
+        magic, version, kind, _, request_id, header_len, body_len = PREFIX.unpack(
+            self._exact(PREFIX.size)
+        )
+        assert (magic, version, kind) == (b"PSDP", 1, 2)
+        header = msgpack.unpackb(self._exact(header_len))
+        return request_id, header, self._exact(body_len)
+
+    def call(self, header: dict[str, Any], body: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        request_id = self.send(header, body)
+        answered, head, data = self.answer()
+        assert answered == request_id
+        return head, data
+
+    def closed_within(self, seconds: float) -> bool:
+        self.sock.settimeout(seconds)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            pass
+        return True
+
+
+def _plane_port(server: ServerThread, token: str | None = None) -> int:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    answer = httpx.get(f"{server.url}/data-plane", headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["version"] == 1 and body["tls"] is False
+    return int(body["port"])
+
+
+@pytest.fixture
+def frames_to() -> Iterator[Any]:
+    opened: list[Frames] = []
+
+    def connect(port: int, **kw: Any) -> Frames:
+        conn = Frames(port, **kw)
+        opened.append(conn)
+        return conn
+
+    yield connect
+    for conn in opened:
+        conn.close()
+
+
+def _push_header(session: str, grads: dict[str, np.ndarray], **extra: Any) -> dict[str, Any]:
+    specs = [[name, str(a.dtype), list(a.shape)] for name, a in grads.items()]
+    return {"op": "push", "session": session, "tensors": specs, **extra}
+
+
+def _body(grads: dict[str, np.ndarray]) -> bytes:
+    return b"".join(
+        np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes() for a in grads.values()
+    )
+
+
+def _weights(header: dict[str, Any], body: bytes) -> dict[str, np.ndarray]:
+    out, offset = {}, 0
+    for name, dtype, shape in header["tensors"]:
+        dt = np.dtype(dtype).newbyteorder("<")
+        n = int(np.prod(shape)) * dt.itemsize
+        out[name] = np.frombuffer(body[offset : offset + n], dt).reshape(shape)
+        offset += n
+    assert offset == len(body)
+    return out
+
+
+WEIGHTS = {
+    "kernel": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+    "bias": np.zeros(4, np.float32),
+}
+
+
+def _grads(step: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(step)
+    return {name: rng.normal(size=w.shape).astype(np.float32) for name, w in WEIGHTS.items()}
+
+
+def test_a_push_over_the_data_plane_is_the_rest_push_bit_for_bit(server_factory, frames_to):
+    server = server_factory()
+    over_rest, over_plane = new_id("rest"), new_id("plane")
+    for sid in (over_rest, over_plane):
+        create_session(
+            server.url, {"class_name": "Adam", "config": {"amsgrad": True}}, WEIGHTS, session_id=sid
+        )
+    plane = frames_to(_plane_port(server))
+    head, _ = plane.call({"op": "hello", "version": 1})
+    assert head == {"status": 200, "version": 1}
+    for step in range(5):
+        grads = _grads(step)
+        push(server.url, over_rest, grads)
+        head, body = plane.call(_push_header(over_plane, grads, key=f"k{step}"), _body(grads))
+        assert head["status"] == 200 and head["iterations"] == step + 1
+        got = _weights(head, body)
+    _, expected = pull(server.url, over_rest)
+    for name in WEIGHTS:
+        assert got[name].tobytes() == expected[name].tobytes()
+    head, body = plane.call({"op": "pull", "session": over_plane})
+    assert (
+        head["iterations"] == 5
+        and _weights(head, body)["kernel"].tobytes() == expected["kernel"].tobytes()
+    )
+
+
+def test_a_repeated_key_applies_once_and_a_reused_key_is_refused(server_factory, frames_to):
+    server = server_factory()
+    sid = new_id()
+    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    grads = _grads(0)
+    first, _ = plane.call(_push_header(sid, grads, key="once"), _body(grads))
+    again, body = plane.call(_push_header(sid, grads, key="once"), _body(grads))
+    assert first["iterations"] == 1
+    assert again == {"status": 200, "iterations": 1, "replayed": True} and body == b""
+    other = _grads(1)
+    refused, _ = plane.call(_push_header(sid, other, key="once"), _body(other))
+    assert refused["status"] == 422 and refused["error"]["code"] == "idempotency_key_reused"
+    # the same key over REST is the same key
+    answer = push(server.url, sid, grads, key="once")
+    assert answer.headers["idempotent-replayed"] == "true"
+    assert pull(server.url, sid)[0] == 1
+
+
+def test_errors_answer_with_the_rest_codes_and_the_connection_goes_on(server_factory, frames_to):
+    server = server_factory()
+    sid = new_id()
+    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    wrong = {"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
+    head, _ = plane.call(_push_header(sid, wrong), _body(wrong))
+    assert head["status"] == 422 and head["error"]["code"] == "parameter_mismatch"
+    nan = {"kernel": np.full((3, 4), np.nan, np.float32), "bias": np.zeros(4, np.float32)}
+    head, _ = plane.call(_push_header(sid, nan), _body(nan))
+    assert head["error"]["code"] == "non_finite_gradient"
+    head, _ = plane.call({"op": "pull", "session": "no-such-session"})
+    assert head["status"] == 404 and head["error"]["code"] == "session_not_found"
+    head, body = plane.call({"op": "pull", "session": sid})  # the same connection still serves
+    assert head["status"] == 200 and head["iterations"] == 0 and len(body) == 64
+
+
+@pytest.mark.parametrize(
+    ("tensors", "code"),
+    [
+        ([["kernel", "int32", [3, 4]], ["bias", "float32", [4]]], "invalid_tensor"),
+        ([["kernel", "float32", [3, 4]], ["kernel", "float32", [4]]], "invalid_tensor"),
+        ([["kernel", "float32", [-3, 4]]], "invalid_tensor"),
+        ([["kernel", "float32", [3, 4]]], "invalid_request"),  # the body is longer than that
+        ("not a list", "invalid_tensor"),
+    ],
+)
+def test_a_bad_layout_is_refused_before_the_body_and_the_connection_closes(
+    server_factory, frames_to, tensors, code
+):
+    server = server_factory()
+    sid = new_id()
+    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    plane.send({"op": "push", "session": sid, "tensors": tensors}, body_len=64)  # no body sent
+    _, head, _ = plane.answer()
+    assert head["error"]["code"] == code, head
+    assert plane.closed_within(5)
+    assert pull(server.url, sid)[0] == 0
+
+
+def test_a_body_over_the_limit_is_refused_before_a_byte_of_it_is_read(server_factory, frames_to):
+    server = server_factory(max_body_bytes=1024)
+    sid = new_id()
+    create_session(server.url, "sgd", {"w": np.zeros(128, np.float32)}, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    plane.send({"op": "push", "session": sid, "tensors": [["w", "float32", [2048]]]}, body_len=8192)
+    _, head, _ = plane.answer()
+    assert head["status"] == 413 and head["error"]["code"] == "payload_too_large"
+    assert plane.closed_within(5)
+
+
+def test_tokens_are_checked_in_the_hello_before_any_body(server_factory, frames_to):
+    server = server_factory(tokens="writer,reader:ro")
+    port = _plane_port(server, "reader")
+    sid = new_id()
+    with httpx.Client(base_url=server.url, headers={"Authorization": "Bearer writer"}) as http:
+        create_session(http, "sgd", WEIGHTS, session_id=sid)
+    anonymous = frames_to(port)
+    anonymous.send({"op": "pull", "session": sid})
+    assert anonymous.answer()[1]["status"] == 401 and anonymous.closed_within(5)
+    wrong = frames_to(port)
+    head, _ = wrong.call({"op": "hello", "version": 1, "token": "guess"})
+    assert head["status"] == 401 and wrong.closed_within(5)
+    reader = frames_to(port)
+    assert reader.call({"op": "hello", "version": 1, "token": "reader"})[0]["status"] == 200
+    assert reader.call({"op": "pull", "session": sid})[0]["status"] == 200
+    grads = _grads(0)
+    reader.send(_push_header(sid, grads), body_len=len(_body(grads)))  # the body never comes
+    _, head, _ = reader.answer()
+    assert head["status"] == 403 and head["error"]["code"] == "forbidden"
+    assert reader.closed_within(5)
+    writer = frames_to(port)
+    writer.call({"op": "hello", "version": 1, "token": "writer"})
+    assert writer.call(_push_header(sid, grads), _body(grads))[0]["iterations"] == 1
+
+
+def test_half_sent_frames_are_answered_408_at_the_header_timeout(server_factory, frames_to):
+    server = server_factory(header_timeout_seconds=0.5, idle_timeout_seconds=30)
+    port = _plane_port(server)
+    silent = frames_to(port)
+    started = time.monotonic()
+    assert silent.closed_within(10) and time.monotonic() - started < 5
+    half = frames_to(port)
+    half.sock.sendall(PREFIX.pack(b"PSDP", 1, 1, 0, 7, 100, 0))  # a header that never comes
+    _, head, _ = half.answer()
+    assert head["status"] == 408 and head["error"]["code"] == "request_timeout"
+
+
+def test_a_connection_idle_past_the_idle_timeout_is_closed(server_factory, frames_to):
+    server = server_factory(header_timeout_seconds=30, idle_timeout_seconds=0.5)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    time.sleep(0.2)
+    assert plane.call({"op": "hello", "version": 1})[0]["status"] == 200
+    assert plane.closed_within(5)
+
+
+def test_a_body_that_stops_coming_is_answered_408(server_factory, frames_to):
+    server = server_factory(request_timeout_seconds=0.5)
+    sid = new_id()
+    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    grads = _grads(0)
+    plane.send(_push_header(sid, grads), _body(grads)[:10], body_len=len(_body(grads)))
+    _, head, _ = plane.answer()
+    assert head["status"] == 408 and plane.closed_within(5)
+    assert pull(server.url, sid)[0] == 0
+
+
+def test_at_the_cap_waiting_then_idle_connections_make_room_and_busy_ones_refuse(
+    server_factory, frames_to
+):
+    server = server_factory(
+        data_plane_max_connections=2, header_timeout_seconds=60, idle_timeout_seconds=60
+    )
+    port = _plane_port(server)
+    idle = frames_to(port)
+    idle.call({"op": "hello", "version": 1})
+    waiting = frames_to(port)
+    waiting.sock.sendall(b"PS")  # started, never finished
+    time.sleep(0.2)
+    newcomer = frames_to(port)
+    assert newcomer.call({"op": "hello", "version": 1})[0]["status"] == 200
+    assert waiting.closed_within(5)  # the waiting one went first
+    third = frames_to(port)
+    assert third.call({"op": "hello", "version": 1})[0]["status"] == 200
+    assert idle.closed_within(5) or newcomer.closed_within(0.5)  # then the oldest idle one
+
+
+def test_without_a_data_plane_the_announcement_is_404(server_factory):
+    server = server_factory(data_plane=False)
+    answer = httpx.get(f"{server.url}/data-plane", timeout=10)
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
