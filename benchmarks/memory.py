@@ -1,22 +1,30 @@
 """Server memory: resident size per session, and the peak during a large push.
 
 Both figures are read from the server process's ``/proc/<pid>/status`` (``python -m paramserver
-serve`` in a subprocess, default settings):
+serve`` in a subprocess, default settings, a data plane on a free port):
 
 * ``session_rss``: the resident size a session adds, against the bytes of its weights and
   optimizer slots. A warm-up session of the same size is created, pushed once and deleted
   first, so that the baseline already holds what any push of that size leaves behind (code,
-  allocator pools). Then ``sessions`` sessions are created and each pushed once (Adam's slots
-  are zero pages until the first step writes them), and the RSS growth over the baseline is
-  divided by their number. The weights and slots bytes come from the session's exported
-  state. Pushes here carry no ``Idempotency-Key``; a second row,
-  ``idempotency_rss``, pushes each session once more through ``client.Client`` (which sends
-  a key with every push) and reports what the server keeps per push for replays.
+  allocator pools). Then ``sessions`` sessions are created and each pushed once over HTTP
+  (Adam's slots are zero pages until the first step writes them), and the RSS growth over the
+  baseline is divided by their number. The weights and slots bytes come from the session's
+  exported state. Pushes here carry no ``Idempotency-Key``; the ``idempotency_rss`` rows push
+  each session once more through ``client.Client`` (which sends a key with every push) and
+  report what the server keeps per push for replays: over HTTP (``data_plane=False``), where
+  the server keeps the answer, then over the data plane (after one unmeasured push that gives
+  its connection its buffers), where it keeps none.
 * ``push_peak``: the extra resident memory while a push of ``peak_parameters`` parameters
   is served, against the request body's size: VmHWM reset to the current RSS just before
   the push (``clear_refs``), read after it, minus the RSS before; where resetting is refused
   the RSS is polled every millisecond instead. Median over ``pushes`` pushes, after two
-  unmeasured ones.
+  unmeasured ones, over HTTP (:class:`benchmarks.push.RawHTTPConnection`, one keep-alive
+  connection). Over the data plane (:class:`benchmarks.push.RawFrameConnection`) the figure
+  is the server's first data-plane push, on a new connection, after two HTTP pushes: a
+  data-plane connection keeps its receive and answer buffers (a body's and the weights'
+  size) for its next push, and memory freed by an earlier connection is reused by the next,
+  so only the first push shows what those buffers cost. Later pushes on new and on warm
+  connections are in the row for information.
 
 Run ``python -m benchmarks.memory`` (``--help`` for options); ``run()`` returns the rows.
 """
@@ -34,7 +42,7 @@ import numpy as np
 
 from paramserver.client import Client, wire
 
-from .push import RawHTTPConnection, ServerProcess
+from .push import RawFrameConnection, RawHTTPConnection, ServerProcess, transport_of
 
 __all__ = ["GOAL_PEAK_VS_BODY", "GOAL_SESSION_VS_BYTES", "main", "run"]
 
@@ -81,9 +89,11 @@ def run(
     pushes: int = 5,
     optimizer: str = "adam",
 ) -> list[dict[str, Any]]:
-    """Rows ``session_rss``, ``idempotency_rss`` and ``push_peak`` (bytes, and ratios)."""
+    """Rows ``session_rss``, ``idempotency_rss`` (HTTP, data plane) and ``push_peak`` (HTTP,
+    data plane): bytes, and ratios."""
     rows = _session_rows(sessions, parameters, optimizer)
     rows.append(_peak_row(peak_parameters, max(1, pushes), optimizer))
+    rows.append(_plane_peak_row(peak_parameters, max(1, pushes), optimizer))
     return rows
 
 
@@ -125,26 +135,33 @@ def _session_rows(count: int, n: int, optimizer: str) -> list[dict[str, Any]]:
             }
         ]
         # The same sessions pushed once more by the client library, which sends an
-        # Idempotency-Key with every push: the server keeps each answer for replays.
-        before = server.rss()
-        for sid in ids:
-            client.session(sid).push(grads)
-        _settle()
-        kept = (server.rss() - before) / count
-        rows.append(
-            {
-                "benchmark": "memory",
-                "figure": "idempotency_rss",
-                "sessions": count,
-                "parameters": n,
-                "optimizer": optimizer,
-                "pushes": count,
-                "response_bytes": len(wire.pack({"iterations": 2, "weights": weights})),
-                "rss_per_push": kept,
-                "ratio": None,
-                "goal_ratio": None,
-            }
-        )
+        # Idempotency-Key with every push: over HTTP the server keeps each answer for replays.
+        for transport, data_plane in (("http", False), ("data plane", True)):
+            with Client(server.url, data_plane=data_plane) as pusher:
+                if data_plane:  # the connection's buffers, before the RSS is taken
+                    pusher.session(ids[0]).push(grads)
+                    _settle()
+                before = server.rss()
+                for sid in ids:
+                    pusher.session(sid).push(grads)
+                used = transport_of(pusher)
+            _settle()
+            kept = (server.rss() - before) / count
+            rows.append(
+                {
+                    "benchmark": "memory",
+                    "figure": "idempotency_rss",
+                    "transport": used if used == transport else f"{used} (asked {transport})",
+                    "sessions": count,
+                    "parameters": n,
+                    "optimizer": optimizer,
+                    "pushes": count,
+                    "response_bytes": len(wire.pack({"iterations": 2, "weights": weights})),
+                    "rss_per_push": kept,
+                    "ratio": None,
+                    "goal_ratio": None,
+                }
+            )
         for sid in ids:
             client.session(sid).delete(missing_ok=True)
     return rows
@@ -189,15 +206,11 @@ def _peak_row(n: int, pushes: int, optimizer: str) -> dict[str, Any]:
             method = "VmHWM after clear_refs"
             for _ in range(pushes):
                 before = server.rss()
-                reset = server.reset_peak()
-                with _RSSPoller(server) as poller:
+                with _Peak(server) as peak:
                     _push(conn, session.id, body)
-                peak = poller.peak
-                if reset:
-                    peak = max(peak, server.memory()["hwm"])
-                else:
+                if not peak.reset:
                     method = "polled VmRSS (1 ms)"
-                extras.append(peak - before)
+                extras.append(peak.value - before)
                 _settle()
                 growth.append(server.rss() - before)
         session.delete(missing_ok=True)
@@ -205,6 +218,7 @@ def _peak_row(n: int, pushes: int, optimizer: str) -> dict[str, Any]:
     return {
         "benchmark": "memory",
         "figure": "push_peak",
+        "transport": "http",
         "parameters": n,
         "optimizer": optimizer,
         "pushes": pushes,
@@ -215,6 +229,88 @@ def _peak_row(n: int, pushes: int, optimizer: str) -> dict[str, Any]:
         "rss_growth_bytes": statistics.median(growth),
         "peak_method": method,
         "ratio": extra / len(body),
+        "goal_ratio": GOAL_PEAK_VS_BODY,
+    }
+
+
+class _Peak:
+    """The server's peak RSS over a ``with`` block: VmHWM reset at its start where the
+    kernel allows it (:attr:`reset`), and polled meanwhile in any case."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.reset = False
+        self.value = 0
+        self._poller = _RSSPoller(server)
+
+    def __enter__(self) -> _Peak:
+        self.reset = self.server.reset_peak()
+        self._poller.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._poller.__exit__(*exc)
+        self.value = self._poller.peak
+        if self.reset:
+            self.value = max(self.value, self.server.memory()["hwm"])
+
+
+def _plane_peak_row(n: int, pushes: int, optimizer: str) -> dict[str, Any]:
+    """``push_peak`` over the data plane: the first data-plane push of the server, on a new
+    connection, after two HTTP pushes (so that the session's slots are resident): the one
+    whose connection buffers come from the operating system. Then, for information, the
+    median over ``pushes`` more, each on a new connection, and one on a warm connection."""
+    weights, grads, body = _model(n)
+    extras: list[int] = []
+    with ServerProcess.paramserver() as server, Client(server.url) as client:
+        session = client.create_session(weights, optimizer)
+        port = server.data_plane_port()
+        with RawHTTPConnection(server.port) as http:
+            _push(http, session.id, body)
+            _push(http, session.id, body)
+        _settle()
+        method = "VmHWM after clear_refs"
+        before = server.rss()
+        with _Peak(server) as peak, RawFrameConnection(port) as conn:
+            n_out = len(conn.push(session.id, grads)[1])
+        first = peak.value - before
+        if not peak.reset:
+            method = "polled VmRSS (1 ms)"
+        _settle()
+        first_growth = server.rss() - before
+        for _ in range(pushes):
+            before = server.rss()
+            with _Peak(server) as peak, RawFrameConnection(port) as conn:
+                conn.push(session.id, grads)
+            extras.append(peak.value - before)
+            _settle()
+        with RawFrameConnection(port) as conn:
+            conn.push(session.id, grads)
+            _settle()
+            before = server.rss()
+            with _Peak(server) as peak:
+                conn.push(session.id, grads)
+            warm = peak.value - before
+        session.delete(missing_ok=True)
+    request_bytes = len(body)
+    return {
+        "benchmark": "memory",
+        "figure": "push_peak",
+        "transport": "data plane",
+        "parameters": n,
+        "optimizer": optimizer,
+        "pushes": 1,
+        "request_bytes": request_bytes,
+        "response_bytes": n_out,
+        "extra_peak_bytes": first,
+        "extra_peak_max_bytes": max([first, *extras]),
+        # what the first connection leaves resident after it closed (its buffers, while the
+        # server still holds them) and the peaks of later pushes on new and warm connections
+        "rss_growth_bytes": first_growth,
+        "new_connection_extra_peak_bytes": statistics.median(extras) if extras else None,
+        "warm_extra_peak_bytes": warm,
+        "peak_method": method + ", the server's first data-plane push, on a new connection",
+        "ratio": first / request_bytes,
         "goal_ratio": GOAL_PEAK_VS_BODY,
     }
 
@@ -235,14 +331,21 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
             )
         elif row["figure"] == "idempotency_rss":
             lines.append(
-                f"idempotency_rss: {_mib(row['rss_per_push'])} MiB kept per client push "
-                f"(answer {_mib(row['response_bytes'])} MiB)"
+                f"idempotency_rss ({row['transport']}): {_mib(row['rss_per_push'])} MiB kept per "
+                f"client push (answer {_mib(row['response_bytes'])} MiB)"
             )
         else:
+            later = ""
+            if row.get("warm_extra_peak_bytes") is not None:
+                later = (
+                    f"; kept after it closed {_mib(row['rss_growth_bytes'])}, later pushes on a "
+                    f"new connection {_mib(row['new_connection_extra_peak_bytes'])}, on a warm "
+                    f"one {_mib(row['warm_extra_peak_bytes'])}"
+                )
             lines.append(
-                f"push_peak: {row['parameters']:.0e} params, body {_mib(row['request_bytes'])} "
-                f"MiB: extra peak {_mib(row['extra_peak_bytes'])} MiB (max "
-                f"{_mib(row['extra_peak_max_bytes'])}) -> {row['ratio']:.2f}x "
+                f"push_peak ({row['transport']}): {row['parameters']:.0e} params, body "
+                f"{_mib(row['request_bytes'])} MiB: extra peak {_mib(row['extra_peak_bytes'])} MiB "
+                f"(max {_mib(row['extra_peak_max_bytes'])}{later}) -> {row['ratio']:.2f}x "
                 f"(goal <= {row['goal_ratio']}; {row['peak_method']})"
             )
     return "\n".join(lines)

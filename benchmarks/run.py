@@ -9,12 +9,18 @@ Runs, in this order, each against its reference measured in the same run:
 1. ``kernels`` (:mod:`benchmarks.kernels`): ns per element of each optimizer's fused kernel
    against a loop with the same memory traffic (and torch's Adam where installed);
 2. ``push`` (:mod:`benchmarks.push`): push round trip at 1e6 and 1e7 parameters, p50 and p99,
-   raw-socket client against a raw TCP echo of the same bytes, our client against the
-   raw-socket client;
-3. ``throughput`` (:mod:`benchmarks.throughput`): small pushes per second from concurrent
-   connections against a bare FastAPI echo served by uvicorn the same way;
-4. ``memory`` (:mod:`benchmarks.memory`): resident size per session against its weights and
-   slots, and the extra peak during a 1e7-parameter push against the body size.
+   and CPU time per push (server and worker processes): our client (over the data plane;
+   with ``out=``; forced onto HTTP), a raw frame client, a raw HTTP client and a bare
+   uvicorn echo, against a raw TCP echo of the same bytes;
+3. ``concurrency`` (:mod:`benchmarks.concurrency`): worker processes, each with its own
+   client, pushing 1e6 parameters into one session at once: bytes per second against as many
+   concurrent TCP echoes;
+4. ``throughput`` (:mod:`benchmarks.throughput`): small pushes per second from concurrent
+   connections (a raw HTTP load, a raw frame load, and our client in worker processes), and
+   one connection's push latency, against a bare FastAPI echo served by uvicorn the same way;
+5. ``memory`` (:mod:`benchmarks.memory`): resident size per session against its weights and
+   slots, and the extra peak during a 1e7-parameter push (over HTTP and over the data plane)
+   against the body size.
 
 It prints one table (figure, ours, reference, ratio, goal, verdict) and writes everything
 (the goals, every row of every benchmark, the machine and the command) to ``--json``
@@ -42,7 +48,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import kernels, memory, push, throughput
+from . import concurrency, kernels, memory, push, throughput
 
 __all__ = ["BENCHMARKS", "PLANS", "Plan", "goal_rows", "machine", "main", "run"]
 
@@ -60,9 +66,15 @@ class Plan:
     push_samples: int | None
     push_rounds: int
     push_quick: bool
+    concurrency_workers: int
+    concurrency_parameters: int
+    concurrency_seconds: float
+    concurrency_rounds: int
     throughput_connections: int
+    throughput_client_processes: int
     throughput_seconds: float
     throughput_rounds: int
+    throughput_latency_samples: int
     memory_sessions: int
     memory_parameters: int
     memory_peak_parameters: int
@@ -77,9 +89,15 @@ PLANS = {
         push_samples=None,
         push_rounds=6,
         push_quick=False,
+        concurrency_workers=4,
+        concurrency_parameters=10**6,
+        concurrency_seconds=2.0,
+        concurrency_rounds=3,
         throughput_connections=16,
-        throughput_seconds=2.0,
-        throughput_rounds=5,
+        throughput_client_processes=4,
+        throughput_seconds=1.5,
+        throughput_rounds=4,
+        throughput_latency_samples=1000,
         memory_sessions=8,
         memory_parameters=10**6,
         memory_peak_parameters=10**7,
@@ -92,9 +110,15 @@ PLANS = {
         push_samples=None,
         push_rounds=4,
         push_quick=True,
+        concurrency_workers=4,
+        concurrency_parameters=10**6,
+        concurrency_seconds=1.0,
+        concurrency_rounds=2,
         throughput_connections=16,
+        throughput_client_processes=4,
         throughput_seconds=1.0,
-        throughput_rounds=3,
+        throughput_rounds=2,
+        throughput_latency_samples=300,
         memory_sessions=4,
         memory_parameters=10**6,
         memory_peak_parameters=10**7,
@@ -113,11 +137,22 @@ def _push(plan: Plan) -> list[dict[str, Any]]:
     )
 
 
+def _concurrency(plan: Plan) -> list[dict[str, Any]]:
+    return concurrency.run(
+        workers=plan.concurrency_workers,
+        parameters=plan.concurrency_parameters,
+        seconds=plan.concurrency_seconds,
+        rounds=plan.concurrency_rounds,
+    )
+
+
 def _throughput(plan: Plan) -> list[dict[str, Any]]:
     return throughput.run(
         connections=plan.throughput_connections,
+        client_processes=plan.throughput_client_processes,
         seconds=plan.throughput_seconds,
         rounds=plan.throughput_rounds,
+        latency_samples=plan.throughput_latency_samples,
     )
 
 
@@ -134,6 +169,7 @@ def _memory(plan: Plan) -> list[dict[str, Any]]:
 BENCHMARKS: dict[str, Callable[[Plan], list[dict[str, Any]]]] = {
     "kernels": _kernels,
     "push": _push,
+    "concurrency": _concurrency,
     "throughput": _throughput,
     "memory": _memory,
 }
@@ -199,72 +235,148 @@ def _kernel_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+#: The push lines per size: figure ("{ours}": our client, marked if it fell back to HTTP),
+#: ours, reference (key prefix and name), the ratio's key, and which goal applies where.
+_PUSH_LINES: tuple[tuple[str, str, tuple[str, str], str, str | None], ...] = (
+    ("p50 {ours} vs TCP echo (ms)", "client_p50", ("echo_p50", "echo"),
+     "client_vs_echo_p50", "latency"),
+    ("p99 {ours} vs TCP echo (ms)", "client_p99", ("echo_p99", "echo"),
+     "client_vs_echo_p99", "latency"),
+    ("p50 {ours} out= vs TCP echo (ms)", "client_out_p50", ("echo_p50", "echo"),
+     "client_out_vs_echo_p50", None),
+    ("p50 our client on HTTP vs TCP echo (ms)", "http_client_p50", ("echo_p50", "echo"),
+     "http_client_vs_echo_p50", None),
+    ("p50 raw frame client vs TCP echo (ms)", "frames_p50", ("echo_p50", "echo"),
+     "frames_vs_echo_p50", None),
+    ("p50 {ours} vs raw frame client (ms)", "client_p50", ("frames_p50", "frames"),
+     "client_vs_frames_p50", None),
+    ("p50 raw HTTP client vs TCP echo (ms)", "raw_p50", ("echo_p50", "echo"),
+     "raw_vs_echo_p50", None),
+    ("p50 bare uvicorn echo vs TCP echo (ms)", "uvicorn_p50", ("echo_p50", "echo"),
+     "uvicorn_vs_echo_p50", None),
+    ("p50 raw HTTP client vs bare uvicorn echo (ms)", "raw_p50", ("uvicorn_p50", "uvicorn"),
+     "raw_vs_uvicorn_p50", None),
+    ("p50 our client on HTTP vs raw HTTP client (ms)", "http_client_p50", ("raw_p50", "raw"),
+     "http_client_vs_raw_p50", "http_client"),
+    ("p99 raw HTTP client vs TCP echo (ms)", "raw_p99", ("echo_p99", "echo"),
+     "raw_vs_echo_p99", None),
+    ("p99 our client on HTTP vs raw HTTP client (ms)", "http_client_p99", ("raw_p99", "raw"),
+     "http_client_vs_raw_p99", None),
+    ("CPU/push {ours}, server+worker vs TCP echo's two ends (ms)", "client_cpu",
+     ("echo_cpu", "echo"), "client_cpu_vs_echo", "cpu"),
+    ("CPU/push {ours}: server vs echo server (ms)", "client_server_cpu",
+     ("echo_server_cpu", "echo"), "client_server_cpu_vs_echo", None),
+    ("CPU/push {ours}: worker vs echo client (ms)", "client_worker_cpu",
+     ("echo_worker_cpu", "echo"), "client_worker_cpu_vs_echo", None),
+    ("CPU/push {ours} out= vs TCP echo (ms)", "client_out_cpu", ("echo_cpu", "echo"),
+     "client_out_cpu_vs_echo", None),
+    ("CPU/push our client on HTTP vs TCP echo (ms)", "http_client_cpu", ("echo_cpu", "echo"),
+     "http_client_cpu_vs_echo", None),
+)  # fmt: skip
+
+
 def _push_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         size = f"{r['parameters']:.0e}"
-        gated = r["parameters"] == 10**6  # the goals are stated for 1e6 parameters
-        for q in ("p50", "p99"):
-            goal_on = gated and q == "p50"
+        # the latency goals are stated for 1e6 and 1e7 parameters, the others for 1e6
+        goals = {
+            "latency": r["parameters"] in (10**6, 10**7),
+            "cpu": r["parameters"] == 10**6,
+            "http_client": r["parameters"] == 10**6,
+        }
+        goal_values = {
+            "client_vs_echo_p50": r["goal_client_vs_echo_p50"],
+            "client_vs_echo_p99": r["goal_client_vs_echo_p99"],
+            "client_cpu_vs_echo": r["goal_cpu_vs_echo"],
+            "http_client_vs_raw_p50": r["goal_http_client_vs_raw_p50"],
+        }
+        ours = "our client"
+        if r.get("client_transport", "data plane") != "data plane":
+            ours += f" [{r['client_transport']}!]"  # fell back from the data plane
+        for figure, key, (ref, ref_name), ratio, goal in _PUSH_LINES:
             out.append(
                 _goal(
-                    f"push {size} {q} raw client vs TCP echo (ms)",
-                    f"{r[f'raw_{q}_ms']:.2f}",
-                    f"{r[f'echo_{q}_ms']:.2f} echo",
-                    r[f"raw_vs_echo_{q}"],
-                    r["goal_raw_vs_echo_p50"] if goal_on else None,
-                )
-            )
-            if q == "p50":
-                out.append(
-                    _goal(
-                        f"push {size} {q} bare uvicorn echo vs TCP echo (ms)",
-                        f"{r[f'uvicorn_{q}_ms']:.2f}",
-                        f"{r[f'echo_{q}_ms']:.2f} echo",
-                        r[f"uvicorn_vs_echo_{q}"],
-                        None,
-                    )
-                )
-                out.append(
-                    _goal(
-                        f"push {size} {q} raw client vs bare uvicorn echo (ms)",
-                        f"{r[f'raw_{q}_ms']:.2f}",
-                        f"{r[f'uvicorn_{q}_ms']:.2f} uvicorn",
-                        r[f"raw_vs_uvicorn_{q}"],
-                        None,
-                    )
-                )
-            out.append(
-                _goal(
-                    f"push {size} {q} our client vs raw client (ms)",
-                    f"{r[f'client_{q}_ms']:.2f}",
-                    f"{r[f'raw_{q}_ms']:.2f} raw",
-                    r[f"client_vs_raw_{q}"],
-                    r["goal_client_vs_raw_p50"] if goal_on else None,
+                    f"push {size} " + figure.format(ours=ours),
+                    f"{r[key + '_ms']:.2f}",
+                    f"{r[ref + '_ms']:.2f} {ref_name}",
+                    r[ratio],
+                    goal_values[ratio] if goal is not None and goals[goal] else None,
                 )
             )
     return out
 
 
-def _throughput_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        _goal(
-            f"small pushes/s, {r['connections']} conns, "
-            + ("1 shared session" if r["sessions"] == "shared" else "a session each"),
-            f"{r['ours_per_s']:.0f}",
-            f"{r['echo_per_s']:.0f} echo",
-            r["ratio"],
-            r["goal_ratio"],
-            at_least=True,
+def _concurrency_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        who = "our client" if r["mode"] == "data_plane" else "our client on HTTP"
+        if r["mode"] == "data_plane" and r["transport"] != "data plane":
+            who += f" [{r['transport']}!]"
+        out.append(
+            _goal(
+                f"{r['workers']} workers pushing {r['parameters']:.0e} into 1 session, {who} "
+                f"vs {r['workers']} TCP echoes (MB/s)",
+                f"{r['ours_bytes_per_s'] / concurrency.MB:.0f}",
+                f"{r['echo_bytes_per_s'] / concurrency.MB:.0f} echo",
+                r["ratio"],
+                r["goal_ratio"],
+                at_least=True,
+            )
         )
-        for r in rows
-    ]
+    return out
+
+
+_LOADS = {"raw_http": "raw HTTP load", "frames": "raw frame load", "client": "our client"}
+
+
+def _throughput_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        if r.get("figure", "rate") == "rate":
+            load = _LOADS.get(r.get("load", "raw_http"), r.get("load", ""))
+            if r.get("load") == "client":
+                load += f" x{r['connections']} in {r['client_processes']} processes"
+                if r["transport"] != "data plane":
+                    load += f" [{r['transport']}!]"
+            out.append(
+                _goal(
+                    f"small pushes/s, {r['connections']} conns, "
+                    + ("1 shared session" if r["sessions"] == "shared" else "a session each")
+                    + f", {load}",
+                    f"{r['ours_per_s']:.0f}",
+                    f"{r['echo_per_s']:.0f} echo",
+                    r["ratio"],
+                    r["goal_ratio"],
+                    at_least=True,
+                )
+            )
+            continue
+        for name, what, goal in (
+            ("client", "our client", r["goal_ratio"]),
+            ("frames", "raw frame client", None),
+            ("raw_http", "raw HTTP client", None),
+            ("http_client", "our client on HTTP", None),
+        ):
+            if name == "client" and r["transport"] != "data plane":
+                what += f" [{r['transport']}!]"
+            out.append(
+                _goal(
+                    f"small push p50, 1 conn, {what} vs FastAPI echo (us)",
+                    f"{r[f'{name}_p50_us']:.0f}",
+                    f"{r['echo_p50_us']:.0f} echo",
+                    r[f"{name}_vs_echo_p50"],
+                    goal,
+                )
+            )
+    return out
 
 
 def _memory_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     mib = memory.MiB
     out = []
     for r in rows:
+        over = f" over {r['transport']}" if "transport" in r else ""
         if r["figure"] == "session_rss":
             out.append(
                 _goal(
@@ -278,7 +390,7 @@ def _memory_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         elif r["figure"] == "idempotency_rss":
             out.append(
                 _goal(
-                    "RSS kept per client push (idempotency) (MiB)",
+                    f"RSS kept per client push (idempotency){over} (MiB)",
                     f"{r['rss_per_push'] / mib:.1f}",
                     f"{r['response_bytes'] / mib:.1f} answer",
                     r["rss_per_push"] / r["response_bytes"],
@@ -288,7 +400,7 @@ def _memory_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         elif r["figure"] == "push_peak":
             out.append(
                 _goal(
-                    f"peak extra RSS, {r['parameters']:.0e} push (MiB)",
+                    f"peak extra RSS, {r['parameters']:.0e} push{over} (MiB)",
                     f"{r['extra_peak_bytes'] / mib:.1f}",
                     f"{r['request_bytes'] / mib:.1f} body",
                     r["ratio"],
@@ -301,6 +413,7 @@ def _memory_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 _GOALS: dict[str, Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]] = {
     "kernels": _kernel_goals,
     "push": _push_goals,
+    "concurrency": _concurrency_goals,
     "throughput": _throughput_goals,
     "memory": _memory_goals,
 }
@@ -471,10 +584,15 @@ def _details(doc: dict[str, Any]) -> str:
         parts.append("kernels (ns per element):\n" + kernels.format_table(results["kernels"]))
     if "push" in results:
         parts.append("push round trip (ms):\n" + push.format_table(results["push"]))
+    if "concurrency" in results:
+        parts.append(
+            "concurrent large pushes:\n"
+            + push.format_table(results["concurrency"], concurrency.COLUMNS)
+        )
     if "throughput" in results:
         parts.append(
-            "throughput (pushes/s):\n"
-            + push.format_table(results["throughput"], throughput.COLUMNS)
+            "small pushes (pushes/s; latency in us):\n"
+            + throughput.format_rows(results["throughput"])
         )
     if "memory" in results:
         parts.append("memory:\n" + memory.format_rows(results["memory"]))

@@ -792,6 +792,12 @@ def _default_ca_bundle() -> str | None:
 
 S = TypeVar("S", bound=SessionCore[Any])
 
+#: ``GET /data-plane``, asked once per client before its first push or pull (its answer is
+#: read by :meth:`ClientCore._plane_from_announcement`, whatever the status).
+ANNOUNCEMENT_CALL: Call[Reply] = Call(
+    "GET", "/data-plane", lambda reply: reply, expect=frozenset(range(100, 600))
+)
+
 
 class ClientCore(Generic[S]):
     """Configuration and calls of a client; the twins add the ``httpx`` client and sending."""

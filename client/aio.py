@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
+import anyio
 import anyio.to_thread
 import httpx
 
@@ -193,6 +194,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
             data_plane=data_plane and usable_for(httpx.URL(str(base_url)), transport=transport),
         )
         self._http = httpx.AsyncClient(transport=transport, **self._httpx_options())
+        self._plane_lock = anyio.Lock()
 
     # --- lifecycle ---
 
@@ -330,11 +332,14 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
     async def _data_plane(self, attempts: Attempts) -> DataPlaneChannel | None:
         """The data-plane channel, asked for once (``GET /data-plane``); None: use HTTP."""
         if self._plane is None:
-            try:
-                response = await self._http.get("/data-plane", timeout=attempts.timeout())
-            except httpx.RequestError:
-                return None  # ask again on the next call; this one goes over HTTP
-            self._plane = self._plane_from_announcement(response.status_code, response.content)
+            async with self._plane_lock:  # concurrent calls: one question, one channel
+                if self._plane is None:
+                    try:
+                        # the HTTP path: bounded by the call's deadline like the call itself
+                        reply = await self._send_http(_base.ANNOUNCEMENT_CALL, attempts)
+                    except httpx.RequestError:
+                        return None  # ask again on the next call; this one goes over HTTP
+                    self._plane = self._plane_from_announcement(reply.status, bytes(reply.body))
         return self._usable_plane()
 
     async def _send(self, call: Call[Any], attempts: Attempts) -> Reply | LeanAnswer:
@@ -343,6 +348,10 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
             plane = await self._data_plane(attempts)
             if plane is not None:
                 return await anyio.to_thread.run_sync(plane.exchange, call.lean, attempts)
+        return await self._send_http(call, attempts)
+
+    async def _send_http(self, call: Call[Any], attempts: Attempts) -> Reply:
+        attempts.check_deadline()
         request = self._http.build_request(
             call.method,
             call.path,

@@ -14,6 +14,7 @@ retried, and when, is described in :mod:`paramserver.client._base` and ``docs/cl
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -192,6 +193,7 @@ class Client(_base.ClientCore["Session[Any]"]):
             data_plane=data_plane and usable_for(httpx.URL(str(base_url)), transport=transport),
         )
         self._http = httpx.Client(transport=transport, **self._httpx_options())
+        self._plane_lock = threading.Lock()
 
     # --- lifecycle ---
 
@@ -327,11 +329,14 @@ class Client(_base.ClientCore["Session[Any]"]):
     def _data_plane(self, attempts: Attempts) -> DataPlaneChannel | None:
         """The data-plane channel, asked for once (``GET /data-plane``); None: use HTTP."""
         if self._plane is None:
-            try:
-                response = self._http.get("/data-plane", timeout=attempts.timeout())
-            except httpx.RequestError:
-                return None  # ask again on the next call; this one goes over HTTP
-            self._plane = self._plane_from_announcement(response.status_code, response.content)
+            with self._plane_lock:  # threads share a client: one question, one channel
+                if self._plane is None:
+                    try:
+                        # the HTTP path: bounded by the call's deadline like the call itself
+                        reply = self._send_http(_base.ANNOUNCEMENT_CALL, attempts)
+                    except httpx.RequestError:
+                        return None  # ask again on the next call; this one goes over HTTP
+                    self._plane = self._plane_from_announcement(reply.status, bytes(reply.body))
         return self._usable_plane()
 
     def _send(self, call: Call[Any], attempts: Attempts) -> Reply | LeanAnswer:
@@ -340,6 +345,10 @@ class Client(_base.ClientCore["Session[Any]"]):
             plane = self._data_plane(attempts)
             if plane is not None:
                 return plane.exchange(call.lean, attempts)
+        return self._send_http(call, attempts)
+
+    def _send_http(self, call: Call[Any], attempts: Attempts) -> Reply:
+        attempts.check_deadline()
         request = self._http.build_request(
             call.method,
             call.path,

@@ -126,6 +126,7 @@ def _state_of(world: World) -> dict[str, Any]:
 
 REQUESTS: dict[tuple[str, str], Call] = {
     ("GET", "/health"): Call(200, lambda w: {"url": "/health"}),
+    ("GET", "/data-plane"): Call(200, lambda w: {"url": "/data-plane"}),
     ("GET", "/openapi.json"): Call(200, lambda w: {"url": "/openapi.json"}),
     ("HEAD", "/openapi.json"): Call(200, lambda w: {"url": "/openapi.json"}),
     ("GET", "/docs"): Call(200, lambda w: {"url": "/docs"}),
@@ -550,3 +551,32 @@ def test_lookup_compares_digests_with_compare_digest_against_every_entry(
         for a, b in calls:
             assert len(a) == len(b) == 32
             assert digest in (a, b)
+
+
+def test_no_scope_but_http_and_lifespan_reaches_the_app_unauthenticated():
+    """A WebSocket (or any other) scope is closed by the middleware itself, whatever the
+    transport might route to it: nothing reaches the app without a token check."""
+    import asyncio
+
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["type"])
+
+    middleware = auth.AuthMiddleware(app, auth.load_tokens(TOKENS, None))
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def run() -> None:
+        await middleware({"type": "websocket", "path": "/sessions", "headers": []}, receive, send)
+        await middleware({"type": "custom", "path": "/sessions"}, receive, send)
+        await middleware({"type": "lifespan"}, receive, send)
+
+    asyncio.run(run())
+    assert reached == ["lifespan"]
+    assert sent == [{"type": "websocket.close", "code": 1008}]
