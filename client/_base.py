@@ -793,7 +793,7 @@ def _default_ca_bundle() -> str | None:
 S = TypeVar("S", bound=SessionCore[Any])
 
 #: ``GET /data-plane``, asked once per client before its first push or pull (its answer is
-#: read by :meth:`ClientCore._plane_from_announcement`, whatever the status).
+#: read by :func:`paramserver.client.dataplane.channel_from_announcement`, whatever the status).
 ANNOUNCEMENT_CALL: Call[Reply] = Call(
     "GET", "/data-plane", lambda reply: reply, expect=frozenset(range(100, 600))
 )
@@ -859,30 +859,6 @@ class ClientCore(Generic[S]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {str(self.base_url)!r}>"
-
-    def _plane_from_announcement(self, status: int, body: bytes) -> Any:
-        """The data-plane channel ``GET /data-plane`` announced, or False (HTTP only)."""
-        from .dataplane import DataPlaneChannel, client_tls_context
-
-        if status != 200:
-            return False
-        try:
-            announced = json.loads(body)
-            port, tls, version = announced["port"], announced["tls"], announced["version"]
-        except (ValueError, KeyError, TypeError):
-            return False
-        if version != frames.VERSION or not isinstance(port, int) or not isinstance(tls, bool):
-            return False
-        if self.base_url.scheme == "https" and not tls:
-            return False  # never downgrade: the data plane of an https server speaks TLS
-        host = self.base_url.host
-        return DataPlaneChannel(
-            host,
-            port,
-            tls=client_tls_context(self._verify) if tls else None,
-            server_hostname=host,
-            token=self._token,
-        )
 
     def _usable_plane(self) -> Any:
         """The channel if it is known and not resting after a failure, else None."""

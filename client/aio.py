@@ -43,7 +43,7 @@ from ._base import (
     W,
     Weights,
 )
-from .dataplane import DataPlaneChannel, usable_for
+from .dataplane import DataPlaneChannel, channel_from_announcement, usable_for
 
 __all__ = ["AsyncClient", "AsyncSession"]
 
@@ -339,7 +339,13 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
                         reply = await self._send_http(_base.ANNOUNCEMENT_CALL, attempts)
                     except httpx.RequestError:
                         return None  # ask again on the next call; this one goes over HTTP
-                    self._plane = self._plane_from_announcement(reply.status, bytes(reply.body))
+                    self._plane = channel_from_announcement(
+                        self.base_url,
+                        verify=self._verify,
+                        token=self._token,
+                        status=reply.status,
+                        body=bytes(reply.body),
+                    )
         return self._usable_plane()
 
     async def _send(self, call: Call[Any], attempts: Attempts) -> Reply | LeanAnswer:

@@ -15,6 +15,7 @@ the client stays on HTTP.
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import ssl
@@ -32,7 +33,7 @@ from paramserver.codes import error_json
 
 from ._base import Attempts, LeanAnswer, LeanRequest, Reply
 
-__all__ = ["DataPlaneChannel", "client_tls_context", "usable_for"]
+__all__ = ["DataPlaneChannel", "channel_from_announcement", "client_tls_context", "usable_for"]
 
 #: How long a data plane that refused connections is left alone (HTTP meanwhile).
 RETRY_AFTER_FAILURE_SECONDS = 30.0
@@ -54,6 +55,38 @@ def usable_for(base_url: httpx.URL, *, transport: object | None) -> bool:
     if not any(k in proxies for k in ("http", "https", "all")):
         return True
     return bool(urllib.request.proxy_bypass(host))
+
+
+def channel_from_announcement(
+    base_url: httpx.URL,
+    *,
+    verify: bool | ssl.SSLContext,
+    token: str | None,
+    status: int,
+    body: bytes,
+) -> DataPlaneChannel | bool:
+    """The channel ``GET /data-plane`` announced, or False (HTTP only): no data plane, an
+    answer this client does not understand, or a plain data plane behind an https URL (never
+    a downgrade)."""
+    if status != 200:
+        return False
+    try:
+        announced = json.loads(body)
+        port, tls, version = announced["port"], announced["tls"], announced["version"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if version != frames.VERSION or not isinstance(port, int) or not isinstance(tls, bool):
+        return False
+    if base_url.scheme == "https" and not tls:
+        return False
+    host = base_url.host
+    return DataPlaneChannel(
+        host,
+        port,
+        tls=client_tls_context(verify) if tls else None,
+        server_hostname=host,
+        token=token,
+    )
 
 
 def client_tls_context(verify: bool | ssl.SSLContext) -> ssl.SSLContext:

@@ -25,9 +25,15 @@ TINY = bench_run.Plan(
     push_samples=3,
     push_rounds=1,
     push_quick=True,
+    concurrency_workers=2,
+    concurrency_parameters=1000,
+    concurrency_seconds=0.2,
+    concurrency_rounds=1,
     throughput_connections=2,
+    throughput_client_processes=2,
     throughput_seconds=0.2,
     throughput_rounds=1,
+    throughput_latency_samples=5,
     memory_sessions=2,
     memory_parameters=1000,
     memory_peak_parameters=20_000,
@@ -61,7 +67,7 @@ def _number(row: dict[str, Any], *keys: str) -> None:
 def test_document_describes_the_run(document: dict[str, Any]) -> None:
     assert document["quick"] is True
     assert document["command"].startswith("python -m benchmarks.run")
-    assert set(document["results"]) == {"kernels", "push", "throughput", "memory"}
+    assert set(document["results"]) == {"kernels", "push", "concurrency", "throughput", "memory"}
     machine = document["machine"]
     assert machine["nproc"] >= 1
     assert machine["cpu_model"]
@@ -73,7 +79,13 @@ def test_document_describes_the_run(document: dict[str, Any]) -> None:
 
 def test_goal_table_has_every_benchmark(document: dict[str, Any]) -> None:
     goals = document["goals"]
-    assert {g["benchmark"] for g in goals} == {"kernels", "push", "throughput", "memory"}
+    assert {g["benchmark"] for g in goals} == {
+        "kernels",
+        "push",
+        "concurrency",
+        "throughput",
+        "memory",
+    }
     for g in goals:
         assert set(g) == {"benchmark", "figure", "ours", "reference", "ratio", "goal", "verdict"}
         assert g["verdict"] in {"met", "NOT met", "-"}
@@ -98,26 +110,61 @@ def test_push_rows(document: dict[str, Any]) -> None:
     for row in rows:
         assert row["samples"] == 3
         _positive(row, "request_bytes", "response_bytes")
-        for method in ("echo", "uvicorn", "raw", "client"):
+        for method in ("echo", "uvicorn", "raw", "frames", "client", "client_out", "http_client"):
             _positive(row, f"{method}_p50_ms", f"{method}_p99_ms", f"{method}_min_ms")
             assert row[f"{method}_min_ms"] <= row[f"{method}_p50_ms"] <= row[f"{method}_p99_ms"]
-        _positive(row, "raw_vs_echo_p50", "client_vs_raw_p50", "raw_vs_uvicorn_p50")
+            # CPU time of 3 pushes can read 0 at /proc's tick resolution, never less
+            assert row[f"{method}_server_cpu_ms"] >= 0 and row[f"{method}_worker_cpu_ms"] >= 0
+        _positive(row, "client_vs_echo_p50", "client_vs_echo_p99", "raw_vs_echo_p50")
+        _positive(row, "http_client_vs_raw_p50", "client_vs_frames_p50", "raw_vs_uvicorn_p50")
+        assert row["client_transport"] == "data plane"
         assert isinstance(row["server_libraries"], list)
+
+
+def test_concurrency_rows(document: dict[str, Any]) -> None:
+    rows = document["results"]["concurrency"]
+    assert [(r["mode"], r["transport"]) for r in rows] == [
+        ("data_plane", "data plane"),
+        ("http", "http"),
+    ]
+    for row in rows:
+        assert row["workers"] == 2 and row["parameters"] == 1000
+        _positive(row, "ours_bytes_per_s", "echo_bytes_per_s", "ratio", "request_bytes")
+        assert (
+            len(row["ours_rounds_pushes_per_s"]) == len(row["echo_rounds_round_trips_per_s"]) == 1
+        )
 
 
 def test_throughput_rows(document: dict[str, Any]) -> None:
     rows = document["results"]["throughput"]
-    assert [r["sessions"] for r in rows] == ["shared", "per_connection"]
-    for row in rows:
+    rates = [r for r in rows if r["figure"] == "rate"]
+    assert [(r["sessions"], r["load"]) for r in rates] == [
+        (mode, load)
+        for mode in ("shared", "per_connection")
+        for load in ("raw_http", "frames", "client")
+    ]
+    for row in rates:
         assert row["connections"] == 2
+        assert row["transport"] == ("http" if row["load"] == "raw_http" else "data plane")
         _positive(row, "ours_per_s", "echo_per_s", "ratio", "request_bytes")
         assert len(row["ours_rounds_per_s"]) == len(row["echo_rounds_per_s"]) == 1
         assert row["ours_failed"] == 0 and row["echo_failed"] == 0
+    (latency,) = [r for r in rows if r["figure"] == "latency"]
+    assert latency["connections"] == 1 and latency["transport"] == "data plane"
+    for method in ("echo", "client", "frames", "raw_http", "http_client"):
+        _positive(latency, f"{method}_p50_us", f"{method}_p99_us")
+    _positive(latency, "ratio")
 
 
 def test_memory_rows(document: dict[str, Any]) -> None:
-    rows = {r["figure"]: r for r in document["results"]["memory"]}
-    assert set(rows) == {"session_rss", "idempotency_rss", "push_peak"}
+    assert [(r["figure"], r.get("transport")) for r in document["results"]["memory"]] == [
+        ("session_rss", None),
+        ("idempotency_rss", "http"),
+        ("idempotency_rss", "data plane"),
+        ("push_peak", "http"),
+        ("push_peak", "data plane"),
+    ]
+    rows = {r["figure"]: r for r in document["results"]["memory"]}  # the data plane's rows
     session = rows["session_rss"]
     _positive(session, "weights_bytes", "slots_bytes", "session_bytes", "baseline_rss")
     _positive(session, "rss_after")
