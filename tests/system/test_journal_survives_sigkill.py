@@ -126,3 +126,32 @@ def test_torn_tail_after_sigkill_is_cut_and_the_server_starts(tmp_path: Path) ->
         assert get_state(restarted.url, "a") == saved
     finally:
         assert restarted.terminate() == 0, restarted.log
+
+
+def test_pushes_over_the_data_plane_are_journaled_before_their_answer(tmp_path: Path) -> None:
+    """The data plane's pushes go through the same write-ahead journal: after SIGKILL every
+    acknowledged one is there, and a retried key replays instead of applying again."""
+    from paramserver.client import Client
+    from paramserver.client.dataplane import DataPlaneChannel
+
+    server = journal_server(tmp_path)
+    answers = []
+    try:
+        with Client(server.url) as client:
+            session = client.create_session(WEIGHTS, "adam")
+            for i in range(10):
+                last = grads()
+                answers.append(session.push(last, idempotency_key=f"dp-{i}"))
+            assert isinstance(client._plane, DataPlaneChannel)
+        server.kill()
+        assert [r.op for r in records_of(tmp_path / "data" / "journal")].count("push") == 10
+        server.start()
+        with Client(server.url) as client:
+            restarted = client.session(session.id)
+            assert restarted.info().iterations == 10
+            np.testing.assert_array_equal(restarted.pull()["w"], answers[-1]["w"])
+            again = restarted.push(last, idempotency_key="dp-9")  # replayed, then pulled
+            np.testing.assert_array_equal(again["w"], answers[-1]["w"])
+            assert restarted.info().iterations == 10
+    finally:
+        server.stop()
