@@ -51,11 +51,6 @@ log = logging.getLogger("paramserver.dataplane")
 #: rest is copied and sent after the lock (loopback sends 4 MB in about 1 ms).
 LOCKED_SEND_SECONDS = 0.02
 
-#: The headers are small maps; shapes are arrays inside ``tensors`` entries.
-HEADER_LIMITS = wire.DecodeLimits(
-    max_depth=4, max_objects=200_000, max_map_items=64, max_array_items=100_000
-)
-
 
 class _Closed(Exception):
     """The peer closed, or the guard evicted the connection."""
@@ -300,9 +295,9 @@ class _Connection:
         header_bytes = bytearray(prefix.header_len)
         self._recv_exact(memoryview(header_bytes), 0, deadline, started=True)
         try:
-            header = wire.unpack(header_bytes, HEADER_LIMITS)
-        except wire.MalformedBody as exc:
-            self._send_error(prefix.request_id, ErrorCode.BAD_REQUEST, f"frame header: {exc}")
+            header = frames.unpack_header(header_bytes)
+        except frames.FrameError as exc:
+            self._send_error(prefix.request_id, ErrorCode.BAD_REQUEST, str(exc))
             raise _Closed from None
         return prefix, header, prefix.request_id
 
@@ -501,7 +496,7 @@ class _Connection:
         reader never holds the session). Never raises: a failed send is raised afterwards,
         once the step is recorded (its key remembered), by :meth:`_finish_locked_send`."""
         weights = trainer.weights()
-        head = wire.pack(
+        head = frames.pack_header(
             {"status": 200, "iterations": trainer.iterations, "tensors": frames.specs_of(weights)}
         )
         body = [w.data.cast("B") for w in weights.values() if w.nbytes]
@@ -570,7 +565,7 @@ class _Connection:
     def _send_frame(
         self, request_id: int, header: dict[str, Any], body: Sequence[memoryview]
     ) -> None:
-        head = wire.pack(header)
+        head = frames.pack_header(header)
         prefix = frames.pack_prefix(
             frames.RESPONSE, request_id, len(head), sum(len(b) for b in body)
         )

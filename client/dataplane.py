@@ -40,9 +40,6 @@ RETRY_AFTER_FAILURE_SECONDS = 30.0
 #: A pooled connection idle longer than this is closed rather than reused (the server's
 #: default idle timeout is 5 s).
 MAX_IDLE_SECONDS = 4.0
-_HEADER_LIMITS = wire.DecodeLimits(
-    max_depth=4, max_objects=200_000, max_map_items=64, max_array_items=100_000
-)
 
 
 def usable_for(base_url: httpx.URL, *, transport: object | None) -> bool:
@@ -219,7 +216,7 @@ class DataPlaneChannel:
         tensors: Sequence[np.ndarray],
         timeout: httpx.Timeout,
     ) -> None:
-        head = wire.pack(dict(header))
+        head = frames.pack_header(header)
         buffers = frames.buffers_of(tensors)
         body_len = sum(len(b) for b in buffers)
         prefix = frames.pack_prefix(frames.REQUEST, request_id, len(head), body_len)
@@ -249,9 +246,9 @@ class DataPlaneChannel:
         head = bytearray(prefix.header_len)
         _recv_exact(sock, memoryview(head), timeout.read)
         try:
-            header = wire.unpack(head, _HEADER_LIMITS)
-        except wire.MalformedBody as exc:
-            raise httpx.RemoteProtocolError(f"data plane: answer header: {exc}") from exc
+            header = frames.unpack_header(head)
+        except frames.FrameError as exc:
+            raise httpx.RemoteProtocolError(f"data plane: {exc}") from exc
         if not isinstance(header, dict) or not isinstance(header.get("status"), int):
             raise httpx.RemoteProtocolError("data plane: an answer header without a status")
         return prefix, header

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from . import wire
@@ -47,10 +48,12 @@ __all__ = [
     "Prefix",
     "layout_of",
     "buffers_of",
+    "pack_header",
     "pack_prefix",
     "send_buffers",
     "send_for",
     "specs_of",
+    "unpack_header",
     "unpack_prefix",
 ]
 
@@ -74,6 +77,36 @@ OPS: Mapping[str, frozenset[str]] = {
 
 class FrameError(ValueError):
     """A frame that breaks the format (the connection cannot go on after it)."""
+
+
+def pack_header(header: Mapping[str, Any]) -> bytes:
+    """A frame header as msgpack (maps, strings, integers, booleans, lists: no bins)."""
+    return msgpack.packb(header)
+
+
+def unpack_header(data: bytes | bytearray | memoryview) -> Any:
+    """A frame header, read by msgpack's C unpacker within tight bounds: no bins, no
+    extension types, strings up to 4 KiB, maps up to 64 entries, lists up to 100,000 items
+    (the tensors of a push), at most MAX_HEADER_BYTES in all. Raises :class:`FrameError`."""
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=0,
+            max_ext_len=0,
+            max_str_len=4096,
+            max_map_len=64,
+            max_array_len=100_000,
+        )
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as exc:
+        raise FrameError(f"an unreadable frame header: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -320,3 +320,38 @@ def test_without_a_data_plane_the_announcement_is_404(server_factory):
     server = server_factory(data_plane=False)
     answer = httpx.get(f"{server.url}/data-plane", timeout=10)
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x91" * 5000 + b"\xc0",  # 5,000 nested lists
+        b"\xdd\xff\xff\xff\xff",  # a list that claims 4 billion items
+        b"\xc7\x01\x05x",  # an extension type
+        b"\xc4\x03abc",  # a bin
+        b"\x81\x01\x02",  # a map with an integer key
+        b"\xa2op",  # not a map
+        b"\x81\xa2op\xa4push\xc0",  # trailing bytes
+    ],
+)
+def test_a_hostile_frame_header_is_refused_and_the_connection_closed(
+    server_factory, frames_to, header
+):
+    server = server_factory()
+    plane = frames_to(_plane_port(server))
+    plane.sock.sendall(PREFIX.pack(b"PSDP", 1, 1, 0, 3, len(header), 0) + header)
+    _, head, _ = plane.answer()
+    assert head["status"] in (400, 422), head
+    assert plane.closed_within(5) or head["status"] == 422
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
+def test_a_frame_of_another_protocol_is_refused(server_factory, frames_to):
+    server = server_factory()
+    plane = frames_to(_plane_port(server))
+    plane.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, head, _ = plane.answer()
+    assert (
+        head["status"] == 400 and "not a paramserver data-plane frame" in head["error"]["message"]
+    )
+    assert plane.closed_within(5)
