@@ -80,7 +80,13 @@ def run(
                     session_ids=(session.id,),
                     elements=parameters,
                 )
-                measured = _alternate(pool, workers, job, echo_job, seconds, max(1, rounds))
+                measured = _alternate(
+                    pool,
+                    workers,
+                    [("ours", job, server), ("echo", echo_job, echo)],
+                    seconds,
+                    max(1, rounds),
+                )
                 ours = statistics.median(r * per_push for r in measured["ours"])
                 reference = statistics.median(r * per_push for r in measured["echo"])
                 rows.append(
@@ -103,6 +109,8 @@ def run(
                         "echo_rounds_round_trips_per_s": measured["echo"],
                         "ours_worker_cpu_per_push_ms": measured["ours_cpu_ms"],
                         "echo_worker_cpu_per_round_trip_ms": measured["echo_cpu_ms"],
+                        "ours_server_cpu_per_push_ms": measured["ours_server_cpu_ms"],
+                        "echo_server_cpu_per_round_trip_ms": measured["echo_server_cpu_ms"],
                         "ratio": ours / reference,
                         "goal_ratio": GOAL_VS_ECHO if mode == "data_plane" else None,
                     }
@@ -120,24 +128,35 @@ def _cpu_per_push_ms(results: Sequence[ThreadResult]) -> float:
 
 
 def _alternate(
-    pool: WorkerPool, workers: int, job: Job, echo_job: Job, seconds: float, rounds: int
+    pool: WorkerPool,
+    workers: int,
+    bursts: Sequence[tuple[str, Job, ServerProcess]],
+    seconds: float,
+    rounds: int,
 ) -> dict[str, Any]:
-    """Pushes per second of ``job`` and of ``echo_job`` in every process, round after round,
-    alternating which goes first; after one unmeasured burst of each."""
-    out: dict[str, Any] = {"ours": [], "echo": [], "ours_cpu": [], "echo_cpu": []}
-    targets = [("ours", job), ("echo", echo_job)]
+    """Pushes per second of each ``(name, job, server)`` in every process, round after
+    round, alternating which goes first; after one unmeasured burst of each. Also the
+    workers' CPU time and the server's per push (medians; the server's includes the burst's
+    connecting and two warm-up pushes per worker)."""
+    out: dict[str, Any] = {}
     transports: set[str] = set()
-    for _, j in targets:
-        pool.burst([j] * workers, min(seconds, 0.5))
+    for name, job, _ in bursts:
+        out[name], out[f"{name}_cpu"], out[f"{name}_server_cpu"] = [], [], []
+        pool.burst([job] * workers, min(seconds, 0.5))
     for r in range(rounds):
-        for name, j in targets if r % 2 == 0 else targets[::-1]:
-            results = pool.burst([j] * workers, seconds)
+        for name, job, server in bursts if r % 2 == 0 else bursts[::-1]:
+            cpu0 = server.cpu_seconds()
+            results = pool.burst([job] * workers, seconds)
+            used = server.cpu_seconds() - cpu0
+            pushes = sum(t.pushes for t in results)
             out[name].append(total_rate(results))
             out[f"{name}_cpu"].append(_cpu_per_push_ms(results))
+            out[f"{name}_server_cpu"].append(1e3 * used / pushes if pushes else float("nan"))
             if name == "ours":
-                transports.update(r.transport for r in results)
-    out["ours_cpu_ms"] = statistics.median(out.pop("ours_cpu"))
-    out["echo_cpu_ms"] = statistics.median(out.pop("echo_cpu"))
+                transports.update(t.transport for t in results)
+    for name, _, _ in bursts:
+        out[f"{name}_cpu_ms"] = statistics.median(out.pop(f"{name}_cpu"))
+        out[f"{name}_server_cpu_ms"] = statistics.median(out.pop(f"{name}_server_cpu"))
     out["transport"] = "/".join(sorted(transports))
     return out
 
@@ -152,7 +171,10 @@ COLUMNS = [
     ("ours_bytes_per_s", "ours B/s", "{:.3g}"),
     ("echo_bytes_per_s", "echo B/s", "{:.3g}"),
     ("ratio", "ours/echo", "{:.2f}"),
+    ("ours_server_cpu_per_push_ms", "server cpu/push ms", "{:.2f}"),
+    ("echo_server_cpu_per_round_trip_ms", "echo server ms", "{:.2f}"),
     ("ours_worker_cpu_per_push_ms", "worker cpu/push ms", "{:.2f}"),
+    ("echo_worker_cpu_per_round_trip_ms", "echo worker ms", "{:.2f}"),
 ]
 
 

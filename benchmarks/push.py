@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import ctypes
 import os
+import select
 import socket
 import sys
 import time
@@ -245,8 +246,9 @@ class RawHTTPConnection:
     def __init__(self, port: int, *, host: str = HOST, timeout: float | None = 300.0) -> None:
         self.host = host
         self.port = port
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self.sock = _connect(host, port, timeout)
+        self._used = time.monotonic()
         self._head = bytearray(65536)
         self._body = bytearray(65536)
 
@@ -258,6 +260,15 @@ class RawHTTPConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+    def ensure_open(self) -> None:
+        """Reconnect if the connection sat idle long enough for the server to close it (its
+        idle timeout, 5 s by default): call it before a batch of requests, outside the
+        timing."""
+        if _stale(self.sock, self._used):
+            self.sock.close()
+            self.sock = _connect(self.host, self.port, self.timeout)
+        self._used = time.monotonic()
 
     def request(
         self,
@@ -314,7 +325,28 @@ class RawHTTPConnection:
             if n == 0:
                 raise ConnectionError("the server closed the connection mid-answer")
             have += n
+        self._used = time.monotonic()
         return status, out[:length]
+
+
+def _connect(host: str, port: int, timeout: float | None) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+#: A raw connection idle this long is reopened before its next batch: the servers close
+#: idle keep-alive connections after 5 s by default.
+MAX_IDLE_SECONDS = 4.0
+
+
+def _stale(sock: socket.socket, used: float) -> bool:
+    """Whether a connection last used at ``used`` (``time.monotonic``) may be closed by the
+    server: idle for ``MAX_IDLE_SECONDS``, or readable (closed, or stray bytes)."""
+    if time.monotonic() - used >= MAX_IDLE_SECONDS:
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
 
 
 def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
@@ -337,13 +369,18 @@ class RawFrameConnection:
     """
 
     def __init__(self, port: int, *, host: str = HOST, timeout: float | None = 300.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.host = host
+        self.port = port
+        self.timeout = timeout
         self._prefix = bytearray(frames.PREFIX.size)
         self._header = bytearray(4096)
         self._body = bytearray(0)
         self._heads: dict[tuple[str, tuple[tuple[str, str, tuple[int, ...]], ...]], bytes] = {}
         self._request_id = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.sock = _connect(self.host, self.port, self.timeout)
         header = self._exchange({"op": "hello", "version": frames.VERSION}, ())[0]
         if header.get("status") != 200:
             self.close()
@@ -357,6 +394,14 @@ class RawFrameConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+    def ensure_open(self) -> None:
+        """Reconnect (and say hello) if the connection sat idle long enough for the server
+        to close it (its idle timeout, 5 s by default): call it before a batch, outside the
+        timing."""
+        if _stale(self.sock, self._used):
+            self.sock.close()
+            self._open()
 
     def push(self, session_id: str, gradients: Mapping[str, np.ndarray]) -> tuple[int, memoryview]:
         """One push; raises unless answered with status 200."""
@@ -399,6 +444,7 @@ class RawFrameConnection:
             self._body = bytearray(answer.body_len)
         body = memoryview(self._body)[: answer.body_len]
         _recv_exactly(self.sock, body)
+        self._used = time.monotonic()
         return decoded, body
 
 
@@ -559,20 +605,24 @@ def _push_row(
         def http_client_push() -> None:
             http_session.push(grads)
 
-        # Each method, and the server process whose CPU time it costs.
-        methods: dict[str, tuple[Callable[[], None], ServerProcess]] = {
-            "echo": (echo_push, echo),
-            "uvicorn": (uvicorn_push, bare),
-            "raw": (raw_push, server),
-            "frames": (frames_push, server),
-            "client": (client_push, server),
-            "client_out": (client_out_push, server),
-            "http_client": (http_client_push, server),
+        # Each method, the server process whose CPU time it costs, and what reopens its
+        # connection if the server closed it while idle (the clients do that themselves).
+        def nothing() -> None:
+            return None
+
+        methods: dict[str, tuple[Callable[[], None], ServerProcess, Callable[[], None]]] = {
+            "echo": (echo_push, echo, nothing),
+            "uvicorn": (uvicorn_push, bare, stack.ensure_open),
+            "raw": (raw_push, server, raw.ensure_open),
+            "frames": (frames_push, server, plane.ensure_open),
+            "client": (client_push, server, nothing),
+            "client_out": (client_out_push, server, nothing),
+            "http_client": (http_client_push, server, nothing),
         }
         times: dict[str, list[float]] = {name: [] for name in methods}
         server_cpu = dict.fromkeys(methods, 0.0)
         worker_cpu = dict.fromkeys(methods, 0.0)
-        for fn, _ in methods.values():
+        for fn, _, _ in methods.values():
             fn()
             fn()
         # Keyed HTTP pushes: the server keeps each answer for replays until its budget is
@@ -583,7 +633,8 @@ def _push_row(
         transport = transport_of(client)
         per_round = [count // rounds + (1 if r < count % rounds else 0) for r in range(rounds)]
         for k in per_round:
-            for name, (fn, process) in methods.items():
+            for name, (fn, process, reopen) in methods.items():
+                reopen()
                 s0, w0 = process.cpu_seconds(), time.process_time()
                 _timed(fn, k, times[name])
                 worker_cpu[name] += time.process_time() - w0

@@ -304,19 +304,30 @@ class _ClientLoad:
         return total_rate(results), 0  # a failed push raises in the worker
 
 
-def _alternate(bursts: dict[str, Burst], seconds: float, rounds: int) -> dict[str, Any]:
+def _alternate(
+    bursts: dict[str, tuple[Burst, ServerProcess]], seconds: float, rounds: int
+) -> dict[str, Any]:
     """Each burst's rates, ``rounds`` times, their order rotating every round; after a short
-    unmeasured burst of each (first requests, lazily built routes, worker threads)."""
+    unmeasured burst of each (first requests, lazily built routes, worker threads). Also the
+    CPU time of the server each burst loads, per push (``{name}_server_cpu_us``, median:
+    connecting and, for the client load, its warm-up pushes included)."""
     out: dict[str, Any] = {name: [] for name in bursts}
     out.update({f"{name}_failed": 0 for name in bursts})
-    for burst in bursts.values():
+    cpu: dict[str, list[float]] = {name: [] for name in bursts}
+    for burst, _ in bursts.values():
         burst(min(seconds, 0.3))
     names = list(bursts)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            rate, failed = bursts[name](seconds)
+            burst, server = bursts[name]
+            cpu0 = server.cpu_seconds()
+            rate, failed = burst(seconds)
+            used = server.cpu_seconds() - cpu0
             out[name].append(rate)
             out[f"{name}_failed"] += failed
+            cpu[name].append(1e6 * used / (rate * seconds) if rate > 0 else float("nan"))
+    for name, values in cpu.items():
+        out[f"{name}_server_cpu_us"] = statistics.median(values)
     return out
 
 
@@ -357,25 +368,31 @@ def run(
             handles = [client.create_session({"w": weights}, optimizer) for _ in range(count)]
             ids = [handles[i % count].id for i in range(connections)]
             try:
-                bursts: dict[str, Burst] = {"echo": echo_load}
+                bursts: dict[str, tuple[Burst, ServerProcess]] = {"echo": (echo_load, echo)}
                 if "raw_http" in loads:
-                    bursts["raw_http"] = _async_load(
-                        ours.port,
-                        [
-                            _request_bytes(ours.port, f"/sessions/{sid}/gradients", body)
-                            for sid in ids
-                        ],
-                        _HTTPClientProtocol,
+                    bursts["raw_http"] = (
+                        _async_load(
+                            ours.port,
+                            [
+                                _request_bytes(ours.port, f"/sessions/{sid}/gradients", body)
+                                for sid in ids
+                            ],
+                            _HTTPClientProtocol,
+                        ),
+                        ours,
                     )
                 if "frames" in loads:
-                    bursts["frames"] = _async_load(
-                        plane_port,
-                        [_push_frame(sid, grads) for sid in ids],
-                        _FrameClientProtocol,
-                        hello=_HELLO,
+                    bursts["frames"] = (
+                        _async_load(
+                            plane_port,
+                            [_push_frame(sid, grads) for sid in ids],
+                            _FrameClientProtocol,
+                            hello=_HELLO,
+                        ),
+                        ours,
                     )
                 if "client" in loads:
-                    bursts["client"] = _ClientLoad(pool, ours.url, ids, elements)
+                    bursts["client"] = (_ClientLoad(pool, ours.url, ids, elements), ours)
                 rates = _alternate(bursts, seconds, max(1, rounds))
             finally:
                 for h in handles:
@@ -383,7 +400,7 @@ def run(
             echo_rate = statistics.median(rates["echo"])
             for load in (name for name in bursts if name != "echo"):
                 ours_rate = statistics.median(rates[load])
-                burst = bursts[load]
+                burst = bursts[load][0]
                 transports = burst.transports if isinstance(burst, _ClientLoad) else None
                 rows.append(
                     {
@@ -409,6 +426,8 @@ def run(
                         "echo_rounds_per_s": rates["echo"],
                         "ours_failed": rates[f"{load}_failed"],
                         "echo_failed": rates["echo_failed"],
+                        "ours_server_cpu_us": rates[f"{load}_server_cpu_us"],
+                        "echo_server_cpu_us": rates["echo_server_cpu_us"],
                         "ratio": ours_rate / echo_rate,
                         "goal_ratio": GOAL_VS_ECHO if load != "frames" else None,
                         "server_libraries": libraries,
@@ -463,6 +482,12 @@ def _latency_row(
             "raw_http": raw_push,
             "http_client": lambda: http_session.push(grads),
         }
+        # what reopens a raw connection the server closed while idle (the clients do it)
+        reopen: dict[str, Callable[[], None]] = {
+            "echo": echo_conn.ensure_open,
+            "frames": plane.ensure_open,
+            "raw_http": raw.ensure_open,
+        }
         times: dict[str, list[float]] = {name: [] for name in methods}
         try:
             for fn in methods.values():
@@ -472,6 +497,8 @@ def _latency_row(
             per_round = [samples // rounds + (r < samples % rounds) for r in range(rounds)]
             for k in per_round:
                 for name, fn in methods.items():
+                    if name in reopen:
+                        reopen[name]()
                     ts = times[name]
                     for _ in range(k):
                         t0 = time.perf_counter_ns()
@@ -508,6 +535,8 @@ COLUMNS = [
     ("ours_per_s", "ours/s", "{:.0f}"),
     ("echo_per_s", "echo/s", "{:.0f}"),
     ("ratio", "ours/echo", "{:.2f}"),
+    ("ours_server_cpu_us", "server cpu/push us", "{:.0f}"),
+    ("echo_server_cpu_us", "echo cpu/req us", "{:.0f}"),
     ("ours_failed", "failed", "{}"),
 ]
 
