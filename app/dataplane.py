@@ -170,8 +170,10 @@ class DataPlane:
                     self._connections.add(connection)
             if not admitted:
                 connection.refuse_full()
-                continue
-            connection.thread.start()
+            else:
+                connection.thread.start()
+            # not kept until the next accept: a closed connection's buffers go with it
+            del connection, sock
 
     def _forget(self, connection: _Connection) -> None:
         with self._guard_lock:
@@ -269,6 +271,8 @@ class _Connection:
             log.exception("data plane: unexpected error; connection closed")
         finally:
             self.plane._forget(self)
+            self._recv = self._send = bytearray()  # its buffers go now, whoever holds it
+            self._pending = None
             try:
                 self.sock.close()
             except OSError:
