@@ -503,7 +503,7 @@ class _Connection:
         head = frames.pack_header(
             {"status": 200, "iterations": trainer.iterations, "tensors": frames.specs_of(weights)}
         )
-        body = [w.data.cast("B") for w in weights.values() if w.nbytes]
+        body = frames.buffers_of(list(weights.values()))
         prefix = frames.pack_prefix(
             frames.RESPONSE, request_id, len(head), sum(len(b) for b in body)
         )

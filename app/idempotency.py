@@ -56,7 +56,8 @@ def push_digest(gradients: Mapping[str, np.ndarray]) -> bytes:
     for name in sorted(gradients):
         array = np.ascontiguousarray(gradients[name])
         digest.update(f"{len(name)}:{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.data.cast("B"))
+        if array.size:
+            digest.update(array.reshape(-1).view(np.uint8).data)
     return digest.digest()
 
 

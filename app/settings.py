@@ -188,6 +188,15 @@ class Settings(BaseSettings):
         return self.host, 0 if self.port == 0 else self.port + 1
 
     @model_validator(mode="after")
+    def _data_plane_port_exists(self) -> Settings:
+        if self.data_plane and self.data_plane_port is None and self.port == 65535:
+            raise ValueError(
+                "the data plane's default port is the HTTP port + 1, and 65535 has none: set "
+                "data_plane_port (--data-plane-port) or turn the data plane off (--no-data-plane)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_needs_a_certificate(self) -> Settings:
         if self.ssl_certfile is None and (
             self.ssl_keyfile is not None or self.ssl_ca_certs is not None

@@ -289,7 +289,7 @@ class DataPlaneChannel:
             if array.nbytes:
                 _recv_exact(
                     sock,
-                    array.data.cast("B"),
+                    frames.byte_view(array),
                     timeout.read,
                     check=attempts.check_deadline,
                 )

@@ -48,6 +48,7 @@ __all__ = [
     "Prefix",
     "layout_of",
     "buffers_of",
+    "byte_view",
     "pack_header",
     "pack_prefix",
     "send_buffers",
@@ -194,9 +195,20 @@ def layout_of(specs: Any, *, field: str, limits: wire.DecodeLimits = _NO_LIMITS)
     return Layout(tuple(tensors), offset)
 
 
+def byte_view(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array as a flat, writable-if-the-array-is memoryview (no
+    copy; works for 0-d arrays too)."""
+    return array.reshape(-1).view(np.uint8).data
+
+
 def buffers_of(arrays: Sequence[np.ndarray]) -> list[memoryview]:
-    """Each array's bytes as a flat memoryview, without a copy for contiguous arrays."""
-    return [np.ascontiguousarray(a).data.cast("B") for a in arrays]
+    """Each array's little-endian bytes as a flat memoryview (no copy for a contiguous
+    little-endian array); arrays without elements are left out (they have no bytes)."""
+    out = []
+    for array in arrays:
+        if array.size:
+            out.append(byte_view(np.ascontiguousarray(array, array.dtype.newbyteorder("<"))))
+    return out
 
 
 def send_buffers(sock: Any, buffers: Sequence[Any]) -> None:

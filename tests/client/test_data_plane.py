@@ -232,3 +232,32 @@ def test_a_url_with_a_path_prefix_or_a_proxy_stays_on_http(monkeypatch):
     assert not usable_for(httpx.URL("http://10.0.0.5:8000"), transport=None)
     monkeypatch.setenv("NO_PROXY", "10.0.0.5")
     assert usable_for(httpx.URL("http://10.0.0.5:8000"), transport=None)
+
+
+@pytest.mark.parametrize("journal", [False, True])
+def test_scalars_empty_tensors_every_dtype_and_big_endian_gradients_match_http(
+    server_factory, tmp_path, journal
+):
+    settings = {"snapshot_dir": tmp_path, "durability": "journal"} if journal else {}
+    server = server_factory(**settings)
+    weights = {
+        "scalar": np.array(1.5, np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+        "half": np.ones(3, np.float16),
+        "double": np.ones(2, np.float64),
+    }
+    grads = {
+        "scalar": np.array(0.1, np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+        "half": np.full(3, 0.5, np.float16),
+        "double": np.array([1.0, -2.0], ">f8"),  # big-endian: sent as little-endian bytes
+    }
+    with Client(server.url) as lean, Client(server.url, data_plane=False) as plain:
+        a = lean.create_session(weights, "adam")
+        b = plain.create_session(weights, "adam")
+        got, expected = a.push(grads), b.push(grads)
+        assert isinstance(lean._plane, DataPlaneChannel)
+        for name in weights:
+            assert got[name].shape == weights[name].shape and got[name].dtype == weights[name].dtype
+            assert got[name].tobytes() == expected[name].tobytes()
+        assert a.pull()["scalar"].tobytes() == b.pull()["scalar"].tobytes()
