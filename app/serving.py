@@ -126,6 +126,7 @@ def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
     server = uvicorn.Server(uvicorn_config)
     server.connection_guard = guard  # type: ignore[attr-defined]
     if tls is not None:
+        logging.getLogger("uvicorn.error").addFilter(_say_https)
         log.info(
             "TLS on%s",
             ""
@@ -133,6 +134,16 @@ def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
             else f"; client certificates {settings.ssl_client_cert}",
         )
     return server
+
+
+def _say_https(record: logging.LogRecord) -> bool:
+    """uvicorn announces "Uvicorn running on http://..." since TLS runs under its protocol
+    (connections.GuardedTLSProtocol), not through its own ssl options: say https."""
+    if record.msg.startswith("Uvicorn running on") and record.args:
+        args = tuple(record.args) if isinstance(record.args, tuple) else (record.args,)
+        if args and args[0] == "http":
+            record.args = ("https", *args[1:])
+    return True
 
 
 def warn_if_tokens_travel_in_clear(settings: Settings, has_tokens: bool) -> None:

@@ -196,6 +196,7 @@ def test_tokens_without_tls_on_a_network_address_are_warned_about(certs: Certifi
         **certs.server_options(),
     ) as secure:
         assert "TLS on" in secure.log
+        assert "Uvicorn running on https://0.0.0.0:" in secure.log
         assert warning not in secure.log
     loopback = ServerProcess.paramserver(
         log_dir=tmp_path, tokens_file=_tokens(tmp_path), warm_up_kernels=False
