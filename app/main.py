@@ -80,8 +80,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 try:
                     plane.start(*address)
                 except OSError as exc:
-                    log.critical("cannot start the data plane on %s:%d: %s", *address, exc)
-                    raise
+                    if settings.data_plane_port is not None or address[1] == 0:
+                        log.critical("cannot start the data plane on %s:%d: %s", *address, exc)
+                        raise
+                    # the default (HTTP port + 1) is taken: any free port; clients ask for it
+                    log.warning(
+                        "the data plane's default port %d is taken (%s); it listens on a free "
+                        "port instead (GET /data-plane announces it; set --data-plane-port to "
+                        "choose)",
+                        address[1],
+                        exc,
+                    )
+                    plane.start(address[0], 0)
                 app.state.data_plane = plane
             log.info("paramserver %s ready (kernels: %s)", __version__, default_backend().name)
             if durability is not None:

@@ -355,3 +355,39 @@ def test_a_frame_of_another_protocol_is_refused(server_factory, frames_to):
         head["status"] == 400 and "not a paramserver data-plane frame" in head["error"]["message"]
     )
     assert plane.closed_within(5)
+
+
+def test_a_taken_default_port_moves_the_data_plane_to_a_free_one(tmp_path):
+    """The default data-plane port is the HTTP port + 1; when something holds it the server
+    still starts, on a free port that GET /data-plane announces (an explicit one must be free)."""
+    from tests.harness.servers import ServerProcess, free_port
+
+    for _ in range(20):
+        port = free_port()
+        try:
+            holder = socket.create_server((HOST, port + 1))
+            break
+        except OSError:
+            continue
+    try:
+        server = ServerProcess(
+            ["-m", "paramserver", "serve", "--port", str(port), "--no-warm-up-kernels"],
+            log_dir=tmp_path,
+        )
+        server.launch()
+        server.port, server.url = port, f"http://{HOST}:{port}"
+        assert server.wait_ready()
+        try:
+            announced = httpx.get(f"{server.url}/data-plane", timeout=10).json()
+            assert announced["port"] not in (port + 1, 0)
+            assert "default port" in server.log and "is taken" in server.log
+        finally:
+            server.stop()
+        explicit = ServerProcess.paramserver(
+            "--data-plane-port", str(port + 1), log_dir=tmp_path, warm_up_kernels=False
+        ).launch()
+        assert explicit.wait_exit() == 3
+        assert "cannot start the data plane" in explicit.log
+        explicit.stop()
+    finally:
+        holder.close()
