@@ -196,7 +196,7 @@ class _Connection:
         self.busy = False
         self._evicted = False
         self._prefix = bytearray(frames.PREFIX.size)
-        self._recv = bytearray()
+        self._recv: memoryview = memoryview(bytearray())
         self._send = bytearray()
         self._authenticated = not plane.tokens
         self._can_write = not plane.tokens
@@ -271,7 +271,8 @@ class _Connection:
             log.exception("data plane: unexpected error; connection closed")
         finally:
             self.plane._forget(self)
-            self._recv = self._send = bytearray()  # its buffers go now, whoever holds it
+            self._recv = memoryview(bytearray())  # its buffers go now, whoever holds it
+            self._send = bytearray()
             self._pending = None
             try:
                 self.sock.close()
@@ -296,8 +297,10 @@ class _Connection:
         except frames.FrameError as exc:
             self._send_error(0, ErrorCode.BAD_REQUEST, str(exc))
             raise _Closed from None
-        header_bytes = bytearray(prefix.header_len)
-        self._recv_exact(memoryview(header_bytes), 0, deadline, started=True)
+        # np.empty: pages are only touched as bytes arrive, so a prefix that claims a large
+        # header costs memory only for what is really sent (within the header timeout).
+        header_bytes = np.empty(prefix.header_len, np.uint8).data
+        self._recv_exact(header_bytes, 0, deadline, started=True)
         try:
             header = frames.unpack_header(header_bytes)
         except frames.FrameError as exc:
@@ -417,11 +420,29 @@ class _Connection:
                 f"the body holds {prefix.body_len} bytes; its tensors need {layout.nbytes}",
                 close=True,
             )
+        # Before a byte of the body is read: its tensors must be the session's parameters (same
+        # names, same shapes; the dtype may differ, as over REST), so what this connection
+        # receives is bounded by the session's own size, not only by max_body_bytes.
+        parameters = session.trainer.parameters()
+        names = [name for name, _, _, _, _ in layout.tensors]
+        if set(names) != set(parameters) or any(
+            tuple(parameters[name][1]) != shape for name, _, shape, _, _ in layout.tensors
+        ):
+            raise _Refusal(
+                ErrorCode.PARAMETER_MISMATCH,
+                "the push's tensors are not the session's parameters: "
+                + ", ".join(
+                    f"{name} {list(parameters[name][1]) if name in parameters else 'unknown'}"
+                    for name in sorted(set(names) | set(parameters))
+                )[:500],
+                close=True,
+            )
         key = header.get("key")
         return_weights = header.get("return_weights", True)
         if len(self._recv) < prefix.body_len:
-            self._recv = bytearray(prefix.body_len)
-        body = memoryview(self._recv)[: prefix.body_len]
+            # np.empty, not bytearray: no page is touched before its bytes arrive
+            self._recv = np.empty(prefix.body_len, np.uint8).data
+        body = self._recv[: prefix.body_len]
         try:
             self._recv_exact(
                 body, 0, time.monotonic() + settings.request_timeout_seconds, started=True

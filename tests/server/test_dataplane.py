@@ -188,9 +188,6 @@ def test_errors_answer_with_the_rest_codes_and_the_connection_goes_on(server_fac
     create_session(server.url, "sgd", WEIGHTS, session_id=sid)
     plane = frames_to(_plane_port(server))
     plane.call({"op": "hello", "version": 1})
-    wrong = {"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
-    head, _ = plane.call(_push_header(sid, wrong), _body(wrong))
-    assert head["status"] == 422 and head["error"]["code"] == "parameter_mismatch"
     nan = {"kernel": np.full((3, 4), np.nan, np.float32), "bias": np.zeros(4, np.float32)}
     head, _ = plane.call(_push_header(sid, nan), _body(nan))
     assert head["error"]["code"] == "non_finite_gradient"
@@ -391,3 +388,30 @@ def test_a_taken_default_port_moves_the_data_plane_to_a_free_one(tmp_path):
         explicit.stop()
     finally:
         holder.close()
+
+
+def test_a_push_whose_tensors_are_not_the_sessions_is_refused_before_its_body(
+    server_factory, frames_to
+):
+    """What a connection receives is bounded by the session's own size: a layout with other
+    names or shapes (here a body of 400 MB declared) is refused before a byte of it is read."""
+    server = server_factory()
+    sid = new_id()
+    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
+    port = _plane_port(server)
+    for tensors in (
+        [["kernel", "float32", [10_000, 10_000]], ["bias", "float32", [4]]],
+        [["kernel", "float32", [3, 4]], ["other", "float32", [4]]],
+        [["kernel", "float32", [3, 4]]],
+    ):
+        plane = frames_to(port)
+        plane.call({"op": "hello", "version": 1})
+        size = sum(int(np.prod(shape)) * 4 for _, _, shape in tensors)
+        plane.send({"op": "push", "session": sid, "tensors": tensors}, body_len=size)
+        _, head, _ = plane.answer()
+        assert head["status"] == 422 and head["error"]["code"] == "parameter_mismatch", head
+        assert plane.closed_within(5)
+    ok = frames_to(port)
+    grads = {"kernel": np.ones((3, 4), np.float64), "bias": np.ones(4, np.float16)}  # other dtypes
+    head, _ = ok.call(_push_header(sid, grads), _body(grads))
+    assert head["status"] == 200 and head["iterations"] == 1
