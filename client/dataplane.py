@@ -284,7 +284,12 @@ class DataPlaneChannel:
             raise httpx.RemoteProtocolError(
                 "data plane: the answer's body does not fit its tensors"
             )
-        arrays = _destinations(layout, out)
+        try:
+            arrays = _destinations(layout, out)
+        except (MemoryError, ValueError) as exc:  # a size this machine cannot hold
+            raise httpx.RemoteProtocolError(
+                f"data plane: an answer of {layout.nbytes} bytes: {exc}"
+            ) from exc
         for array in arrays.values():
             if array.nbytes:
                 _recv_exact(
