@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     limit_concurrency: int | None = Field(
         None,
         ge=1,
-        description="Most requests in progress at once; more get 503 with Retry-After.",
+        description="Most HTTP requests in progress at once; more get 503 with Retry-After "
+        "(the data plane is bounded by data_plane_max_connections).",
     )
     request_timeout_seconds: float = Field(
         120.0,
