@@ -498,6 +498,13 @@ class _Connection:
         if prefix.body_len:
             raise _Refusal(ErrorCode.INVALID_REQUEST, "a pull has no body", close=True)
         session = self._session(header, close=False)
+        min_iterations = header.get("min_iterations")
+        wait_seconds = header.get("wait_seconds", 0.0)
+        if isinstance(wait_seconds, bool) or not isinstance(wait_seconds, (int, float)):
+            raise _Refusal(ErrorCode.INVALID_REQUEST, "'wait_seconds' is a number", close=False)
+        self.plane.service.check_wait(min_iterations, float(wait_seconds))
+        if min_iterations is not None:
+            session.wait_for(min_iterations, float(wait_seconds))  # this connection's thread
         answer = self.plane.service.read_weights(
             session, self._copy_weights, wait=self.plane.settings.request_timeout_seconds
         )

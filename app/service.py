@@ -271,6 +271,7 @@ class SessionService:
             if not trainer.refuse_non_finite:
                 trainer.apply(prepared)
             session.touch()
+            session.changed()  # wake the pulls waiting for this iteration
             value = answer(trainer)
             iterations = trainer.iterations
             if idempotency_key is not None:
@@ -292,7 +293,24 @@ class SessionService:
 
     def weights(self, session: Session) -> bytes:
         with session.locked() as trainer:
+            if session.deleted:  # deleted while the pull waited
+                raise SessionNotFound(f"no session {session.id!r}")
             return encode_weights(trainer.iterations, trainer.weights())
+
+    def check_wait(self, min_iterations: int | None, wait_seconds: float) -> None:
+        """A pull may wait at most the request timeout for ``min_iterations``."""
+        limit = self.settings.request_timeout_seconds
+        if not 0 <= wait_seconds <= limit:
+            raise InvalidRequest(
+                f"wait_seconds must be in [0, {limit:g}] (request_timeout_seconds), "
+                f"got {wait_seconds:g}"
+            )
+        if min_iterations is not None and (
+            isinstance(min_iterations, bool)
+            or not isinstance(min_iterations, int)
+            or min_iterations < 0
+        ):
+            raise InvalidRequest(f"min_iterations must be an integer >= 0, got {min_iterations!r}")
 
     def state(self, session: Session) -> bytes:
         with session.locked() as trainer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +61,67 @@ class Session:
         #: push journaled before that record could be acknowledged and then lost with it.
         self.persisted = threading.Event()
         self.persisted.set()
+        #: Called after every change of the iteration count (a step, a state load, a delete):
+        #: what wakes pulls waiting for an iteration (``min_iterations``).
+        self._watchers: set[Callable[[], None]] = set()
+        self._watch_lock = threading.Lock()
+
+    def changed(self) -> None:
+        """Wake every pull waiting on this session (cheap: each watcher sets an event)."""
+        with self._watch_lock:
+            watchers = list(self._watchers)
+        for wake in watchers:
+            wake()
+
+    def _reached(self, iterations: int) -> bool:
+        return self.deleted or self.trainer.iterations >= iterations
+
+    def wait_for(self, iterations: int, seconds: float) -> None:
+        """Block (a thread) until the session reaches ``iterations``, is deleted, or
+        ``seconds`` pass; the caller then reads what it has."""
+        if seconds <= 0 or self._reached(iterations):
+            return
+        event = threading.Event()
+        deadline = time.monotonic() + seconds
+        with self._watching(event.set):
+            while True:
+                event.clear()
+                remaining = deadline - time.monotonic()
+                if self._reached(iterations) or remaining <= 0:
+                    return
+                event.wait(remaining)
+
+    async def wait_for_async(self, iterations: int, seconds: float) -> None:
+        """:meth:`wait_for` on the event loop: a waiting request holds no thread."""
+        if seconds <= 0 or self._reached(iterations):
+            return
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        deadline = loop.time() + seconds
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(event.set)
+
+        with self._watching(wake):
+            while True:
+                event.clear()
+                remaining = deadline - loop.time()
+                if self._reached(iterations) or remaining <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except asyncio.TimeoutError:
+                    return
+
+    @contextmanager
+    def _watching(self, wake: Callable[[], None]) -> Iterator[None]:
+        with self._watch_lock:
+            self._watchers.add(wake)
+        try:
+            yield
+        finally:
+            with self._watch_lock:
+                self._watchers.discard(wake)
 
     @contextmanager
     def locked(self, wait: float | None = None) -> Iterator[Trainer]:
@@ -203,11 +265,13 @@ class SessionStore:
         if session is None:
             raise SessionNotFound(f"no session {session_id!r}")
         session.deleted = True
+        session.changed()
 
     def replace(self, session: Session, trainer: Trainer) -> None:
         """Swap in a new trainer (a loaded state); the caller holds ``session.lock``."""
         session.trainer = trainer
         session.touch()
+        session.changed()
 
     def replace_checked(
         self, session: Session, trainer: Trainer, before: Callable[[], None] = lambda: None

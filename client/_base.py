@@ -633,8 +633,24 @@ class SessionCore(Generic[W]):
             parse_lean=parse_lean,
         )
 
-    def _pull_call(self, out: Weights | None = None) -> Call[W]:
+    def _pull_call(
+        self,
+        out: Weights | None = None,
+        *,
+        min_iterations: int | None = None,
+        wait: float | None = None,
+    ) -> Call[W]:
         targets = self._targets(out)
+        params: dict[str, str] = {}
+        lean_header: dict[str, Any] = {"op": "pull", "session": self.id}
+        if min_iterations is not None:
+            if isinstance(min_iterations, bool) or not isinstance(min_iterations, int):
+                raise TypeError(f"min_iterations must be an int, got {min_iterations!r}")
+            params["min_iterations"] = str(min_iterations)
+            lean_header["min_iterations"] = min_iterations
+            if wait is not None:
+                params["wait_seconds"] = repr(float(wait))
+                lean_header["wait_seconds"] = float(wait)
 
         def parse(reply: Reply) -> W:
             iterations, weights = _weights_message(reply)
@@ -653,7 +669,8 @@ class SessionCore(Generic[W]):
             "GET",
             session_path(self.id, "weights"),
             parse,
-            lean=LeanRequest({"op": "pull", "session": self.id}, (), targets),
+            params=params or None,
+            lean=LeanRequest(lean_header, (), targets),
             parse_lean=parse_lean,
         )
 

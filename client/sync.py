@@ -124,10 +124,18 @@ class Session(_base.SessionCore[W]):
             return self.pull(out=out)
         return weights
 
-    def pull(self, *, out: Weights | None = None) -> W:
+    def pull(
+        self,
+        *,
+        out: Weights | None = None,
+        min_iterations: int | None = None,
+        wait: float | None = None,
+    ) -> W:
         """The current weights (dict, or list in the session's order); with ``out``, written
-        into those arrays, which are returned."""
-        return self._client._run(self._pull_call(out))
+        into those arrays, which are returned. With ``min_iterations`` (and ``wait`` seconds,
+        at most the server's request timeout) the server answers once the session reaches
+        that iteration, or after ``wait`` with what it has: compare ``last_iterations``."""
+        return self._client._run(self._pull_call(out, min_iterations=min_iterations, wait=wait))
 
     def info(self) -> SessionInfo:
         """The session's summary: optimizer, iterations, parameters, timestamps."""

@@ -72,7 +72,7 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 OPS: Mapping[str, frozenset[str]] = {
     "hello": frozenset({"version", "token"}),
     "push": frozenset({"session", "key", "return_weights", "tensors"}),
-    "pull": frozenset({"session"}),
+    "pull": frozenset({"session", "min_iterations", "wait_seconds"}),
 }
 
 

@@ -203,10 +203,36 @@ async def push_gradients(
 @router.get(
     "/{session_id}/weights",
     summary="Pull the weights",
+    description="The current weights and iteration count, a consistent view (never half a "
+    "step). With min_iterations=K and wait_seconds=S the answer waits until the session reaches "
+    "iteration K, or S seconds, whichever comes first.",
     response_class=Response,
-    responses={200: schemas.WEIGHTS_RESPONSE, **schemas.error_responses(404)},
+    responses={200: schemas.WEIGHTS_RESPONSE, **schemas.error_responses(404, 422)},
 )
-async def get_weights(session: SessionDep, service: ServiceDep) -> Response:
+async def get_weights(
+    session: SessionDep,
+    service: ServiceDep,
+    min_iterations: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description="Answer once the session reaches this iteration count (or after "
+            "wait_seconds with what it has: compare 'iterations').",
+        ),
+    ] = None,
+    wait_seconds: Annotated[
+        float,
+        Query(
+            ge=0,
+            description="How long to wait for min_iterations, at most the server's "
+            "request_timeout_seconds (default 0: answer at once). A waiting pull holds no "
+            "thread.",
+        ),
+    ] = 0.0,
+) -> Response:
+    service.check_wait(min_iterations, wait_seconds)
+    if min_iterations is not None:
+        await session.wait_for_async(min_iterations, wait_seconds)
     async with turn(session, service):
         return MsgpackResponse(await run_in_threadpool(service.weights, session))
 
