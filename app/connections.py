@@ -108,6 +108,9 @@ class ConnectionGuard:
     def is_waiting(self, connection: Evictable) -> bool:
         return connection in self._waiting
 
+    def is_busy(self, connection: Evictable) -> bool:
+        return connection in self._busy
+
     def is_open(self, connection: Evictable) -> bool:
         return connection in self._waiting or connection in self._idle or connection in self._busy
 
@@ -262,7 +265,8 @@ class GuardedConnection(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if not self.guard.is_waiting(self) and self.guard.is_open(self) and self._is_idle():
+        # _is_idle first: it is false for every chunk of a body (this runs per chunk)
+        if self._is_idle() and not self.guard.is_waiting(self) and self.guard.is_open(self):
             # The next request on a kept-alive connection: its headers are timed from here.
             self.guard.waiting(self)
             self._start_header_timer()

@@ -23,13 +23,14 @@ flight). Each connection keeps its last receive and answer buffers for reuse: bo
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -133,9 +134,9 @@ class DataPlane:
             self._listener.close()
         with self._guard_lock:
             connections = list(self._connections)
-        for connection in connections:
-            if not connection.busy:
-                connection.evict()
+            idle = [c for c in connections if not self.guard.is_busy(c)]
+        for connection in idle:
+            connection.evict()
         deadline = time.monotonic() + timeout
         for connection in connections:
             connection.thread.join(max(0.0, deadline - time.monotonic()))
@@ -193,7 +194,6 @@ class _Connection:
         self.sock: socket.socket = sock
         self.accepted = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="paramserver-dataplane", daemon=True)
-        self.busy = False
         self._evicted = False
         self._prefix = bytearray(frames.PREFIX.size)
         self._recv: memoryview = memoryview(bytearray())
@@ -242,17 +242,13 @@ class _Connection:
             deadline = self.accepted + settings.header_timeout_seconds
             while not self.plane._stopping.is_set():
                 prefix, header, request_id = self._read_request(deadline)
-                self.busy = True
                 self.plane._state(self, "busy")
-                try:
-                    keep_open = self._handle(prefix, header, request_id)
-                finally:
-                    self.busy = False
+                keep_open = self._handle(prefix, header, request_id)
                 if not keep_open:
                     break
                 self.plane._state(self, "idle")
                 deadline = 0.0  # the next request: its header timeout starts at its first byte
-        except (_Closed, OSError, ssl.SSLError):
+        except (_Closed, OSError):  # ssl.SSLError included
             pass
         except _Timeout as exc:
             with self.plane._guard_lock:
@@ -467,18 +463,19 @@ class _Connection:
         # weights' own memory while the session's lock holds them still (no copy). With the
         # journal it must wait for the commit, so the weights are copied first.
         direct = return_weights and service.journal is None and self._direct_send
+        answer: Callable[[Trainer], tuple[int, list[list[Any]] | None, int]]
+        if direct:
+            answer = functools.partial(self._send_locked, request_id)
+        elif return_weights:
+            answer = self._copy_weights
+        else:
+            answer = _iterations_only
         outcome = service.push_gradients(
             session,
             grads,
             journal_body=lambda: wire.pack({"gradients": grads}),
             idempotency_key=key,
-            answer=(
-                (lambda trainer: self._send_locked(request_id, trainer))
-                if direct
-                else self._copy_weights
-                if return_weights
-                else _iterations_only
-            ),
+            answer=answer,
             remember=_nothing,
             wait=settings.request_timeout_seconds,
         )

@@ -678,6 +678,14 @@ class SessionCore(Generic[W]):
         """``out`` (the session's form) by name, checked: writable numpy arrays."""
         if out is None:
             return None
+        given = out.values() if isinstance(out, Mapping) else out
+        if isinstance(given, (list, tuple)) or isinstance(out, Mapping):
+            for value in given:  # before named_arrays, which would copy a list into an array
+                if not isinstance(value, np.ndarray):
+                    raise TypeError(
+                        f"out holds a {type(value).__name__}; each entry must be a writable "
+                        "numpy array"
+                    )
         targets, _ = named_arrays(out, self.names, "out")
         for name, array in targets.items():
             if not isinstance(array, np.ndarray) or not array.flags.writeable:
@@ -776,10 +784,7 @@ def tls_verification(verify: Verify, cert: Cert | None) -> bool | ssl.SSLContext
     if isinstance(verify, bool) and cert is None:
         return verify
     if isinstance(verify, bool):
-        context = ssl.create_default_context(cafile=_default_ca_bundle())
-        if not verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
+        context = ssl_context(verify)
     else:
         try:
             context = ssl.create_default_context(cafile=os.fspath(verify))
@@ -793,6 +798,18 @@ def tls_verification(verify: Verify, cert: Cert | None) -> bool | ssl.SSLContext
             )
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"cert={cert!r}: cannot load the certificate: {exc}") from exc
+    return context
+
+
+def ssl_context(verify: bool | ssl.SSLContext) -> ssl.SSLContext:
+    """A client TLS context for ``verify`` as :func:`tls_verification` returns it: the usual
+    roots (True), no checking (False), or the context itself."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    context = ssl.create_default_context(cafile=_default_ca_bundle())
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 

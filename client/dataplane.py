@@ -31,9 +31,9 @@ import numpy as np
 from paramserver import frames, wire
 from paramserver.codes import error_json
 
-from ._base import Attempts, LeanAnswer, LeanRequest, Reply
+from ._base import Attempts, LeanAnswer, LeanRequest, Reply, ssl_context
 
-__all__ = ["DataPlaneChannel", "channel_from_announcement", "client_tls_context", "usable_for"]
+__all__ = ["DataPlaneChannel", "channel_from_announcement", "usable_for"]
 
 #: How long a data plane that refused connections is left alone (HTTP meanwhile).
 RETRY_AFTER_FAILURE_SECONDS = 30.0
@@ -80,22 +80,10 @@ def channel_from_announcement(
     return DataPlaneChannel(
         host,
         port,
-        tls=client_tls_context(verify) if tls else None,
+        tls=ssl_context(verify) if tls else None,
         server_hostname=host,
         token=token,
     )
-
-
-def client_tls_context(verify: bool | ssl.SSLContext) -> ssl.SSLContext:
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    from ._base import _default_ca_bundle
-
-    context = ssl.create_default_context(cafile=_default_ca_bundle())
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 class DataPlaneChannel:
@@ -200,7 +188,7 @@ class DataPlaneChannel:
         except _HelloRefused:
             sock.close()
             raise
-        except (ssl.SSLError, OSError) as exc:
+        except OSError as exc:  # ssl.SSLError included
             sock.close()
             raise httpx.ConnectError(f"data plane {self.host}:{self.port}: {exc}") from exc
         except BaseException:
@@ -225,9 +213,7 @@ class DataPlaneChannel:
             frames.send_buffers(sock, [prefix + head, *buffers])
         except TimeoutError as exc:
             raise httpx.WriteTimeout(f"data plane: {exc}") from exc
-        except ssl.SSLError as exc:
-            raise httpx.WriteError(f"data plane: {exc}") from exc
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError included
             raise httpx.WriteError(f"data plane: {exc}") from exc
 
     def _read_head(
@@ -365,9 +351,7 @@ def _recv_exact(
             n = sock.recv_into(view[pos:])
         except TimeoutError as exc:
             raise httpx.ReadTimeout(f"data plane: {exc}") from exc
-        except ssl.SSLError as exc:
-            raise httpx.ReadError(f"data plane: {exc}") from exc
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError included
             raise httpx.ReadError(f"data plane: {exc}") from exc
         if n == 0:
             if first and pos == 0:

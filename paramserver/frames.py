@@ -25,7 +25,10 @@ status) and, for an error, ``error`` (``{"code", "message"}``, as the REST error
 from __future__ import annotations
 
 import math
+import select
+import ssl
 import struct
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,47 +217,44 @@ def buffers_of(arrays: Sequence[np.ndarray]) -> list[memoryview]:
 def send_buffers(sock: Any, buffers: Sequence[Any]) -> None:
     """Every byte of ``buffers`` on ``sock``: one scatter-gather ``sendmsg`` on a plain socket
     (the arrays' own memory, no join), ``sendall`` of each on a TLS one (no ``sendmsg``)."""
-    import ssl
-
     if isinstance(sock, ssl.SSLSocket):
         for buffer in buffers:
             sock.sendall(buffer)
         return
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    views = _views(buffers)
     while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views and sent:
-            views[0] = views[0][sent:]
+        _advance(views, sock.sendmsg(views))
 
 
 def send_for(sock: Any, buffers: Sequence[Any], seconds: float) -> list[memoryview]:
     """Send ``buffers`` on a plain socket for at most ``seconds``; returns what is left
     (empty when all was sent). The socket's own timeout is left as it was."""
-    import select
-    import time
-
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    views = _views(buffers)
     timeout = sock.gettimeout()
     deadline = time.monotonic() + seconds
     sock.settimeout(0.0)
     try:
         while views:
             try:
-                sent = sock.sendmsg(views)
+                _advance(views, sock.sendmsg(views))
             except BlockingIOError:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 select.select([], [sock], [], remaining)
-                continue
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
     finally:
         sock.settimeout(timeout)
     return views
+
+
+def _views(buffers: Sequence[Any]) -> list[memoryview]:
+    return [memoryview(b).cast("B") for b in buffers if len(b)]
+
+
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop the ``sent`` bytes from the front of ``views`` (a partial ``sendmsg``)."""
+    while views and sent >= len(views[0]):
+        sent -= len(views[0])
+        views.pop(0)
+    if views and sent:
+        views[0] = views[0][sent:]

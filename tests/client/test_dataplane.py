@@ -261,3 +261,15 @@ def test_scalars_empty_tensors_every_dtype_and_big_endian_gradients_match_http(
             assert got[name].shape == weights[name].shape and got[name].dtype == weights[name].dtype
             assert got[name].tobytes() == expected[name].tobytes()
         assert a.pull()["scalar"].tobytes() == b.pull()["scalar"].tobytes()
+
+
+def test_an_out_that_does_not_fit_is_a_value_error_after_the_push_was_applied(server_factory):
+    server = server_factory()
+    with Client(server.url) as client:
+        session = client.create_session(WEIGHTS, "sgd")
+        wrong = {"kernel": np.empty((4, 3), np.float32), "bias": np.empty(4, np.float32)}
+        with pytest.raises(ValueError, match="out\\['kernel'\\] has shape"):
+            session.push(_grads(0), out=wrong)
+        assert session.info().iterations == 1  # applied: pull to see the weights
+        with pytest.raises(TypeError, match="writable numpy array"):
+            session.pull(out={"kernel": [[0.0] * 4] * 3, "bias": np.empty(4, np.float32)})

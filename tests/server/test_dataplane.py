@@ -310,7 +310,8 @@ def test_at_the_cap_waiting_then_idle_connections_make_room_and_busy_ones_refuse
     assert waiting.closed_within(5)  # the waiting one went first
     third = frames_to(port)
     assert third.call({"op": "hello", "version": 1})[0]["status"] == 200
-    assert idle.closed_within(5) or newcomer.closed_within(0.5)  # then the oldest idle one
+    assert idle.closed_within(5)  # no waiting one left: the oldest idle one
+    assert newcomer.call({"op": "hello", "version": 1})[0]["status"] == 200
 
 
 def test_without_a_data_plane_the_announcement_is_404(server_factory):
@@ -339,7 +340,7 @@ def test_a_hostile_frame_header_is_refused_and_the_connection_closed(
     plane.sock.sendall(PREFIX.pack(b"PSDP", 1, 1, 0, 3, len(header), 0) + header)
     _, head, _ = plane.answer()
     assert head["status"] in (400, 422), head
-    assert plane.closed_within(5) or head["status"] == 422
+    assert plane.closed_within(5)  # a header it cannot read: the connection cannot go on
     assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
