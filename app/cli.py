@@ -101,8 +101,8 @@ def serve(settings: Settings, *, demo: bool = False, tokens_in_argv: bool = Fals
             "--tokens puts the secrets on the command line, where any local user reads them "
             "(ps, /proc/PID/cmdline); pass them in --tokens-file or PARAMSERVER_TOKENS instead"
         )
-    app = create_app(settings)
     try:
+        app = create_app(settings)  # loads the certificate, if any
         server = http_server(app, settings, access_log=not demo)  # keep the demo readable
     except ValueError as exc:  # a certificate that does not load
         print(f"paramserver: invalid settings: {exc}", file=sys.stderr)

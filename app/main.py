@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     tokens = load_tokens(settings.tokens, settings.tokens_file)
     caps = connection_caps(settings)
+    tls = tls_context(settings)  # once: the HTTP server (serving.http_server) reads it too
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,9 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await run_in_threadpool(warm_up)
             address = settings.data_plane_address()
             if address is not None:
-                plane = DataPlane(
-                    service, settings, tokens, tls_context(settings), max_connections=caps[1]
-                )
+                plane = DataPlane(service, settings, tokens, tls, max_connections=caps[1])
                 try:
                     plane.start(*address)
                 except OSError as exc:
@@ -125,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.shutdown_failed = False
     app.state.connection_caps = caps
+    app.state.tls_context = tls
     app.state.data_plane = None
     install_error_handlers(app)
     app.include_router(health.router)

@@ -102,9 +102,13 @@ def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
     """A uvicorn server for ``app`` on ``settings.host:settings.port`` with the guard's
     timeouts and cap and TLS when configured; ``config`` adds uvicorn options (log_level,
     access_log, port, ...)."""
-    tls = tls_context(settings)
-    caps = getattr(getattr(app, "state", None), "connection_caps", None)
-    http_cap = (caps or connection_caps(settings))[0]
+    state = getattr(app, "state", None)
+    if state is not None and hasattr(state, "tls_context"):  # create_app's: loaded once
+        tls = state.tls_context
+        http_cap = state.connection_caps[0]
+    else:
+        tls = tls_context(settings)
+        http_cap = connection_caps(settings)[0]
     guard = ConnectionGuard(
         max_connections=http_cap, header_timeout=settings.header_timeout_seconds
     )
