@@ -36,12 +36,14 @@ from typing import Any
 import numpy as np
 
 from paramserver import frames, wire
-from paramserver.codes import STATUS, ErrorCode, error_body
+from paramserver.codes import STATUS, ErrorCode, MessageError, error_body
+from paramserver.messages import base_iterations
 
 from .auth import TokenTable
 from .connections import ConnectionGuard
 from .errors import ServiceError
 from .idempotency import check_key
+from .rounds import Ticket
 from .service import SessionService
 from .settings import Settings
 from .training import Trainer
@@ -366,7 +368,11 @@ class _Connection:
             return not refusal.close
         except ServiceError as exc:
             self._send_error(
-                request_id, exc.code, exc.message, retry_after=exc.headers.get("Retry-After")
+                request_id,
+                exc.code,
+                exc.message,
+                retry_after=exc.headers.get("Retry-After"),
+                details=exc.details,
             )
             return True
 
@@ -458,6 +464,12 @@ class _Connection:
             )
         if not isinstance(return_weights, bool):
             raise _Refusal(ErrorCode.INVALID_REQUEST, "'return_weights' is a bool", close=False)
+        base = header.get("base_iterations")
+        if base is not None:
+            try:
+                base = base_iterations(base)
+            except MessageError as exc:
+                raise _Refusal(exc.code, exc.message, close=False) from None
         grads = layout.views(body)
         # Without a journal the answer may leave before the call returns: it is sent from the
         # weights' own memory while the session's lock holds them still (no copy). With the
@@ -477,8 +489,25 @@ class _Connection:
             idempotency_key=key,
             answer=answer,
             remember=_nothing,
+            base_iterations=base,
             wait=settings.request_timeout_seconds,
         )
+        if isinstance(outcome, Ticket):
+            # A sync round: this connection's thread waits for it (its body buffer holds
+            # nothing the round needs: the gradient was copied into the round's rows).
+            result = outcome.wait()
+            if return_weights:
+                weights = result.weights()
+                specs = frames.specs_of(weights)
+                body_views = frames.buffers_of(list(weights.values()))
+                self._send_frame(
+                    request_id,
+                    {"status": 200, "iterations": result.iterations, "tensors": specs},
+                    body_views,
+                )
+            else:
+                self._send_frame(request_id, {"status": 200, "iterations": result.iterations}, ())
+            return True
         if outcome.replayed:  # the answer was not kept: the iterations alone, then pull
             self._send_frame(
                 request_id, {"status": 200, "iterations": outcome.iterations, "replayed": True}, ()
@@ -581,11 +610,17 @@ class _Connection:
         self._send_frame(request_id, header, (memoryview(self._send)[:total],) if total else ())
 
     def _send_error(
-        self, request_id: int, code: ErrorCode, message: str, *, retry_after: str | None = None
+        self,
+        request_id: int,
+        code: ErrorCode,
+        message: str,
+        *,
+        retry_after: str | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         header: dict[str, Any] = {
             "status": STATUS[code],
-            "error": error_body(code, message)["error"],
+            "error": error_body(code, message, **(details or {}))["error"],
         }
         if retry_after is not None:
             header["retry_after"] = retry_after

@@ -9,6 +9,7 @@ internal detail into a body: an unexpected exception is logged and answered with
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,12 +32,15 @@ class ServiceError(Exception):
         *,
         code: ErrorCode | str | None = None,
         headers: dict[str, str] | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = ErrorCode(code)
         self.headers = headers or {}
+        #: Extra fields of the error object (``stale_gradient``: the session's iterations).
+        self.details = details or {}
 
     @property
     def status(self) -> int:
@@ -92,6 +96,17 @@ class ServiceUnavailable(ServiceError):
     code = ErrorCode.SERVICE_UNAVAILABLE
 
 
+class StaleGradient(ServiceError):
+    """A push computed on weights older than the session allows (HTTP 409); carries the
+    session's ``iterations``."""
+
+    code = ErrorCode.STALE_GRADIENT
+
+    def __init__(self, message: str, *, iterations: int, **kwargs: Any) -> None:
+        super().__init__(message, details={"iterations": iterations}, **kwargs)
+        self.iterations = iterations
+
+
 class InsufficientStorage(ServiceError):
     """A session or memory quota would be exceeded (HTTP 507)."""
 
@@ -99,10 +114,14 @@ class InsufficientStorage(ServiceError):
 
 
 def error_response(
-    status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
+    status: int,
+    code: ErrorCode | str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    details: dict[str, Any] | None = None,
 ) -> Response:
     return Response(
-        error_json(code, message),
+        error_json(code, message, **(details or {})),
         status_code=status,
         headers=headers,
         media_type="application/json",
@@ -128,7 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.details)
 
     @app.exception_handler(MessageError)
     async def _message_error(request: Request, exc: MessageError) -> Response:

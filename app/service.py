@@ -28,17 +28,25 @@ from paramserver.messages import (
     MAX_ITERATIONS,
     BodyKind,
     decode_create,
-    decode_push,
+    decode_push_message,
     decode_state,
     encode_state,
     encode_weights,
 )
+from paramserver.training import Sync
 
-from .errors import InvalidRequest, ServiceError, ServiceUnavailable, SessionNotFound
+from .errors import (
+    InvalidRequest,
+    ServiceError,
+    ServiceUnavailable,
+    SessionNotFound,
+    StaleGradient,
+)
 from .idempotency import IdempotencyCache, KeysExhausted, push_digest
-from .optim import GradientError, StateError
+from .optim import GradientError, PreparedGradients, StateError
 from .persistence import Durability, Journal, SnapshotInfo
 from .protocol import decode_limits
+from .rounds import Entry, Round, RoundResult, Ticket
 from .sessions import Session, SessionStore, check_session_id
 from .settings import Settings
 from .training import Trainer, build_trainer, restore_trainer
@@ -48,6 +56,15 @@ __all__ = ["SessionService", "SnapshotsDisabled"]
 log = logging.getLogger("paramserver")
 
 T = TypeVar("T")
+
+
+def _key_reused(session: Session, key: str, iterations: int | None) -> InvalidRequest:
+    where = "waiting in the open round" if iterations is None else f"applied as step {iterations}"
+    return InvalidRequest(
+        f"Idempotency-Key {key!r} was used on session {session.id!r} by an earlier push with "
+        f"other gradients ({where}); a new push needs a new key",
+        code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
+    )
 
 
 def _decoded(decode: Callable[..., T], *args: Any) -> T:
@@ -68,6 +85,12 @@ class PushOutcome(Generic[T]):
     iterations: int
     replayed: bool
     remembered: bytes | None
+
+
+def round_answer(result: RoundResult, return_weights: bool) -> bytes:
+    """A sync push's answer: the round's weights (shared by every push of it), or only its
+    iteration count."""
+    return result.body if return_weights else encode_weights(result.iterations, None)
 
 
 class IterationsExhausted(ServiceError):
@@ -113,6 +136,7 @@ class SessionService:
                     message.optimizer,
                     message.weights,
                     refuse_non_finite=message.refuse_non_finite,
+                    training=message.training,
                 )
             except (StateError, GradientError) as exc:
                 raise InvalidRequest(str(exc), code=ErrorCode.INVALID_WEIGHTS) from None
@@ -153,13 +177,16 @@ class SessionService:
         *,
         return_weights: bool,
         idempotency_key: str | None = None,
-    ) -> tuple[bytes, bool]:
+    ) -> tuple[bytes, bool] | Ticket:
         """Apply one step; returns the answer and whether it is a replay of an earlier push.
 
         With an ``idempotency_key`` already seen on this session (within the window), nothing
-        is applied and the first answer is returned again.
+        is applied and the first answer is returned again. In a sync session the push joins
+        the open round: a :class:`Ticket` is returned, whose result :func:`round_answer`
+        turns into the answer.
         """
-        grads = _decoded(decode_push, body, self.limits)
+        message = _decoded(decode_push_message, body, self.limits)
+        grads = message.gradients
 
         def answer(trainer: Trainer) -> bytes:
             return encode_weights(trainer.iterations, trainer.weights() if return_weights else None)
@@ -171,7 +198,11 @@ class SessionService:
             idempotency_key=idempotency_key,
             answer=answer,
             remember=lambda encoded: encoded,
+            round_remember=lambda result: round_answer(result, return_weights),
+            base_iterations=message.base_iterations,
         )
+        if isinstance(outcome, Ticket):
+            return outcome
         if outcome.replayed:
             if outcome.remembered is not None:
                 return outcome.remembered, True
@@ -188,8 +219,10 @@ class SessionService:
         idempotency_key: str | None,
         answer: Callable[[Trainer], T],
         remember: Callable[[T], bytes | None],
+        round_remember: Callable[[RoundResult], bytes | None] = lambda result: None,
+        base_iterations: int | None = None,
         wait: float | None = None,
-    ) -> PushOutcome[T]:
+    ) -> PushOutcome[T] | Ticket:
         """One step of decoded gradients, for every transport: checks, idempotency, journal.
 
         ``answer(trainer)`` runs under the session's lock right after the step and builds what
@@ -198,10 +231,14 @@ class SessionService:
         answers the iterations alone). ``journal_body()`` is the push as a msgpack body, asked
         only in journal mode. ``wait`` bounds the wait for the session's lock (503
         ``session_busy`` past it); the HTTP layer queues requests before that instead.
+
+        ``base_iterations``: the iteration count of the weights the gradient was computed on
+        (required by sync sessions and ``max_staleness``). In a sync session the push joins
+        the open round and a :class:`~paramserver.server.rounds.Ticket` is returned: the
+        transport waits on it (outside the session's lock) for the round's result, whose
+        bytes ``round_remember(result)`` keeps for a replay of the key.
         """
         digest = None if idempotency_key is None else push_digest(grads)
-        journal = self.journal
-        lsn = 0
         if not session.persisted.is_set():
             # Created a moment ago and its create record is being written: a push journaled
             # before that record could be acknowledged and then lost with the session.
@@ -211,24 +248,29 @@ class SessionService:
                     code=ErrorCode.SESSION_BUSY,
                     headers={"Retry-After": "1"},
                 )
+        completing: tuple[list[Entry], RoundResult, int] | None = None
         with session.locked(wait) as trainer:
             if session.deleted:  # deleted while this push waited for the lock
                 raise SessionNotFound(f"no session {session.id!r}")
-            if journal is not None:
+            if self.journal is not None:
                 # A failed journal acknowledges nothing, replays included: the first answer of
                 # a replayed key may be one whose fsync failed.
-                journal.check()
+                self.journal.check()
             if idempotency_key is not None and digest is not None:
                 seen = self.idempotency.get(session.id, idempotency_key)
                 if seen is not None:
                     if not seen.matches(digest):
-                        raise InvalidRequest(
-                            f"Idempotency-Key {idempotency_key!r} was used on session "
-                            f"{session.id!r} by an earlier push with other gradients (applied "
-                            f"as step {seen.iterations}); a new push needs a new key",
-                            code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
-                        )
+                        raise _key_reused(session, idempotency_key, seen.iterations)
                     return PushOutcome(None, seen.iterations, True, seen.body)
+            current = session.round
+            if current is not None and idempotency_key is not None:
+                waiting = current.waiting(idempotency_key)
+                if waiting is not None:  # a retry of a push waiting in the open round
+                    entry, serial = waiting
+                    if entry.digest != digest:
+                        raise _key_reused(session, idempotency_key, None)
+                    return Ticket(current, entry, serial, current.deadline())
+            if idempotency_key is not None:
                 try:
                     self.idempotency.check_room(session.id)
                 except KeysExhausted as exc:
@@ -237,6 +279,7 @@ class SessionService:
                         code=ErrorCode.TOO_MANY_IDEMPOTENCY_KEYS,
                         headers={"Retry-After": str(int(exc.retry_after))},
                     ) from None
+            self._check_base(session, trainer, base_iterations)
             if trainer.iterations >= MAX_ITERATIONS - 1:
                 raise IterationsExhausted(
                     f"session {session.id!r} is at iteration {trainer.iterations}, the most a "
@@ -245,42 +288,177 @@ class SessionService:
                 )
             try:
                 prepared = trainer.check_gradients(grads)
-                if trainer.refuse_non_finite:
-                    # The step is tried first (it saves what it changes): a refused result
-                    # is never logged, and one that cannot be logged is rolled back.
-                    trainer.apply(prepared)
             except GradientError as exc:
                 raise InvalidRequest(str(exc), code=exc.code) from None
-            if journal is not None:
-                # Write-ahead: validate, log, then apply (a validated step cannot fail), so a
-                # push that could not be logged changes nothing.
-                try:
-                    lsn = journal.append(
-                        "push",
-                        session.id,
-                        body=journal_body(),
-                        iterations=trainer.iterations + (0 if trainer.refuse_non_finite else 1),
-                        key=idempotency_key,
-                        digest=None if digest is None else digest.hex(),
-                        time=time.time(),
-                    )
-                except BaseException:
-                    if trainer.refuse_non_finite:
-                        trainer.rollback()
-                    raise
-            if not trainer.refuse_non_finite:
-                trainer.apply(prepared)
-            session.touch()
-            session.changed()  # wake the pulls waiting for this iteration
-            value = answer(trainer)
-            iterations = trainer.iterations
-            if idempotency_key is not None:
-                self.idempotency.remember(
-                    session.id, idempotency_key, iterations, remember(value), digest
+            if current is not None:
+                entry = Entry(
+                    push_digest(grads) if digest is None else digest,
+                    idempotency_key,
+                    round_remember,
                 )
-        if journal is not None:
-            journal.commit(lsn)  # outside the lock: one fsync serves pushes of many sessions
+                serial, full = current.add(entry, prepared.flat)
+                ticket = Ticket(current, entry, serial, current.deadline())
+                if full is None:
+                    return ticket
+                completing = self._complete_round(session, trainer, current, full)
+            else:
+                lsn = self._step(session, trainer, prepared, journal_body, idempotency_key, digest)
+                value = answer(trainer)
+                iterations = trainer.iterations
+                if idempotency_key is not None:
+                    self.idempotency.remember(
+                        session.id, idempotency_key, iterations, remember(value), digest
+                    )
+        if completing is not None:
+            entries, result, lsn = completing
+            try:
+                if self.journal is not None:
+                    self.journal.commit(lsn)
+            except ServiceError as exc:
+                for waiter in entries:
+                    waiter.resolve(None, exc)
+                raise
+            for waiter in entries:  # the round is durable: answer every push of it
+                waiter.resolve(result)
+            return ticket
+        if self.journal is not None:
+            self.journal.commit(lsn)  # outside the lock: one fsync serves pushes of many sessions
         return PushOutcome(value, iterations, False, None)
+
+    def _step(
+        self,
+        session: Session,
+        trainer: Trainer,
+        prepared: PreparedGradients,
+        journal_body: Callable[[], bytes | bytearray | memoryview],
+        key: str | None,
+        digest: bytes | None,
+        *,
+        op: str = "push",
+        keys: list[list[str]] | None = None,
+    ) -> int:
+        """Apply checked gradients as one step, journaled first; returns the record's LSN (0
+        without a journal). Raises ``InvalidRequest`` (``non_finite_result``) or the journal's
+        error, and then nothing changed. Call with the session's lock held."""
+        journal = self.journal
+        lsn = 0
+        try:
+            if trainer.refuse_non_finite:
+                # The step is tried first (it saves what it changes): a refused result
+                # is never logged, and one that cannot be logged is rolled back.
+                trainer.apply(prepared)
+        except GradientError as exc:
+            raise InvalidRequest(str(exc), code=exc.code) from None
+        if journal is not None:
+            # Write-ahead: validate, log, then apply (a validated step cannot fail), so a
+            # push that could not be logged changes nothing.
+            try:
+                lsn = journal.append(
+                    op,
+                    session.id,
+                    body=journal_body(),
+                    iterations=trainer.iterations + (0 if trainer.refuse_non_finite else 1),
+                    key=key,
+                    digest=None if digest is None else digest.hex(),
+                    keys=keys,
+                    time=time.time(),
+                )
+            except BaseException:
+                if trainer.refuse_non_finite:
+                    trainer.rollback()
+                raise
+        if not trainer.refuse_non_finite:
+            trainer.apply(prepared)
+        session.touch()
+        session.changed()  # wake the pulls waiting for this iteration
+        return lsn
+
+    def _complete_round(
+        self, session: Session, trainer: Trainer, current: Round, entries: list[Entry]
+    ) -> tuple[list[Entry], RoundResult, int]:
+        """The step of a full round (its mean), journaled as one record; the entries' keys are
+        remembered with the round's answer. On an error every push of the round gets it."""
+        try:
+            shapes = {name: shape for name, (_, shape) in trainer.parameters().items()}
+            mean = current.mean(entries, shapes)
+            try:
+                prepared = trainer.check_gradients(mean)
+            except GradientError as exc:
+                raise InvalidRequest(str(exc), code=exc.code) from None
+            keyed = [[e.key, e.digest.hex()] for e in entries if e.key is not None]
+            lsn = self._step(
+                session,
+                trainer,
+                prepared,
+                lambda: wire.pack({"gradients": mean}),
+                None,
+                None,
+                op="round",
+                keys=keyed or None,
+            )
+        except ServiceError as exc:
+            for entry in entries:
+                entry.resolve(None, exc)
+            raise
+        current.previous_arrivals = len(entries)
+        iterations = trainer.iterations
+        result = RoundResult(iterations, encode_weights(iterations, trainer.weights()))
+        for entry in entries:
+            if entry.key is not None:
+                self.idempotency.remember(
+                    session.id, entry.key, iterations, entry.remember(result), entry.digest
+                )
+        return entries, result, lsn
+
+    def _check_base(self, session: Session, trainer: Trainer, base: int | None) -> None:
+        """The push's ``base_iterations`` against the session's training mode."""
+        training = trainer.training
+        now = trainer.iterations
+        if base is None:
+            if training.needs_base:
+                what = "sync sessions" if isinstance(training, Sync) else "max_staleness"
+                raise InvalidRequest(
+                    f"session {session.id!r} needs 'base_iterations' in every push ({what}): "
+                    "the iteration count of the weights the gradient was computed on",
+                    code=ErrorCode.MISSING_BASE_ITERATIONS,
+                )
+            return
+        if base > now:
+            raise InvalidRequest(
+                f"base_iterations {base} is ahead of session {session.id!r}, which is at "
+                f"iteration {now}",
+                code=ErrorCode.INVALID_BASE_ITERATIONS,
+            )
+        if isinstance(training, Sync):
+            if base == now:
+                return
+            current = session.round
+            assert current is not None
+            if base == now - 1:
+                if current.previous_arrivals >= (training.total_num_replicas or 0):
+                    raise ServiceUnavailable(
+                        f"round {base} of session {session.id!r} already had "
+                        f"{current.previous_arrivals} pushes, total_num_replicas="
+                        f"{training.total_num_replicas}: a worker pushed twice without its "
+                        "Idempotency-Key, or more workers push than the session counts",
+                        code=ErrorCode.ROUND_FULL,
+                        headers={"Retry-After": "1"},
+                    )
+                current.previous_arrivals += 1
+            raise StaleGradient(
+                f"the gradient was computed on the weights of iteration {base}; session "
+                f"{session.id!r} is at {now} (sync: a round takes gradients of the current "
+                "weights only): pull and compute again",
+                iterations=now,
+            )
+        staleness = training.max_staleness
+        if staleness is not None and now - base > staleness:
+            raise StaleGradient(
+                f"the gradient is {now - base} steps stale (computed on iteration {base}, "
+                f"session {session.id!r} is at {now}); max_staleness is {staleness}: pull "
+                "and compute again",
+                iterations=now,
+            )
 
     def read_weights(
         self, session: Session, answer: Callable[[Trainer], T], *, wait: float | None = None

@@ -18,14 +18,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 from paramserver.codes import SESSION_ID_RULE, ErrorCode, is_session_id
+from paramserver.training import Sync
 
 from .errors import (
     InsufficientStorage,
     InvalidRequest,
+    ServiceError,
     ServiceUnavailable,
     SessionExists,
     SessionNotFound,
 )
+from .rounds import Round, held_bytes
 from .training import Trainer
 
 __all__ = ["Session", "SessionStore", "check_session_id"]
@@ -65,6 +68,28 @@ class Session:
         #: what wakes pulls waiting for an iteration (``min_iterations``).
         self._watchers: set[Callable[[], None]] = set()
         self._watch_lock = threading.Lock()
+        self._round: Round | None = None
+
+    @property
+    def round(self) -> Round | None:
+        """The open round of a sync session (None for an async one); hold the lock to join."""
+        training = self.trainer.training
+        if not isinstance(training, Sync):
+            return None
+        if self._round is None or self._round.training != training:
+            self._round = Round(training)
+        return self._round
+
+    def abort_round(self, error: ServiceError) -> None:
+        """End the open round without applying it (a state import, a delete): its waiting
+        pushes get ``error``. Call with the lock held."""
+        current = self._round
+        if current is None:
+            return
+        for entry in current.close():
+            entry.resolve(None, error)
+        current.forget_rows()
+        self._round = None
 
     def changed(self) -> None:
         """Wake every pull waiting on this session (cheap: each watcher sets an event)."""
@@ -151,11 +176,15 @@ class Session:
             "optimizer": trainer.optimizer.to_dict(),
             "iterations": trainer.iterations,
             "refuse_non_finite": trainer.refuse_non_finite,
+            "training": trainer.training.to_dict(),
             "parameters": {
                 name: {"dtype": str(dtype), "shape": list(shape)}
                 for name, (dtype, shape) in trainer.parameters().items()
             },
         }
+        current = self.round
+        if current is not None:
+            out["round"] = current.summary()
         if timestamps:
             out["created_at"] = self.created_at.isoformat()
             out["updated_at"] = self.updated_at.isoformat()
@@ -201,7 +230,7 @@ class SessionStore:
     def total_bytes(self) -> int:
         with self._lock:
             sessions = list(self._sessions.values())
-        return sum(s.trainer.nbytes() for s in sessions)
+        return sum(held_bytes(s.trainer) for s in sessions)
 
     def add(
         self, session_id: str, build: Callable[[], Trainer], *, persisted: bool = True
@@ -230,7 +259,7 @@ class SessionStore:
             if not persisted:
                 session.persisted.clear()
             with self._lock:
-                self._check_memory(trainer.nbytes(), 0)
+                self._check_memory(held_bytes(trainer), 0)
                 self._sessions[session_id] = session
             return session
         finally:
@@ -251,7 +280,7 @@ class SessionStore:
             )
         if self.max_total_bytes is None:
             return
-        used = sum(s.trainer.nbytes() for s in self._sessions.values()) - replacing
+        used = sum(held_bytes(s.trainer) for s in self._sessions.values()) - replacing
         if used + needed > self.max_total_bytes:
             raise InsufficientStorage(
                 f"the session needs {needed} bytes; the server holds {used} of its "
@@ -265,10 +294,19 @@ class SessionStore:
         if session is None:
             raise SessionNotFound(f"no session {session_id!r}")
         session.deleted = True
+        session.abort_round(SessionNotFound(f"session {session_id!r} was deleted"))
         session.changed()
 
     def replace(self, session: Session, trainer: Trainer) -> None:
-        """Swap in a new trainer (a loaded state); the caller holds ``session.lock``."""
+        """Swap in a new trainer (a loaded state); the caller holds ``session.lock``. An open
+        round ends unapplied: its pushes get 409 ``round_aborted``."""
+        session.abort_round(
+            ServiceError(
+                f"the state of session {session.id!r} was replaced while this push waited "
+                "for its round; nothing of the round was applied",
+                code=ErrorCode.ROUND_ABORTED,
+            )
+        )
         session.trainer = trainer
         session.touch()
         session.changed()
@@ -279,6 +317,6 @@ class SessionStore:
         """:meth:`check_memory` for ``trainer`` in place of the session's, ``before()``, then
         :meth:`replace`, under one lock (so racing imports cannot both pass the quota)."""
         with self._lock:
-            self._check_memory(trainer.nbytes(), session.trainer.nbytes())
+            self._check_memory(held_bytes(trainer), held_bytes(session.trainer))
             before()
             self.replace(session, trainer)

@@ -44,6 +44,7 @@ import numpy as np
 
 from paramserver.messages import SessionState
 from paramserver.optimizers import TFOptimizer
+from paramserver.training import Async, Training
 
 from .errors import InvalidRequest
 from .optim import (
@@ -340,9 +341,15 @@ class TFTrainer:
     refuse_non_finite = False
 
     def __init__(
-        self, optimizer: TFOptimizer, weights: Mapping[str, np.ndarray], *, restoring: bool = False
+        self,
+        optimizer: TFOptimizer,
+        weights: Mapping[str, np.ndarray],
+        *,
+        restoring: bool = False,
+        training: Training | None = None,
     ) -> None:
         check_weights(weights, finite=not restoring)
+        self.training: Training = Async() if training is None else training
         tf = import_tensorflow()
         spec = optimizer.get_config()["optimizer"]
         name, config = spec["class_name"], spec["config"]
@@ -496,6 +503,7 @@ class TFTrainer:
                 for slot, per in self._slots.items()
             },
             scalars={key: _scalar(item) for key, item in self._scalars.items()},
+            training=self.training,
         )
 
     def load_state(self, state: SessionState) -> None:

@@ -23,6 +23,7 @@ from paramserver.codes import ErrorCode
 from paramserver.messages import SessionState
 from paramserver.optimizers import Optimizer as OptimizerConfig
 from paramserver.optimizers import TFOptimizer
+from paramserver.training import Async, Training
 
 from .optim import (
     GradientError,
@@ -46,6 +47,9 @@ class Trainer(Protocol):
 
     @property
     def iterations(self) -> int: ...
+
+    #: The session's training mode (:mod:`paramserver.training`), carried by its state.
+    training: Training
 
     def parameters(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Name -> (dtype, shape) of every parameter, in the model's order."""
@@ -108,8 +112,10 @@ class KerasTrainer:
         *,
         refuse_non_finite: bool = False,
         restoring: bool = False,
+        training: Training | None = None,
     ) -> None:
         check_weights(weights, finite=not restoring)
+        self.training: Training = Async() if training is None else training
         # Own the weights: aligned, writable, native-endian, C-contiguous copies.
         self._weights = {
             name: np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
@@ -183,6 +189,7 @@ class KerasTrainer:
             slots=self.engine.slots,
             scalars={k: float(v) for k, v in self.engine.scalars.items()},
             refuse_non_finite=self._refuse_non_finite,
+            training=self.training,
         )
 
     def load_state(self, state: SessionState) -> None:
@@ -203,8 +210,10 @@ def build_trainer(
     *,
     refuse_non_finite: bool = False,
     restoring: bool = False,
+    training: Training | None = None,
 ) -> Trainer:
-    """A fresh trainer for ``optimizer`` over copies of ``weights``."""
+    """A fresh trainer for ``optimizer`` over copies of ``weights`` (``training``: the
+    session's mode, default asynchronous)."""
     if isinstance(optimizer, TFOptimizer):
         if refuse_non_finite:
             raise StateError(
@@ -215,9 +224,13 @@ def build_trainer(
         # module: it implements the Trainer protocol structurally, so there is no cycle.)
         from .tf_trainer import TFTrainer
 
-        return TFTrainer(optimizer, weights, restoring=restoring)
+        return TFTrainer(optimizer, weights, restoring=restoring, training=training)
     return KerasTrainer(
-        optimizer, weights, refuse_non_finite=refuse_non_finite, restoring=restoring
+        optimizer,
+        weights,
+        refuse_non_finite=refuse_non_finite,
+        restoring=restoring,
+        training=training,
     )
 
 
@@ -228,6 +241,7 @@ def restore_trainer(state: SessionState) -> Trainer:
         state.weights,
         refuse_non_finite=state.refuse_non_finite,
         restoring=True,
+        training=state.training,
     )
     trainer.load_state(state)
     return trainer

@@ -4,8 +4,9 @@ One installed name, three parts:
 
 * ``paramserver`` itself (this folder) holds what the server and the client share: the wire
   format (:mod:`paramserver.wire`), the optimizer configs and their validation
-  (:mod:`paramserver.optimizers`), the protocol's messages (:mod:`paramserver.messages`) and
-  its error codes (:mod:`paramserver.codes`);
+  (:mod:`paramserver.optimizers`), the training modes (:mod:`paramserver.training`), the
+  protocol's messages (:mod:`paramserver.messages`) and its error codes
+  (:mod:`paramserver.codes`);
 * :mod:`paramserver.server` is the service (the ``app/`` folder of the repository);
 * :mod:`paramserver.client` is the client library (the ``client/`` folder).
 
@@ -24,10 +25,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "Async",
     "AsyncClient",
     "AsyncSession",
     "BadRequest",
     "Client",
+    "Conflict",
     "DeadlineExceeded",
     "DEFAULT_DEADLINE",
     "DEFAULT_RETRY_POLICY",
@@ -45,6 +48,9 @@ __all__ = [
     "ProtocolError",
     "RequestTimeout",
     "RetryPolicy",
+    "RoundAborted",
+    "RoundFull",
+    "RoundTimeout",
     "ServerError",
     "ServiceUnavailable",
     "Session",
@@ -52,6 +58,8 @@ __all__ = [
     "SessionInfo",
     "SessionNotFound",
     "SessionState",
+    "StaleGradient",
+    "Sync",
     "TransportError",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -60,24 +68,27 @@ __all__ = [
     "errors",
     "messages",
     "optimizers",
+    "training",
     "wire",
 ]
 
 #: Shared submodules, loaded on first use.
-_SUBMODULES = frozenset({"codes", "messages", "optimizers", "wire"})
+_SUBMODULES = frozenset({"codes", "messages", "optimizers", "training", "wire"})
 #: Names re-exported from :mod:`paramserver.client`, loaded on first use.
 _CLIENT_EXPORTS = frozenset(__all__) - _SUBMODULES - {"__version__"}
 
 if TYPE_CHECKING:
-    from paramserver import codes, messages, optimizers, wire
+    from paramserver import codes, messages, optimizers, training, wire
     from paramserver.client import (
         DEFAULT_DEADLINE,
         DEFAULT_RETRY_POLICY,
         DEFAULT_TIMEOUT,
+        Async,
         AsyncClient,
         AsyncSession,
         BadRequest,
         Client,
+        Conflict,
         DeadlineExceeded,
         DictWeights,
         Forbidden,
@@ -92,6 +103,9 @@ if TYPE_CHECKING:
         ProtocolError,
         RequestTimeout,
         RetryPolicy,
+        RoundAborted,
+        RoundFull,
+        RoundTimeout,
         ServerError,
         ServiceUnavailable,
         Session,
@@ -99,6 +113,8 @@ if TYPE_CHECKING:
         SessionInfo,
         SessionNotFound,
         SessionState,
+        StaleGradient,
+        Sync,
         TransportError,
         Unauthorized,
         UnsupportedMediaType,
@@ -111,6 +127,7 @@ def __getattr__(name: str) -> Any:
         import paramserver.codes
         import paramserver.messages
         import paramserver.optimizers
+        import paramserver.training
         import paramserver.wire
 
         return globals()[name]

@@ -1,7 +1,8 @@
 """The protocol's error codes, their HTTP statuses, the error body, and the session-id rule.
 
-Every error answer is ``{"error": {"code": str, "message": str}}`` with the status its code
-belongs to. :class:`ErrorCode` is the one list of codes: the server raises them
+Every error answer is ``{"error": {"code": str, "message": str, ...}}`` with the status its
+code belongs to (some codes add fields: ``stale_gradient`` the session's ``iterations``).
+:class:`ErrorCode` is the one list of codes: the server raises them
 (:mod:`paramserver.server.errors`), the client maps them back to its exception tree
 (:mod:`paramserver.client.errors`), and ``docs/protocol.md`` documents them.
 """
@@ -46,6 +47,8 @@ class ErrorCode(str, enum.Enum):
     SESSION_EXISTS = "session_exists"
     SNAPSHOTS_DISABLED = "snapshots_disabled"
     ITERATIONS_EXHAUSTED = "iterations_exhausted"
+    STALE_GRADIENT = "stale_gradient"
+    ROUND_ABORTED = "round_aborted"
     # 413, 415
     PAYLOAD_TOO_LARGE = "payload_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
@@ -63,6 +66,9 @@ class ErrorCode(str, enum.Enum):
     INVALID_IDEMPOTENCY_KEY = "invalid_idempotency_key"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     TENSORFLOW_NOT_INSTALLED = "tensorflow_not_installed"
+    INVALID_TRAINING = "invalid_training"
+    MISSING_BASE_ITERATIONS = "missing_base_iterations"
+    INVALID_BASE_ITERATIONS = "invalid_base_iterations"
     # 500
     INTERNAL_ERROR = "internal_error"
     # 503: not processed; retry later (Retry-After)
@@ -71,6 +77,8 @@ class ErrorCode(str, enum.Enum):
     JOURNAL_FAILED = "journal_failed"
     SNAPSHOT_FAILED = "snapshot_failed"
     TOO_MANY_IDEMPOTENCY_KEYS = "too_many_idempotency_keys"
+    ROUND_TIMEOUT = "round_timeout"
+    ROUND_FULL = "round_full"
     # 507: a quota would be exceeded
     INSUFFICIENT_STORAGE = "insufficient_storage"
     TOO_MANY_SESSIONS = "too_many_sessions"
@@ -95,6 +103,8 @@ STATUS: dict[ErrorCode, int] = {
     _C.SESSION_EXISTS: 409,
     _C.SNAPSHOTS_DISABLED: 409,
     _C.ITERATIONS_EXHAUSTED: 409,
+    _C.STALE_GRADIENT: 409,
+    _C.ROUND_ABORTED: 409,
     _C.PAYLOAD_TOO_LARGE: 413,
     _C.UNSUPPORTED_MEDIA_TYPE: 415,
     _C.INVALID_REQUEST: 422,
@@ -110,12 +120,17 @@ STATUS: dict[ErrorCode, int] = {
     _C.INVALID_IDEMPOTENCY_KEY: 422,
     _C.IDEMPOTENCY_KEY_REUSED: 422,
     _C.TENSORFLOW_NOT_INSTALLED: 422,
+    _C.INVALID_TRAINING: 422,
+    _C.MISSING_BASE_ITERATIONS: 422,
+    _C.INVALID_BASE_ITERATIONS: 422,
     _C.INTERNAL_ERROR: 500,
     _C.SERVICE_UNAVAILABLE: 503,
     _C.SESSION_BUSY: 503,
     _C.JOURNAL_FAILED: 503,
     _C.SNAPSHOT_FAILED: 503,
     _C.TOO_MANY_IDEMPOTENCY_KEYS: 503,
+    _C.ROUND_TIMEOUT: 503,
+    _C.ROUND_FULL: 503,
     _C.INSUFFICIENT_STORAGE: 507,
     _C.TOO_MANY_SESSIONS: 507,
     _C.MEMORY_QUOTA_EXCEEDED: 507,
@@ -131,14 +146,15 @@ def status_of(code: ErrorCode | str) -> int:
         return 500
 
 
-def error_body(code: ErrorCode | str, message: str) -> dict[str, dict[str, str]]:
-    """The protocol's error body."""
-    return {"error": {"code": str(code), "message": message}}
+def error_body(code: ErrorCode | str, message: str, **details: Any) -> dict[str, dict[str, Any]]:
+    """The protocol's error body; ``details`` are extra fields of the error object (a
+    ``stale_gradient`` carries the session's ``iterations``)."""
+    return {"error": {"code": str(code), "message": message, **details}}
 
 
-def error_json(code: ErrorCode | str, message: str) -> bytes:
+def error_json(code: ErrorCode | str, message: str, **details: Any) -> bytes:
     """:func:`error_body` as the JSON bytes of an answer (for routes and middlewares alike)."""
-    return json.dumps(error_body(code, message), separators=(",", ":")).encode("utf-8")
+    return json.dumps(error_body(code, message, **details), separators=(",", ":")).encode("utf-8")
 
 
 class MessageError(ValueError):

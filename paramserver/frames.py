@@ -18,7 +18,7 @@ header lists them as ``[name, dtype, shape]`` and the body holds their bytes bac
 that either side can send an array's own memory (``sendmsg``) and receive straight into the
 array it will use (``recv_into``). The request header holds ``op`` (``"hello"``, ``"push"``,
 ``"pull"``) and its fields (see :data:`OPS`); the answer header holds ``status`` (an HTTP
-status) and, for an error, ``error`` (``{"code", "message"}``, as the REST errors) and
+status) and, for an error, ``error`` (``{"code", "message", ...}``, as the REST errors) and
 ``retry_after``.
 """
 
@@ -74,7 +74,7 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 #: has no body. Answers to push and pull list the weights in ``tensors`` and carry their bytes.
 OPS: Mapping[str, frozenset[str]] = {
     "hello": frozenset({"version", "token"}),
-    "push": frozenset({"session", "key", "return_weights", "tensors"}),
+    "push": frozenset({"session", "key", "return_weights", "tensors", "base_iterations"}),
     "pull": frozenset({"session", "min_iterations", "wait_seconds"}),
 }
 

@@ -7,14 +7,15 @@ holds:
 =====================  ========================================  ============================
 message                body                                      functions
 =====================  ========================================  ============================
-create                 ``{"session_id"?, "optimizer", "weights"}``  :func:`encode_create`,
-                                                                 :func:`decode_create`
-push                   ``{"gradients": {name: tensor}}``         :func:`encode_push`,
-                                                                 :func:`decode_push`
+create                 ``{"session_id"?, "optimizer", "weights",  :func:`encode_create`,
+                       "refuse_non_finite"?, "training"?}``      :func:`decode_create`
+push                   ``{"gradients": {name: tensor},           :func:`encode_push`,
+                       "base_iterations"?}``                     :func:`decode_push_message`
 weights answer         ``{"iterations", "weights"?}``            :func:`encode_weights`,
                                                                  :func:`decode_weights`
 state                  ``{"iterations", "optimizer", "weights",  :func:`encode_state`,
-                       "slots", "scalars"}``                     :func:`decode_state`
+                       "slots", "scalars",                       :func:`decode_state`
+                       "refuse_non_finite"?, "training"?}``
 =====================  ========================================  ============================
 
 Decoding checks everything and raises :class:`~paramserver.codes.MessageError` with the
@@ -36,8 +37,10 @@ from typing import Any, Literal
 import numpy as np
 
 from . import optimizers, wire
+from . import training as modes
 from .codes import ErrorCode, MessageError
 from .optimizers import InvalidOptimizerConfig, Optimizer, UnknownOptimizer
+from .training import Async, Training, decode_training
 
 __all__ = [
     "ANSWER_LIMITS",
@@ -45,10 +48,12 @@ __all__ = [
     "MAX_ITERATIONS",
     "BodyKind",
     "CreateMessage",
+    "PushMessage",
     "SessionState",
     "decode_create",
     "decode_optimizer",
     "decode_push",
+    "decode_push_message",
     "decode_state",
     "decode_weights",
     "encode_create",
@@ -81,7 +86,8 @@ class SessionState:
 
     ``weights`` and every ``slots[slot]`` map parameter names to arrays; ``optimizer`` is the
     session's optimizer configuration; ``scalars`` holds scalar optimizer state (Nadam's
-    ``m_schedule``); ``refuse_non_finite`` is the session's setting of that name. Weights and
+    ``m_schedule``); ``refuse_non_finite`` and ``training`` are the session's settings of those
+    names (:mod:`paramserver.training`; an open sync round is not state). Weights and
     slots may hold NaN or inf (Keras lets weights diverge; a state the server reached can
     always be imported again). :meth:`to_bytes` / :meth:`from_bytes` give a checkpoint file's
     contents.
@@ -93,6 +99,7 @@ class SessionState:
     slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
     refuse_non_finite: bool = False
+    training: Training = field(default_factory=Async)
 
     def to_bytes(self) -> bytes:
         return encode_state(self)
@@ -111,6 +118,16 @@ class CreateMessage:
     optimizer: Optimizer
     weights: dict[str, np.ndarray]
     refuse_non_finite: bool = False
+    training: Training = field(default_factory=Async)
+
+
+@dataclass(frozen=True)
+class PushMessage:
+    """A decoded push body: the gradients and, when sent, the iteration count of the weights
+    they were computed on (required by sync sessions and by ``max_staleness``)."""
+
+    gradients: dict[str, np.ndarray]
+    base_iterations: int | None = None
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -213,12 +230,13 @@ def decode_create(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> Crea
     obj = _top_level(
         _load(body, kind, limits),
         required=frozenset({"optimizer", "weights"}),
-        optional=frozenset({"session_id", "refuse_non_finite"}),
+        optional=frozenset({"session_id", "refuse_non_finite", "training"}),
     )
     optimizer = decode_optimizer(obj["optimizer"])
     weights = _tensors(obj["weights"], field="weights", limits=limits, json_body=kind == "json")
     refuse = _flag(obj, "refuse_non_finite", ErrorCode.INVALID_REQUEST)
-    return CreateMessage(obj.get("session_id"), optimizer, weights, refuse)
+    mode = decode_training(obj["training"]) if "training" in obj else Async()
+    return CreateMessage(obj.get("session_id"), optimizer, weights, refuse, mode)
 
 
 def _flag(obj: dict[str, Any], key: str, code: ErrorCode) -> bool:
@@ -228,10 +246,33 @@ def _flag(obj: dict[str, Any], key: str, code: ErrorCode) -> bool:
     return value
 
 
+def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
+    """``POST /sessions/{id}/gradients``: msgpack ``{"gradients": {name: tensor},
+    "base_iterations"?: int}``."""
+    obj = _top_level(
+        _load(body, "msgpack", limits),
+        required=frozenset({"gradients"}),
+        optional=frozenset({"base_iterations"}),
+    )
+    base = obj.get("base_iterations")
+    if base is not None:
+        base = base_iterations(base)
+    return PushMessage(_tensors(obj["gradients"], field="gradients", limits=limits), base)
+
+
 def decode_push(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
-    """``POST /sessions/{id}/gradients``: msgpack ``{"gradients": {name: tensor}}``."""
-    obj = _top_level(_load(body, "msgpack", limits), required=frozenset({"gradients"}))
-    return _tensors(obj["gradients"], field="gradients", limits=limits)
+    """The gradients of a push body (:func:`decode_push_message`)."""
+    return decode_push_message(body, limits).gradients
+
+
+def base_iterations(value: Any) -> int:
+    """A push's ``base_iterations``: an iteration count (``invalid_base_iterations``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_ITERATIONS:
+        raise MessageError(
+            f"'base_iterations' must be an integer in [0, 2**53), got {value!r}",
+            code=ErrorCode.INVALID_BASE_ITERATIONS,
+        )
+    return value
 
 
 def decode_weights(
@@ -257,7 +298,9 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
     obj = _top_level(
         _load(body, "msgpack", state_limits),
         required=_STATE_KEYS,
-        optional=frozenset({"refuse_non_finite"}),  # absent in states of version 0.1
+        # refuse_non_finite: absent in states of version 0.1; training: absent for async
+        # sessions and in states before training modes
+        optional=frozenset({"refuse_non_finite", "training"}),
     )
     iterations = _iterations(obj["iterations"], ErrorCode.INVALID_STATE)
     optimizer = decode_optimizer(obj["optimizer"])
@@ -286,7 +329,17 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
         slots=slots,
         scalars={str(k): float(v) for k, v in scalars.items()},
         refuse_non_finite=_flag(obj, "refuse_non_finite", ErrorCode.INVALID_STATE),
+        training=_state_training(obj),
     )
+
+
+def _state_training(obj: dict[str, Any]) -> Training:
+    if "training" not in obj:
+        return Async()
+    try:
+        return decode_training(obj["training"])
+    except MessageError as exc:
+        raise MessageError(exc.message, code=ErrorCode.INVALID_STATE) from None
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -308,8 +361,10 @@ def encode_create(
     session_id: str | None = None,
     *,
     refuse_non_finite: bool = False,
+    training: Any = None,
 ) -> bytes:
-    """The create body; the optimizer is validated (and normalised) on the way."""
+    """The create body; the optimizer and the training mode are validated (and normalised) on
+    the way."""
     message: dict[str, Any] = {
         "optimizer": optimizers.get(optimizer).to_dict(),
         "weights": arrays(weights, "weights"),
@@ -318,11 +373,17 @@ def encode_create(
         message["session_id"] = session_id
     if refuse_non_finite:
         message["refuse_non_finite"] = True
+    mode = modes.get(training)
+    if mode != Async():
+        message["training"] = mode.to_dict()
     return wire.pack(message)
 
 
-def encode_push(gradients: Mapping[str, Any]) -> bytes:
-    return wire.pack({"gradients": arrays(gradients, "gradients")})
+def encode_push(gradients: Mapping[str, Any], base_iterations: int | None = None) -> bytes:
+    message: dict[str, Any] = {"gradients": arrays(gradients, "gradients")}
+    if base_iterations is not None:
+        message["base_iterations"] = base_iterations
+    return wire.pack(message)
 
 
 def encode_weights(iterations: int, weights: Mapping[str, np.ndarray] | None) -> bytes:
@@ -336,13 +397,15 @@ def encode_state(state: SessionState) -> bytes:
     """The state body. The optimizer may also be given as a name or a Keras config (it is
     validated on the way); the iteration count and arrays are sent as they are, for the
     server to check."""
-    return wire.pack(
-        {
-            "iterations": state.iterations,
-            "optimizer": optimizers.get(state.optimizer).to_dict(),
-            "weights": arrays(state.weights, "weights"),
-            "slots": {slot: arrays(per, f"slots[{slot!r}]") for slot, per in state.slots.items()},
-            "scalars": dict(state.scalars),
-            "refuse_non_finite": bool(state.refuse_non_finite),
-        }
-    )
+    message: dict[str, Any] = {
+        "iterations": state.iterations,
+        "optimizer": optimizers.get(state.optimizer).to_dict(),
+        "weights": arrays(state.weights, "weights"),
+        "slots": {slot: arrays(per, f"slots[{slot!r}]") for slot, per in state.slots.items()},
+        "scalars": dict(state.scalars),
+        "refuse_non_finite": bool(state.refuse_non_finite),
+    }
+    mode = modes.get(state.training)
+    if mode != Async():  # an async state reads as before training modes (and on such servers)
+        message["training"] = mode.to_dict()
+    return wire.pack(message)

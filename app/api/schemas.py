@@ -52,6 +52,51 @@ class CreateSessionRequest(BaseModel):
         "slots would hold NaN or inf. Costs a copy of weights and slots per step and twice "
         "the session's memory. Not available for TFOptimizer.",
     )
+    training: TrainingSpec | None = Field(
+        None,
+        description="The training mode: {'mode': 'async', 'max_staleness'?} (default) or "
+        "{'mode': 'sync', 'replicas_to_aggregate', 'total_num_replicas'?, "
+        "'round_timeout_seconds'?}. 422 invalid_training when invalid.",
+    )
+
+
+class TrainingSpec(BaseModel):
+    """A session's training mode (``paramserver.training``)."""
+
+    mode: Literal["async", "sync"] = Field(
+        "async",
+        description="'async' (default): each push is one step. 'sync': rounds of "
+        "replicas_to_aggregate gradients of the current weights, applied as their mean.",
+    )
+    max_staleness: int | None = Field(
+        None,
+        ge=0,
+        description="async: refuse (409 stale_gradient) a push whose base_iterations is more "
+        "than this many steps behind the session.",
+    )
+    replicas_to_aggregate: int | None = Field(
+        None, ge=1, le=1024, description="sync: N, the gradients a round applies."
+    )
+    total_num_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="sync: M >= N workers (default N); the M - N late gradients of a round "
+        "are refused as stale.",
+    )
+    round_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="sync: a round not full within this many seconds (default 600) answers "
+        "its pushes 503 round_timeout and applies nothing.",
+    )
+
+
+class RoundStatus(BaseModel):
+    received: int = Field(description="Gradients the open round holds.")
+    needed: int = Field(description="replicas_to_aggregate.")
+    age_seconds: float = Field(description="Since the open round's first gradient (0 if none).")
 
 
 class CreateSessionResponse(BaseModel):
@@ -59,6 +104,8 @@ class CreateSessionResponse(BaseModel):
     optimizer: OptimizerSpec
     iterations: int
     refuse_non_finite: bool
+    training: TrainingSpec
+    round: RoundStatus | None = Field(None, description="Sync sessions: the open round.")
     parameters: dict[str, TensorMeta]
 
 
@@ -74,6 +121,9 @@ class SessionList(BaseModel):
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    iterations: int | None = Field(
+        None, description="stale_gradient: the session's iteration count."
+    )
 
 
 class ErrorBody(BaseModel):
@@ -99,11 +149,14 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing or wrong bearer token.",
         403: "The token may not do this.",
         404: "No such session.",
-        409: "The session id is taken.",
+        409: "Conflict: the session id is taken (session_exists), the gradient is stale "
+        "(stale_gradient, with the session's iterations), the round was aborted by a state "
+        "import (round_aborted), or the session cannot count further (iterations_exhausted).",
         413: "The body is over the size limit.",
         415: "Wrong Content-Type.",
         422: "Well-formed but invalid: optimizer, tensors, parameters or non-finite values.",
-        503: "Overloaded: retry after the Retry-After header.",
+        503: "Not processed: overloaded or busy (retry after Retry-After), or a sync round "
+        "that timed out (round_timeout) or already had total_num_replicas pushes (round_full).",
         507: "A session or memory limit would be exceeded.",
     }
     return {s: {"model": ErrorBody, "description": text[s]} for s in statuses}

@@ -17,7 +17,8 @@ from paramserver.wire import MSGPACK_MEDIA_TYPE
 from ..errors import InvalidRequest, ServiceUnavailable
 from ..idempotency import check_key
 from ..protocol import body_kind
-from ..service import SessionService
+from ..rounds import Ticket
+from ..service import SessionService, round_answer
 from ..sessions import Session
 from . import schemas
 from .bodies import read_body
@@ -87,6 +88,7 @@ async def body_of(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.CreateSessionResponse,
+    response_model_exclude_none=True,
     summary="Create a session",
     description="Create an optimizer session from initial weights and an optimizer (a name "
     "with defaults, or a Keras config). The body is msgpack (tensor data as bin) or JSON "
@@ -103,6 +105,7 @@ async def create_session(request: Request, service: ServiceDep) -> dict[str, Any
 @router.get(
     "",
     response_model=schemas.SessionList,
+    response_model_exclude_none=True,
     summary="List sessions",
 )
 async def list_sessions(service: ServiceDep) -> dict[str, Any]:
@@ -112,6 +115,7 @@ async def list_sessions(service: ServiceDep) -> dict[str, Any]:
 @router.get(
     "/{session_id}",
     response_model=schemas.SessionSummary,
+    response_model_exclude_none=True,
     summary="Describe a session",
     responses=schemas.error_responses(404),
 )
@@ -163,10 +167,19 @@ async def snapshot_session(session: SessionDep, service: ServiceDep) -> dict[str
     summary="Push gradients: one optimizer step",
     description="Apply exactly one optimizer step with a gradient for every parameter "
     "(any supported float dtype; cast to the parameter's). Answers the new weights, or only "
-    "the iteration count with return_weights=false. An error changes nothing.",
+    "the iteration count with return_weights=false. An error changes nothing. The body may "
+    "carry base_iterations, the iteration count of the weights the gradient was computed on "
+    "(required by sync sessions and by max_staleness: 409 stale_gradient when too old). In a "
+    "sync session the push waits for its round: once replicas_to_aggregate gradients of the "
+    "current weights have arrived, their mean is applied as one step and every push of the "
+    "round gets the same answer; a round not full within round_timeout_seconds answers 503 "
+    "round_timeout and applies nothing.",
     openapi_extra=schemas.GRADIENTS_BODY,
     response_class=Response,
-    responses={200: schemas.WEIGHTS_RESPONSE, **schemas.error_responses(400, 404, 413, 415, 422)},
+    responses={
+        200: schemas.WEIGHTS_RESPONSE,
+        **schemas.error_responses(400, 404, 409, 413, 415, 422, 503),
+    },
 )
 async def push_gradients(
     request: Request,
@@ -192,11 +205,18 @@ async def push_gradients(
         )
     body = await body_of(request, service)
     async with turn(session, service):
-        content, replayed = await run_in_threadpool(
+        outcome = await run_in_threadpool(
             lambda: service.push(
                 session, body, return_weights=return_weights, idempotency_key=idempotency_key
             )
         )
+    if isinstance(outcome, Ticket):
+        # A sync round: wait for it here, on the event loop, holding no thread and not the
+        # session's turn (the other pushes of the round need it); only the round's timeout
+        # bounds this wait.
+        content, replayed = round_answer(await outcome.wait_async(), return_weights), False
+    else:
+        content, replayed = outcome
     return MsgpackResponse(content, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
@@ -253,6 +273,7 @@ async def get_state(session: SessionDep, service: ServiceDep) -> Response:
 @router.put(
     "/{session_id}/state",
     response_model=schemas.SessionSummary,
+    response_model_exclude_none=True,
     summary="Import a state",
     description="Replace the session's state with an exported one (200), or create the "
     "session from it if the id is free (201). The session then continues bit-for-bit as the "

@@ -12,11 +12,13 @@ Layout: ``<snapshot_dir>/journal/<first_lsn>.wal`` segments (20-digit names), ea
     length  u32   bytes of the payload
     crc     u32   zlib.crc32 of payload followed by the 8 LSN bytes
     lsn     u64   log sequence number, increasing across all sessions and segments
-    payload       msgpack map: op ("create" | "push" | "state" | "delete"), session,
-                  and per op: body (bin: the state or the push's request body), iterations
-                  (after a push), key (the push's Idempotency-Key), digest (hex of the
-                  key's push digest, see paramserver.server.idempotency; absent in records
-                  of paramserver 0.1, whose digest replay computes from the body),
+    payload       msgpack map: op ("create" | "push" | "round" | "state" | "delete"),
+                  session, and per op: body (bin: the state, the push's request body, or a
+                  sync round's mean gradient as a push body), iterations (after a push or
+                  round), key (the push's Idempotency-Key), digest (hex of the key's push
+                  digest, see paramserver.server.idempotency; absent in records of
+                  paramserver 0.1, whose digest replay computes from the body), keys (a
+                  round: [key, digest hex] of each of its pushes that had a key),
                   time (unix seconds)
 
 All integers are big-endian. Records are written with one ``writev`` under the journal's
@@ -67,7 +69,7 @@ SEGMENT_MAGIC = b"PSJRNL\r\n"
 JOURNAL_FORMAT = 1
 SEGMENT_SUFFIX = ".wal"
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
-OPS = frozenset({"create", "push", "state", "delete"})
+OPS = frozenset({"create", "push", "round", "state", "delete"})
 
 _SEGMENT_HEADER = struct.Struct(">8sI")
 _FRAME = struct.Struct(">IIQ")  # payload length, crc32, lsn
@@ -112,6 +114,8 @@ class Record:
     segment: Path
     offset: int
     digest: bytes | None = None
+    #: A round's Idempotency-Keys and their pushes' digests.
+    keys: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def where(self) -> str:
@@ -494,6 +498,7 @@ def _decode(payload: memoryview, lsn: int, path: Path, offset: int) -> Record:
     time = obj.get("time")
     digest_hex = obj.get("digest")
     digest = _digest(digest_hex)
+    keys = _keys(obj.get("keys"))
     if (
         not isinstance(session_id, str)
         or not (body is None or isinstance(body, memoryview))
@@ -501,11 +506,31 @@ def _decode(payload: memoryview, lsn: int, path: Path, offset: int) -> Record:
         or not (key is None or isinstance(key, str))
         or not (time is None or isinstance(time, (int, float)))
         or (obj["op"] != "delete" and body is None)
-        or (obj["op"] == "push" and iterations is None)
+        or (obj["op"] in ("push", "round") and iterations is None)
         or (digest_hex is not None and digest is None)
+        or keys is None
     ):
         raise CorruptJournal(f"{where}: a {obj['op']!r} record with missing or wrong fields")
-    return Record(lsn, obj["op"], session_id, body, iterations, key, time, path, offset, digest)
+    return Record(
+        lsn, obj["op"], session_id, body, iterations, key, time, path, offset, digest, keys
+    )
+
+
+def _keys(value: object) -> tuple[tuple[str, bytes], ...] | None:
+    """A round record's ``keys``: ``[[key, digest hex], ...]``, or None if malformed."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        return None
+    out = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+            return None
+        digest = _digest(item[1])
+        if digest is None:
+            return None
+        out.append((item[0], digest))
+    return tuple(out)
 
 
 def _digest(value: object) -> bytes | None:

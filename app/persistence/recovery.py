@@ -216,18 +216,21 @@ class _Replay:
     _create = _state
 
     def _push(self, record: Record) -> None:
+        """A push, or a sync round (its mean gradient as a push, its pushes' keys)."""
         sid = record.session_id
         assert record.body is not None and record.iterations is not None
         gradients = None
-        if record.key is not None and record.time is not None:
+        keys = list(record.keys)
+        if record.key is not None:
             digest = record.digest
             if digest is None:  # a record of paramserver 0.1: the digest of its body
                 gradients = decode_push(_buffer(record.body), TRUSTED_LIMITS)
                 digest = push_digest(gradients)
+            keys.append((record.key, digest))
+        if record.time is not None:
             window = self.idempotency.window
-            self.idempotency.restore(
-                sid, record.key, record.iterations, record.time + window, digest
-            )
+            for key, digest in keys:
+                self.idempotency.restore(sid, key, record.iterations, record.time + window, digest)
         session = self.store.find(sid)
         if session is None:
             # A push can reach the journal just before its session's create record; the create
@@ -239,7 +242,7 @@ class _Replay:
         trainer = session.trainer
         if trainer.iterations != record.iterations - 1:
             message = (
-                f"session {sid!r}: journal record {record.where} is push number "
+                f"session {sid!r}: journal record {record.where} is {record.op} number "
                 f"{record.iterations} but the session is at iteration {trainer.iterations}"
             )
             if sid in self.lossy:
@@ -260,6 +263,8 @@ class _Replay:
         if record.time is not None:
             session.updated_at = datetime.fromtimestamp(record.time, timezone.utc)
         self.result.pending.setdefault(sid, record.lsn)
+
+    _round = _push
 
     def _delete(self, record: Record) -> None:
         sid = record.session_id

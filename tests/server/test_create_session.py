@@ -39,6 +39,7 @@ def test_create_by_name_fills_in_every_default(api: httpx.Client, name: str) -> 
         "optimizer": {"class_name": class_name, "config": config},
         "iterations": 0,
         "refuse_non_finite": False,
+        "training": {"mode": "async"},
         "parameters": {
             "dense/kernel": {"dtype": "float32", "shape": [3, 4]},
             "dense/bias": {"dtype": "float32", "shape": [4]},
@@ -85,6 +86,7 @@ def test_create_with_json(api: httpx.Client) -> None:
         },
         "iterations": 0,
         "refuse_non_finite": False,
+        "training": {"mode": "async"},
         "parameters": {
             "w": {"dtype": "float32", "shape": [2, 3]},
             "d": {"dtype": "float64", "shape": [2]},

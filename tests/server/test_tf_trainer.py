@@ -547,3 +547,39 @@ def test_importing_the_app_does_not_import_tensorflow() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+# --- training modes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["AdamOptimizer", "keras-Nadam"])
+def test_a_sync_round_is_the_tensorflow_step_on_the_mean(
+    tf: Any, server: Any, api: httpx.Client, session_ids: Callable[[str], str], case: str
+) -> None:
+    """A TFOptimizer session in sync mode: each round of 3 gradients is one native step on
+    their mean; an async session with max_staleness refuses a stale gradient."""
+    from tests.server.test_training_modes import exact_mean, push_in_order
+
+    config, native, float64_bias = CASES[case](tf)
+    weights = initial_weights(3, float64_bias=float64_bias)
+    sid = session_ids("sync")
+    body = wire.pack(
+        {
+            "session_id": sid,
+            "optimizer": config.to_dict(),
+            "weights": weights,
+            "training": {"mode": "sync", "replicas_to_aggregate": 3},
+        }
+    )
+    r = api.post("/sessions", content=body, headers={"Content-Type": "application/msgpack"})
+    assert r.status_code == 201, r.text
+    assert r.json()["training"]["mode"] == "sync"
+    reference = Reference(tf, native, weights)
+    stream = gradient_stream(4, weights, 9)
+    for step in range(3):
+        grads = stream[3 * step : 3 * step + 3]
+        answers = push_in_order(server.url, api, sid, grads, step)
+        assert all(a.status_code == 200 for a in answers), answers[0].text
+        answer = unpackb(answers[0].content)
+        assert answer["iterations"] == step + 1
+        assert_float32_close(arrays(answer["weights"]), reference.step(exact_mean(grads)))

@@ -1,0 +1,268 @@
+"""Synchronous rounds: N gradients computed on the same weights, applied as their mean.
+
+A sync session (:class:`paramserver.training.Sync`) owns one :class:`Round`. A push joins it
+under the session's lock (its gradient checked and copied into the round's rows); the push
+that brings the N-th gradient computes the mean, applies it as one step, journals it as one
+record and answers every push of the round with the same weights. The others wait for that
+answer on a :class:`Ticket`: over HTTP on the event loop (no thread held), on the data plane in
+their connection's thread.
+
+The mean is the same whatever order the gradients arrive in: the rows are summed in float64
+in the order of their pushes' digests (xxh3-128 of the decoded gradients, a function of the
+set of gradients, not of their arrival; equal digests are equal gradients, whose order does
+not matter), divided by N once and rounded once to each parameter's dtype. (TensorFlow's
+``ConditionalAccumulator`` sums in float32 in arrival order, so its mean is not reproducible
+this way.)
+
+Locks: the round's own lock is held only for bookkeeping (never during a step or I/O), so a
+waiter may take it from the event loop to expire its round at the deadline. The rows are
+written and read only under the session's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramserver.codes import ErrorCode
+from paramserver.messages import decode_weights
+from paramserver.training import Sync, Training
+
+from .errors import ServiceError, ServiceUnavailable
+from .training import Trainer
+
+__all__ = ["Entry", "Round", "RoundResult", "Ticket", "held_bytes", "round_bytes"]
+
+
+def round_bytes(training: Training, trainer: Trainer) -> int:
+    """Bytes a sync round holds: one row of every parameter per gradient it waits for."""
+    if not isinstance(training, Sync):
+        return 0
+    weights = sum(
+        int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        for dtype, shape in trainer.parameters().values()
+    )
+    return training.replicas_to_aggregate * weights
+
+
+def held_bytes(trainer: Trainer) -> int:
+    """What a session with this trainer holds: weights, slots and its round's rows."""
+    return trainer.nbytes() + round_bytes(trainer.training, trainer)
+
+
+@dataclass
+class RoundResult:
+    """A completed round: the new iteration count and the answer with the new weights, encoded
+    once for every push of the round (the data plane sends views of the same bytes)."""
+
+    iterations: int
+    body: bytes
+    _weights: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The weights as read-only views of :attr:`body`."""
+        if self._weights is None:
+            _, weights = decode_weights(self.body)
+            assert weights is not None
+            self._weights = weights
+        return self._weights
+
+
+class Entry:
+    """One gradient of a round, and the pushes waiting for its outcome (a push and its retries
+    with the same Idempotency-Key)."""
+
+    def __init__(self, digest: bytes, key: str | None, remember: Callable[..., bytes | None]):
+        self.digest = digest
+        self.key = key
+        self.remember = remember
+        self.result: RoundResult | None = None
+        self.error: ServiceError | None = None
+        self.done = False
+        self._wakers: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def resolve(self, result: RoundResult | None, error: ServiceError | None = None) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.result, self.error, self.done = result, error, True
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
+
+    def watch(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.done:
+                self._wakers.append(wake)
+                return
+        wake()
+
+    def unwatch(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if wake in self._wakers:
+                self._wakers.remove(wake)
+
+
+class Round:
+    """The open round of one sync session (see the module docstring)."""
+
+    def __init__(self, training: Sync) -> None:
+        self.training = training
+        self.lock = threading.Lock()
+        self.serial = 0  # grows when a round closes (completed, expired, aborted)
+        self.entries: list[Entry] = []
+        self.by_key: dict[str, Entry] = {}
+        self.started = 0.0  # monotonic time of the round's first gradient
+        #: Pushes that arrived for the round completed last (its N, then stale ones): past
+        #: total_num_replicas, a push for it is ``round_full``, not ``stale_gradient``.
+        self.previous_arrivals = 0
+        self._rows: dict[str, np.ndarray] = {}
+
+    # -- under the session's lock ----------------------------------------------------------
+
+    def add(self, entry: Entry, flat: Mapping[str, np.ndarray]) -> tuple[int, list[Entry] | None]:
+        """Copy a checked gradient (flat arrays in the parameters' dtypes) into the next row.
+        Returns the round's serial and, when this gradient fills it, its entries: the round
+        is then closed (no deadline can expire it) and the caller completes it."""
+        n = self.training.replicas_to_aggregate
+        with self.lock:
+            row = len(self.entries)
+            assert row < n
+            for name, grad in flat.items():
+                rows = self._rows.get(name)
+                if rows is None or rows.dtype != grad.dtype or rows.shape[1] != grad.size:
+                    rows = self._rows[name] = np.empty((n, grad.size), grad.dtype)
+                np.copyto(rows[row], grad.reshape(-1))
+            if not self.entries:
+                self.started = time.monotonic()
+            self.entries.append(entry)
+            serial = self.serial
+            if len(self.entries) < n:
+                if entry.key is not None:
+                    self.by_key[entry.key] = entry
+                return serial, None
+            entries, self.entries, self.by_key = self.entries, [], {}
+            self.serial += 1
+            return serial, entries
+
+    def waiting(self, key: str) -> tuple[Entry, int] | None:
+        """The open round's entry pushed with Idempotency-Key ``key``, and the round's serial."""
+        with self.lock:
+            entry = self.by_key.get(key)
+            return None if entry is None else (entry, self.serial)
+
+    def mean(
+        self, entries: list[Entry], shapes: Mapping[str, tuple[int, ...]]
+    ) -> dict[str, np.ndarray]:
+        """The mean gradient of a full round (``entries`` as :meth:`add` returned them, the
+        rows not yet reused): rows summed in float64 in digest order, divided once, rounded
+        once (identical for any arrival order)."""
+        n = len(entries)
+        order = sorted(range(n), key=lambda i: entries[i].digest)
+        out: dict[str, np.ndarray] = {}
+        for name, rows in self._rows.items():
+            acc = np.zeros(rows.shape[1], np.float64)
+            for i in order:
+                np.add(acc, rows[i], out=acc)
+            np.divide(acc, n, out=acc)
+            out[name] = acc.astype(rows.dtype).reshape(shapes[name])
+        return out
+
+    def close(self) -> list[Entry]:
+        """End the open round unapplied; returns its entries for the caller to resolve."""
+        with self.lock:
+            entries, self.entries, self.by_key = self.entries, [], {}
+            self.serial += 1
+            return entries
+
+    def forget_rows(self) -> None:
+        """Drop the rows' memory (the session is gone or no longer sync)."""
+        self._rows = {}
+
+    # -- from any thread or the event loop -------------------------------------------------
+
+    def deadline(self) -> float:
+        return self.started + self.training.round_timeout_seconds
+
+    def expire(self, serial: int) -> None:
+        """At the deadline of round ``serial``: if it is still open, close it and answer its
+        pushes 503 ``round_timeout`` (nothing of it is applied). A round being completed
+        meanwhile was closed already: its pushes get its answer instead."""
+        with self.lock:
+            if self.serial != serial or not self.entries:
+                return
+            entries, self.entries, self.by_key = self.entries, [], {}
+            self.serial += 1
+        timeout = self.training.round_timeout_seconds
+        error = ServiceUnavailable(
+            f"the round did not get its {self.training.replicas_to_aggregate} gradients "
+            f"within {timeout:g} s (round_timeout_seconds; it had {len(entries)}); nothing "
+            "was applied: pull the weights and push again",
+            code=ErrorCode.ROUND_TIMEOUT,
+            headers={"Retry-After": "1"},
+        )
+        for entry in entries:
+            entry.resolve(None, error)
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            received = len(self.entries)
+            age = time.monotonic() - self.started if received else 0.0
+        return {
+            "received": received,
+            "needed": self.training.replicas_to_aggregate,
+            "age_seconds": round(age, 3),
+        }
+
+
+@dataclass
+class Ticket:
+    """A push waiting in a round: :meth:`wait` (a thread) or :meth:`wait_async` (the event
+    loop) returns the round's result or raises its error."""
+
+    round: Round
+    entry: Entry
+    serial: int
+    deadline: float  # monotonic
+
+    def _outcome(self) -> RoundResult:
+        if self.entry.error is not None:
+            raise self.entry.error
+        assert self.entry.result is not None
+        return self.entry.result
+
+    def wait(self) -> RoundResult:
+        event = threading.Event()
+        self.entry.watch(event.set)
+        try:
+            if not event.wait(max(0.0, self.deadline - time.monotonic())):
+                self.round.expire(self.serial)
+                event.wait()  # expired now, or being completed: resolved either way
+        finally:
+            self.entry.unwatch(event.set)
+        return self._outcome()
+
+    async def wait_async(self) -> RoundResult:
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(event.set)
+
+        self.entry.watch(wake)
+        try:
+            try:
+                await asyncio.wait_for(event.wait(), max(0.0, self.deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                self.round.expire(self.serial)
+                await event.wait()
+        finally:
+            self.entry.unwatch(wake)
+        return self._outcome()
