@@ -13,6 +13,7 @@
 * :class:`Client` / :class:`AsyncClient`: blocking and asyncio twins (``httpx`` underneath).
 * :class:`Session` / :class:`AsyncSession`: push, pull, info, state, load_state, delete.
 * :mod:`paramserver.optimizers`: Keras 2.2 optimizer objects, validated as the server does.
+* :class:`Sync` / :class:`Async`: training modes (synchronous rounds, bounded staleness).
 * :mod:`paramserver.client.errors`: one exception per error status, with the server's code and
   message.
 * :mod:`paramserver.wire`: the msgpack tensor format, shared with the server.
@@ -21,6 +22,7 @@ See ``docs/client.md`` for the retry policy and the forms weights take.
 """
 
 from paramserver import optimizers, wire
+from paramserver.training import Async, Sync
 
 from . import errors
 from ._base import (
@@ -37,6 +39,7 @@ from ._base import (
 from .aio import AsyncClient, AsyncSession
 from .errors import (
     BadRequest,
+    Conflict,
     DeadlineExceeded,
     Forbidden,
     InsufficientStorage,
@@ -47,10 +50,14 @@ from .errors import (
     PayloadTooLarge,
     ProtocolError,
     RequestTimeout,
+    RoundAborted,
+    RoundFull,
+    RoundTimeout,
     ServerError,
     ServiceUnavailable,
     SessionExists,
     SessionNotFound,
+    StaleGradient,
     TransportError,
     Unauthorized,
     UnsupportedMediaType,
@@ -61,10 +68,12 @@ __all__ = [
     "DEFAULT_DEADLINE",
     "DEFAULT_RETRY_POLICY",
     "DEFAULT_TIMEOUT",
+    "Async",
     "AsyncClient",
     "AsyncSession",
     "BadRequest",
     "Client",
+    "Conflict",
     "DeadlineExceeded",
     "DictWeights",
     "Forbidden",
@@ -79,6 +88,9 @@ __all__ = [
     "ProtocolError",
     "RequestTimeout",
     "RetryPolicy",
+    "RoundAborted",
+    "RoundFull",
+    "RoundTimeout",
     "ServerError",
     "ServiceUnavailable",
     "Session",
@@ -86,6 +98,8 @@ __all__ = [
     "SessionInfo",
     "SessionNotFound",
     "SessionState",
+    "StaleGradient",
+    "Sync",
     "TransportError",
     "Unauthorized",
     "UnsupportedMediaType",

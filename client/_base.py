@@ -51,7 +51,9 @@ import httpx
 import numpy as np
 
 from paramserver import frames, messages, optimizers, wire
+from paramserver import training as modes
 from paramserver.messages import ANSWER_LIMITS, SessionState
+from paramserver.training import Training
 
 from . import errors
 
@@ -96,6 +98,33 @@ WeightsOut: TypeAlias = DictWeights | ListWeights
 #: The form a session answers in: ``DictWeights`` or ``ListWeights``.
 W = TypeVar("W", DictWeights, ListWeights)
 OptimizerLike: TypeAlias = "str | Mapping[str, Any] | optimizers.Optimizer"
+#: A training mode: ``Sync(...)``, ``Async(...)``, its ``{"mode": ...}`` dict, or an object
+#: with ``get_config()``.
+TrainingLike: TypeAlias = "Training | Mapping[str, Any] | Any"
+
+_SYNC_OPTIONS = frozenset({"replicas_to_aggregate", "total_num_replicas", "round_timeout_seconds"})
+_ASYNC_OPTIONS = frozenset({"max_staleness"})
+
+
+def training_of(training: TrainingLike | None, options: Mapping[str, Any]) -> Training:
+    """``create_session``'s training mode: ``training=``, or its keyword arguments
+    (``replicas_to_aggregate=...`` and co. make a sync session, ``max_staleness=`` an async
+    one)."""
+    unknown = sorted(set(options) - _SYNC_OPTIONS - _ASYNC_OPTIONS)
+    if unknown:
+        raise TypeError(f"create_session() got unexpected keyword argument(s) {unknown}")
+    if not options:
+        return modes.get(training)
+    if training is not None:
+        raise TypeError(
+            f"give the training mode as training=... or as keyword arguments, not both "
+            f"(got training={training!r} and {sorted(options)})"
+        )
+    if set(options) & _SYNC_OPTIONS:
+        if set(options) & _ASYNC_OPTIONS:
+            raise TypeError("max_staleness is an async option; a sync session takes rounds")
+        return modes.decode_training({"mode": "sync", **options})
+    return modes.decode_training({"mode": "async", **options})
 
 
 # --- retries ----------------------------------------------------------------------------
@@ -237,6 +266,9 @@ class Call(Generic[T]):
     encode: Callable[[], bytes] | None = None
     lean: LeanRequest | None = None
     parse_lean: Callable[[LeanAnswer], T] | None = None
+    #: Seconds the server may hold the answer back on purpose (a sync round, a waiting
+    #: pull): added to the client's read timeout and deadline for this call.
+    wait: float = 0.0
     _encoded: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     def content(self) -> bytes | None:
@@ -358,7 +390,7 @@ class Attempts:
     def after_reply(self, reply: Reply) -> float | None:
         """A delay before the next try (for a 503), or ``None``: the reply is final."""
         self.count += 1
-        if reply.status != 503 or not self._may_retry():
+        if reply.status != 503 or not self._may_retry() or error_code(reply) in errors.NOT_RETRIED:
             return None
         retry_after = errors.parse_retry_after(reply.headers.get("retry-after"))
         if retry_after is not None and retry_after > self.policy.max_retry_after:
@@ -412,15 +444,26 @@ def transport_error(
     )
 
 
+def error_code(reply: Reply) -> str | None:
+    """The ``code`` of an error answer's body, if it is ours."""
+    try:
+        code = json.loads(reply.body)["error"]["code"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return code if isinstance(code, str) else None
+
+
 def server_error(reply: Reply, request: str) -> errors.ServerError:
     """The exception for an error answer, carrying the server's code and message."""
     code: str | None = None
     message: str | None = None
+    details: dict[str, Any] = {}
     try:
         obj = json.loads(reply.body)
         detail = obj["error"]
         if isinstance(detail["code"], str) and isinstance(detail["message"], str):
             code, message = detail["code"], detail["message"]
+            details = {k: v for k, v in detail.items() if k not in ("code", "message")}
     except (ValueError, TypeError, KeyError):
         pass
     if message is None:
@@ -433,6 +476,7 @@ def server_error(reply: Reply, request: str) -> errors.ServerError:
         code=code,
         response_headers=dict(reply.headers),
         request=request,
+        details=details,
     )
 
 
@@ -457,6 +501,10 @@ class SessionInfo:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     refuse_non_finite: bool = False
+    #: The session's training mode; ``None`` from a server that predates training modes.
+    training: Training | None = None
+    #: A sync session's open round: ``{"received", "needed", "age_seconds"}``.
+    round: dict[str, Any] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -482,6 +530,8 @@ class SessionInfo:
             created_at=when("created_at"),
             updated_at=when("updated_at"),
             refuse_non_finite=bool(obj.get("refuse_non_finite", False)),
+            training=None if "training" not in obj else modes.decode_training(obj["training"]),
+            round=dict(obj["round"]) if isinstance(obj.get("round"), dict) else None,
         )
 
 
@@ -562,7 +612,10 @@ class SessionCore(Generic[W]):
 
     ``names`` are the parameter names in the model's order; ``as_list`` says whether weights
     come back as a list in that order (else as a dict). ``last_iterations`` is the iteration
-    count of the last answer this handle received (``None`` before any).
+    count of the last answer this handle received (``None`` before any). ``base_iterations``
+    is the iteration count of the last weights it received (create, push, pull): what a push
+    says its gradient was computed on (``None`` until it has weights: pull first).
+    ``training`` is the session's mode as the server described it.
     """
 
     def __init__(
@@ -573,6 +626,8 @@ class SessionCore(Generic[W]):
         self.names: tuple[str, ...] = tuple(names)
         self.as_list = as_list
         self.last_iterations: int | None = None
+        self.base_iterations: int | None = None
+        self.training: Training | None = None
 
     def __repr__(self) -> str:
         form = "list" if self.as_list else "dict"
@@ -591,46 +646,58 @@ class SessionCore(Generic[W]):
         return_weights: bool,
         idempotency_key: str | None,
         out: Weights | None = None,
+        base_iterations: int | None = None,
     ) -> Call[tuple[int, W | None]]:
         """The push; its answer is ``(iterations, weights or None)``.
 
         The weights are ``None`` with ``return_weights=False``, and also for a replayed push
         whose answer the server kept without weights (then the twin pulls them). With ``out``
-        they are written into those arrays, which are returned.
+        they are written into those arrays, which are returned. ``base_iterations`` defaults
+        to the handle's (sent to servers that know training modes).
         """
         grads, _ = named_arrays(gradients, self.names, "gradients")
         targets = self._targets(out)
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
+        if base_iterations is None and self.training is not None:
+            base_iterations = self.base_iterations
+        elif base_iterations is not None:
+            messages.base_iterations(base_iterations)  # an int in range, checked before sending
 
         def parse(reply: Reply) -> tuple[int, W | None]:
             iterations, weights = _weights_message(reply)
             self._seen(iterations)
             if weights is None:
                 return iterations, None
+            self.base_iterations = iterations
             return iterations, self._deliver(weights, targets, out)
 
         def parse_lean(answer: LeanAnswer) -> tuple[int, W | None]:
             self._seen(answer.iterations)
             if answer.weights is None:
                 return answer.iterations, None
+            self.base_iterations = answer.iterations
             return answer.iterations, self._deliver(answer.weights, targets, out)
 
-        header = {
+        header: dict[str, Any] = {
             "op": "push",
             "session": self.id,
             "key": key,
             "return_weights": return_weights,
             "tensors": frames.specs_of(grads),
         }
+        if base_iterations is not None:
+            header["base_iterations"] = base_iterations
+        training = self.training
         return Call(
             "POST",
             session_path(self.id, "gradients"),
             parse,
             params=None if return_weights else {"return_weights": "false"},
-            encode=lambda: messages.encode_push(grads),
+            encode=lambda: messages.encode_push(grads, base_iterations),
             idempotency_key=key,
             lean=LeanRequest(header, list(grads.values()), targets),
             parse_lean=parse_lean,
+            wait=training.round_timeout_seconds if isinstance(training, modes.Sync) else 0.0,
         )
 
     def _pull_call(
@@ -657,12 +724,14 @@ class SessionCore(Generic[W]):
             self._seen(iterations)
             if weights is None:
                 raise KeyError("the answer has no 'weights'")
+            self.base_iterations = iterations
             return self._deliver(weights, targets, out)
 
         def parse_lean(answer: LeanAnswer) -> W:
             self._seen(answer.iterations)
             if answer.weights is None:
                 raise KeyError("the answer has no weights")
+            self.base_iterations = answer.iterations
             return self._deliver(answer.weights, targets, out)
 
         return Call(
@@ -672,6 +741,7 @@ class SessionCore(Generic[W]):
             params=params or None,
             lean=LeanRequest(lean_header, (), targets),
             parse_lean=parse_lean,
+            wait=float(wait) if min_iterations is not None and wait else 0.0,
         )
 
     def _targets(self, out: Weights | None) -> dict[str, np.ndarray] | None:
@@ -719,6 +789,7 @@ class SessionCore(Generic[W]):
         def parse(reply: Reply) -> SessionInfo:
             info = SessionInfo.from_json(_json(reply))
             self._seen(info.iterations)
+            self.training = info.training
             return info
 
         return Call("GET", session_path(self.id), parse)
@@ -736,6 +807,8 @@ class SessionCore(Generic[W]):
             info = SessionInfo.from_json(_json(reply))
             self.names = info.names
             self._seen(info.iterations)
+            self.training = info.training
+            self.base_iterations = info.iterations  # the caller holds the state's weights
             return info
 
         return load_state_call(self.id, state, parse)
@@ -902,17 +975,33 @@ class ClientCore(Generic[S]):
         return plane
 
     def _attempts(self, call: Call[Any]) -> Attempts:
-        return Attempts(
-            call, self.retry_policy, self._rng, deadline=self.deadline, timeout=self.timeout
-        )
+        deadline, timeout = self.deadline, self.timeout
+        if call.wait > 0:
+            # The server answers after up to call.wait seconds on purpose: the usual read
+            # timeout and deadline count from the end of that wait.
+            if deadline is not None:
+                deadline += call.wait
+            if timeout.read is not None:
+                timeout = httpx.Timeout(
+                    connect=timeout.connect,
+                    read=timeout.read + call.wait,
+                    write=timeout.write,
+                    pool=timeout.pool,
+                )
+        return Attempts(call, self.retry_policy, self._rng, deadline=deadline, timeout=timeout)
 
-    def _session_parser(self, as_list: bool) -> Callable[[Reply], S]:
-        """Reads a session summary into a new session handle of the twin's type."""
+    def _session_parser(self, as_list: bool, *, has_weights: bool) -> Callable[[Reply], S]:
+        """Reads a session summary into a new session handle of the twin's type;
+        ``has_weights``: the caller holds the weights of that iteration (it created the
+        session from them), so they are the handle's ``base_iterations``."""
 
         def parse(reply: Reply) -> S:
             info = SessionInfo.from_json(_json(reply))
             session = self._session_type(self, info.session_id, info.names, as_list=as_list)
             session._seen(info.iterations)
+            session.training = info.training
+            if has_weights:
+                session.base_iterations = info.iterations
             return session
 
         return parse
@@ -924,29 +1013,36 @@ class ClientCore(Generic[S]):
         session_id: str | None,
         *,
         refuse_non_finite: bool = False,
+        training: Any = None,
     ) -> Call[S]:
         arrays, as_list = named_arrays(weights, None, "weights")
         body = messages.encode_create(
-            optimizers.get(optimizer), arrays, session_id, refuse_non_finite=refuse_non_finite
+            optimizers.get(optimizer),
+            arrays,
+            session_id,
+            refuse_non_finite=refuse_non_finite,
+            training=modes.get(training),
         )
 
         return Call(
             "POST",
             "/sessions",
-            self._session_parser(as_list),
+            self._session_parser(as_list, has_weights=True),
             safety=Safety.UNSENT_ONLY,
             expect=frozenset({201}),
             body=body,
         )
 
     def _attach_call(self, session_id: str, *, as_list: bool) -> Call[S]:
-        return Call("GET", session_path(session_id), self._session_parser(as_list))
+        return Call(
+            "GET", session_path(session_id), self._session_parser(as_list, has_weights=False)
+        )
 
     def _restore_call(
         self, state: SessionState, session_id: str | None, *, as_list: bool
     ) -> Call[S]:
         session_id = uuid.uuid4().hex if session_id is None else session_id
-        return load_state_call(session_id, state, self._session_parser(as_list))
+        return load_state_call(session_id, state, self._session_parser(as_list, has_weights=True))
 
     def _list_call(self) -> Call[list[SessionInfo]]:
         def parse(reply: Reply) -> list[SessionInfo]:

@@ -40,6 +40,7 @@ from ._base import (
     RetryPolicy,
     SessionInfo,
     SessionState,
+    TrainingLike,
     W,
     Weights,
 )
@@ -68,6 +69,7 @@ class AsyncSession(_base.SessionCore[W]):
         return_weights: Literal[True] = ...,
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
+        base_iterations: int | None = ...,
     ) -> W: ...
 
     @overload
@@ -78,6 +80,7 @@ class AsyncSession(_base.SessionCore[W]):
         return_weights: Literal[False],
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
+        base_iterations: int | None = ...,
     ) -> int: ...
 
     @overload
@@ -88,6 +91,7 @@ class AsyncSession(_base.SessionCore[W]):
         return_weights: bool,
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
+        base_iterations: int | None = ...,
     ) -> W | int: ...
 
     async def push(
@@ -97,6 +101,7 @@ class AsyncSession(_base.SessionCore[W]):
         return_weights: bool = True,
         idempotency_key: str | None = None,
         out: Weights | None = None,
+        base_iterations: int | None = None,
     ) -> W | int:
         """Apply one optimizer step; returns the new weights, or the iteration count.
 
@@ -110,6 +115,13 @@ class AsyncSession(_base.SessionCore[W]):
         weights are written into them and ``out`` is returned; over the data plane they are
         received straight into those arrays. Without it the arrays returned are new and
         belong to the caller: no later call changes them.
+
+        The push says which weights the gradient was computed on: ``base_iterations``, by
+        default the handle's (the iteration count of the weights it last received). In a sync
+        session it returns once its round is applied, with the round's weights (the read
+        timeout and deadline grow by the round timeout); a gradient of older weights raises
+        ``StaleGradient`` (its ``iterations`` is the session's: pull and compute again), a
+        round that does not fill in time ``RoundTimeout``.
         """
         iterations, weights = await self._client._run(
             self._push_call(
@@ -117,6 +129,7 @@ class AsyncSession(_base.SessionCore[W]):
                 return_weights=return_weights,
                 idempotency_key=idempotency_key,
                 out=out,
+                base_iterations=base_iterations,
             )
         )
         if not return_weights:
@@ -239,6 +252,8 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         session_id: str | None = ...,
         *,
         refuse_non_finite: bool = ...,
+        training: TrainingLike | None = ...,
+        **training_options: Any,
     ) -> AsyncSession[DictWeights]: ...
 
     @overload
@@ -249,6 +264,8 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         session_id: str | None = ...,
         *,
         refuse_non_finite: bool = ...,
+        training: TrainingLike | None = ...,
+        **training_options: Any,
     ) -> AsyncSession[ListWeights]: ...
 
     async def create_session(
@@ -258,6 +275,8 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         session_id: str | None = None,
         *,
         refuse_non_finite: bool = False,
+        training: TrainingLike | None = None,
+        **training_options: Any,
     ) -> AsyncSession[Any]:
         """Create a session from initial weights and an optimizer; returns its handle.
 
@@ -266,9 +285,21 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         ``"adam"`` (Keras defaults), an ``optimizers.*`` object, or a Keras config dict.
         ``refuse_non_finite``: the server refuses (``InvalidRequest`` ``non_finite_result``,
         nothing changed) a step whose weights or slots would hold NaN or inf.
+
+        ``training``: the training mode, ``Sync(replicas_to_aggregate=4, total_num_replicas=5)``
+        or ``Async(max_staleness=8)`` (a ``{"mode": ...}`` dict or an object with
+        ``get_config()`` also do), or the same as keyword arguments
+        (``replicas_to_aggregate=4`` makes a sync session, ``max_staleness=8`` an async one).
+        Default: asynchronous, each push one step.
         """
         return await self._run(
-            self._create_call(weights, optimizer, session_id, refuse_non_finite=refuse_non_finite)
+            self._create_call(
+                weights,
+                optimizer,
+                session_id,
+                refuse_non_finite=refuse_non_finite,
+                training=_base.training_of(training, training_options),
+            )
         )
 
     @overload

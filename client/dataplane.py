@@ -289,11 +289,14 @@ class DataPlaneChannel:
 
 def _error_reply(header: dict[str, Any]) -> Reply:
     """An error answer as the REST routes would have sent it (JSON body, Retry-After)."""
-    error = header.get("error") or {}
+    error = header.get("error")
+    if not isinstance(error, dict):
+        error = {}
     headers = httpx.Headers({"content-type": "application/json"})
     if header.get("retry_after") is not None:
         headers["retry-after"] = str(header["retry_after"])
-    body = error_json(str(error.get("code", "")), str(error.get("message", "")))
+    details = {str(k): v for k, v in error.items() if k not in ("code", "message")}
+    body = error_json(str(error.get("code", "")), str(error.get("message", "")), **details)
     return Reply(int(header["status"]), headers, bytearray(body))
 
 

@@ -13,7 +13,10 @@
         ├── NotFound                    404 not_found (unknown route: check the base URL)
         │   └── SessionNotFound         404 session_not_found
         ├── RequestTimeout              408 request_timeout
-        ├── SessionExists               409 session_exists
+        ├── Conflict                    409 snapshots_disabled, iterations_exhausted
+        │   ├── SessionExists           409 session_exists
+        │   ├── StaleGradient           409 stale_gradient (.iterations: the session's)
+        │   └── RoundAborted            409 round_aborted (a state import ended the round)
         ├── PayloadTooLarge             413 payload_too_large
         ├── UnsupportedMediaType        415 unsupported_media_type
         ├── InvalidRequest              422: .code is invalid_request, unknown_optimizer,
@@ -22,14 +25,17 @@
         │                               invalid_session_id, invalid_idempotency_key
         ├── InternalServerError         500 internal_error
         ├── ServiceUnavailable          503 service_unavailable, session_busy (.retry_after)
+        │   ├── RoundTimeout            503 round_timeout (the sync round did not fill)
+        │   └── RoundFull               503 round_full (more pushes for a round than workers)
         └── InsufficientStorage         507 insufficient_storage, too_many_sessions,
                                         memory_quota_exceeded
 
-A status without a class of its own (a proxy's 502, say) raises :class:`ServerError` itself,
-with the status kept. Mistakes caught before anything is sent are ``ValueError`` or
-``TypeError``: :class:`paramserver.optimizers.InvalidOptimizerConfig`,
-:class:`paramserver.optimizers.UnknownOptimizer`, :class:`paramserver.wire.TensorError` (an array of
-a dtype that cannot travel), or a list of gradients of the wrong length.
+The class is chosen by the error body's ``code`` first, then by the status: a status without a
+class of its own (a proxy's 502, say) raises :class:`ServerError` itself, with the status kept.
+Mistakes caught before anything is sent are ``ValueError`` or ``TypeError``:
+:class:`paramserver.optimizers.InvalidOptimizerConfig`,
+:class:`paramserver.optimizers.UnknownOptimizer`, :class:`paramserver.wire.TensorError` (an
+array of a dtype that cannot travel), or a list of gradients of the wrong length.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from paramserver.codes import STATUS, ErrorCode
 
 __all__ = [
     "BadRequest",
+    "Conflict",
     "DeadlineExceeded",
     "Forbidden",
     "InsufficientStorage",
@@ -53,10 +60,14 @@ __all__ = [
     "PayloadTooLarge",
     "ProtocolError",
     "RequestTimeout",
+    "RoundAborted",
+    "RoundFull",
+    "RoundTimeout",
     "ServerError",
     "ServiceUnavailable",
     "SessionExists",
     "SessionNotFound",
+    "StaleGradient",
     "TransportError",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -104,7 +115,8 @@ class ServerError(ParamServerError):
     ``status`` is the HTTP status, ``code`` and ``message`` come from the error body
     ``{"error": {"code", "message"}}`` (for a body that is not ours, such as a proxy's error
     page, ``code`` is ``"http_<status>"`` and ``message`` the start of the body),
-    ``response_headers`` holds the response's headers, lower-case names.
+    ``response_headers`` holds the response's headers, lower-case names; ``details`` the error
+    object's other fields (``stale_gradient``: ``iterations``).
     """
 
     status: int = 0
@@ -118,9 +130,11 @@ class ServerError(ParamServerError):
         code: str | None = None,
         response_headers: Mapping[str, str] | None = None,
         request: str = "",
+        details: Mapping[str, object] | None = None,
     ) -> None:
         if status is not None:
             self.status = status
+        self.details: dict[str, object] = dict(details or {})
         self.code = code or self.default_code or f"http_{self.status}"
         self.message = message
         self.response_headers: dict[str, str] = {
@@ -172,11 +186,40 @@ class RequestTimeout(ServerError):
     status = STATUS[ErrorCode.REQUEST_TIMEOUT]
 
 
-class SessionExists(ServerError):
+class Conflict(ServerError):
+    """409: the request conflicts with the session's state; ``code`` says how."""
+
+    status = 409
+
+
+class SessionExists(Conflict):
     """409: a session with that id already exists."""
 
     default_code = ErrorCode.SESSION_EXISTS.value
     status = STATUS[ErrorCode.SESSION_EXISTS]
+
+
+class StaleGradient(Conflict):
+    """409: the gradient was computed on weights older than the session accepts (a sync
+    round takes gradients of the current weights only; ``max_staleness`` bounds an async
+    session). Nothing was applied. ``iterations`` is the session's iteration count: pull the
+    weights and compute the gradient again."""
+
+    default_code = ErrorCode.STALE_GRADIENT.value
+    status = STATUS[ErrorCode.STALE_GRADIENT]
+
+    @property
+    def iterations(self) -> int | None:
+        value = self.details.get("iterations")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class RoundAborted(Conflict):
+    """409: the session's state was replaced (a state import) while the push waited for its
+    sync round; nothing of the round was applied."""
+
+    default_code = ErrorCode.ROUND_ABORTED.value
+    status = STATUS[ErrorCode.ROUND_ABORTED]
 
 
 class PayloadTooLarge(ServerError):
@@ -229,6 +272,23 @@ class InsufficientStorage(ServerError):
     status = STATUS[ErrorCode.INSUFFICIENT_STORAGE]
 
 
+class RoundTimeout(ServiceUnavailable):
+    """503: the sync round did not get its ``replicas_to_aggregate`` gradients within
+    ``round_timeout_seconds``; nothing of it was applied. Not retried by the client (a retry
+    waits for another whole round): pull the weights and push again (with the same
+    ``idempotency_key`` if you like: a timed-out push is not remembered)."""
+
+    default_code = ErrorCode.ROUND_TIMEOUT.value
+
+
+class RoundFull(ServiceUnavailable):
+    """503: more pushes arrived for one sync round than ``total_num_replicas`` (a worker that
+    pushed twice without its Idempotency-Key, or more workers than the session counts). Not
+    retried by the client."""
+
+    default_code = ErrorCode.ROUND_FULL.value
+
+
 _BY_STATUS: dict[int, type[ServerError]] = {
     cls.status: cls
     for cls in (
@@ -237,7 +297,7 @@ _BY_STATUS: dict[int, type[ServerError]] = {
         Forbidden,
         NotFound,
         RequestTimeout,
-        SessionExists,
+        Conflict,
         PayloadTooLarge,
         UnsupportedMediaType,
         InvalidRequest,
@@ -247,11 +307,29 @@ _BY_STATUS: dict[int, type[ServerError]] = {
     )
 }
 
+#: Codes with a class of their own (checked against their status: a code under another
+#: status, from something that is not our server, falls back to the status's class).
+_BY_CODE: dict[str, type[ServerError]] = {
+    cls.default_code: cls
+    for cls in (
+        SessionNotFound,
+        SessionExists,
+        StaleGradient,
+        RoundAborted,
+        RoundTimeout,
+        RoundFull,
+    )
+}
+
+#: 503 codes the client does not retry: retrying would not help (or would wait a round again).
+NOT_RETRIED = frozenset({ErrorCode.ROUND_TIMEOUT.value, ErrorCode.ROUND_FULL.value})
+
 
 def error_for_status(status: int, code: str | None) -> type[ServerError]:
-    """The exception class for an error answer: by status, and for 404 by code."""
-    if status == 404 and code == SessionNotFound.default_code:
-        return SessionNotFound
+    """The exception class for an error answer: by its code, else by its status."""
+    by_code = _BY_CODE.get(code or "")
+    if by_code is not None and by_code.status == status:
+        return by_code
     return _BY_STATUS.get(status, ServerError)
 
 

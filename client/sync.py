@@ -39,6 +39,7 @@ from ._base import (
     RetryPolicy,
     SessionInfo,
     SessionState,
+    TrainingLike,
     W,
     Weights,
 )
@@ -67,6 +68,7 @@ class Session(_base.SessionCore[W]):
         return_weights: Literal[True] = ...,
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
+        base_iterations: int | None = ...,
     ) -> W: ...
 
     @overload
@@ -77,6 +79,7 @@ class Session(_base.SessionCore[W]):
         return_weights: Literal[False],
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
+        base_iterations: int | None = ...,
     ) -> int: ...
 
     @overload
@@ -87,6 +90,7 @@ class Session(_base.SessionCore[W]):
         return_weights: bool,
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
+        base_iterations: int | None = ...,
     ) -> W | int: ...
 
     def push(
@@ -96,6 +100,7 @@ class Session(_base.SessionCore[W]):
         return_weights: bool = True,
         idempotency_key: str | None = None,
         out: Weights | None = None,
+        base_iterations: int | None = None,
     ) -> W | int:
         """Apply one optimizer step; returns the new weights, or the iteration count.
 
@@ -109,6 +114,13 @@ class Session(_base.SessionCore[W]):
         weights are written into them and ``out`` is returned; over the data plane they are
         received straight into those arrays. Without it the arrays returned are new and
         belong to the caller: no later call changes them.
+
+        The push says which weights the gradient was computed on: ``base_iterations``, by
+        default the handle's (the iteration count of the weights it last received). In a sync
+        session it returns once its round is applied, with the round's weights (the read
+        timeout and deadline grow by the round timeout); a gradient of older weights raises
+        ``StaleGradient`` (its ``iterations`` is the session's: pull and compute again), a
+        round that does not fill in time ``RoundTimeout``.
         """
         iterations, weights = self._client._run(
             self._push_call(
@@ -116,6 +128,7 @@ class Session(_base.SessionCore[W]):
                 return_weights=return_weights,
                 idempotency_key=idempotency_key,
                 out=out,
+                base_iterations=base_iterations,
             )
         )
         if not return_weights:
@@ -236,6 +249,8 @@ class Client(_base.ClientCore["Session[Any]"]):
         session_id: str | None = ...,
         *,
         refuse_non_finite: bool = ...,
+        training: TrainingLike | None = ...,
+        **training_options: Any,
     ) -> Session[DictWeights]: ...
 
     @overload
@@ -246,6 +261,8 @@ class Client(_base.ClientCore["Session[Any]"]):
         session_id: str | None = ...,
         *,
         refuse_non_finite: bool = ...,
+        training: TrainingLike | None = ...,
+        **training_options: Any,
     ) -> Session[ListWeights]: ...
 
     def create_session(
@@ -255,6 +272,8 @@ class Client(_base.ClientCore["Session[Any]"]):
         session_id: str | None = None,
         *,
         refuse_non_finite: bool = False,
+        training: TrainingLike | None = None,
+        **training_options: Any,
     ) -> Session[Any]:
         """Create a session from initial weights and an optimizer; returns its handle.
 
@@ -263,9 +282,21 @@ class Client(_base.ClientCore["Session[Any]"]):
         ``"adam"`` (Keras defaults), an ``optimizers.*`` object, or a Keras config dict.
         ``refuse_non_finite``: the server refuses (``InvalidRequest`` ``non_finite_result``,
         nothing changed) a step whose weights or slots would hold NaN or inf.
+
+        ``training``: the training mode, ``Sync(replicas_to_aggregate=4, total_num_replicas=5)``
+        or ``Async(max_staleness=8)`` (a ``{"mode": ...}`` dict or an object with
+        ``get_config()`` also do), or the same as keyword arguments
+        (``replicas_to_aggregate=4`` makes a sync session, ``max_staleness=8`` an async one).
+        Default: asynchronous, each push one step.
         """
         return self._run(
-            self._create_call(weights, optimizer, session_id, refuse_non_finite=refuse_non_finite)
+            self._create_call(
+                weights,
+                optimizer,
+                session_id,
+                refuse_non_finite=refuse_non_finite,
+                training=_base.training_of(training, training_options),
+            )
         )
 
     @overload

@@ -16,6 +16,7 @@ import pytest
 from paramserver.client import (
     BadRequest,
     Client,
+    Conflict,
     Forbidden,
     InsufficientStorage,
     InternalServerError,
@@ -26,11 +27,15 @@ from paramserver.client import (
     ProtocolError,
     RequestTimeout,
     RetryPolicy,
+    RoundAborted,
+    RoundFull,
+    RoundTimeout,
     ServerError,
     ServiceUnavailable,
     SessionExists,
     SessionNotFound,
     SessionState,
+    StaleGradient,
     Unauthorized,
     UnsupportedMediaType,
     errors,
@@ -265,6 +270,14 @@ TABLE: list[tuple[int, str, type[ServerError]]] = [
     (404, "not_found", NotFound),
     (408, "request_timeout", RequestTimeout),
     (409, "session_exists", SessionExists),
+    # 409 and 503 are told apart by their code, not only by their status
+    (409, "stale_gradient", StaleGradient),
+    (409, "round_aborted", RoundAborted),
+    (409, "snapshots_disabled", Conflict),
+    (409, "iterations_exhausted", Conflict),
+    (503, "round_timeout", RoundTimeout),
+    (503, "round_full", RoundFull),
+    (404, "session_exists", NotFound),  # a code under another status: the status decides
     (413, "payload_too_large", PayloadTooLarge),
     (415, "unsupported_media_type", UnsupportedMediaType),
     *(
@@ -280,6 +293,9 @@ TABLE: list[tuple[int, str, type[ServerError]]] = [
             "invalid_weights",
             "invalid_session_id",
             "invalid_idempotency_key",
+            "invalid_training",
+            "missing_base_iterations",
+            "invalid_base_iterations",
         )
     ),
     (500, "internal_error", InternalServerError),
@@ -313,7 +329,7 @@ def test_error_table(status: int, code: str, cls: type[ServerError]) -> None:
     assert exc.response_headers["x-request-id"] == "r1"
     assert exc.request == "GET /sessions/s1"
     assert str(exc) == f"{status} {code}: what went wrong (GET /sessions/s1)"
-    if cls is ServiceUnavailable:
+    if issubclass(cls, ServiceUnavailable):
         assert exc.retry_after == 2.0  # type: ignore[attr-defined]
 
 
@@ -374,7 +390,33 @@ def test_reply_without_json_error_fields() -> None:
 
     reply = Reply(409, httpx.Headers({"content-type": "application/json"}), bytearray(b"[1]"))
     exc = server_error(reply, "POST /sessions")
-    assert type(exc) is SessionExists and exc.code == "session_exists" and exc.message == "[1]"
+    assert type(exc) is Conflict and exc.code == "http_409" and exc.message == "[1]"
+
+
+def test_a_stale_gradient_carries_the_sessions_iterations() -> None:
+    from paramserver.client._base import server_error
+
+    body = b'{"error": {"code": "stale_gradient", "message": "m", "iterations": 41}}'
+    reply = Reply(409, httpx.Headers({"content-type": "application/json"}), bytearray(body))
+    exc = server_error(reply, "POST /sessions/s/gradients")
+    assert type(exc) is StaleGradient and exc.iterations == 41 and exc.details == {"iterations": 41}
+    assert isinstance(exc, Conflict) and not isinstance(exc, SessionExists)
+
+
+@pytest.mark.parametrize("code", ["round_timeout", "round_full"])
+def test_round_refusals_are_not_retried(code: str) -> None:
+    calls = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        body = f'{{"error": {{"code": "{code}", "message": "m"}}}}'.encode()
+        return httpx.Response(503, content=body, headers={"Retry-After": "0"})
+
+    transport = httpx.MockTransport(answer)
+    with Client("http://paramserver.test", transport=transport, retries=3) as c:
+        with pytest.raises(ServiceUnavailable) as err:
+            c.session("s1")
+    assert err.value.code == code and len(calls) == 1
 
 
 def test_an_undecodable_answer_is_a_protocol_error() -> None:
