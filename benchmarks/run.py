@@ -20,7 +20,11 @@ Runs, in this order, each against its reference measured in the same run:
    one connection's push latency, against a bare FastAPI echo served by uvicorn the same way;
 5. ``memory`` (:mod:`benchmarks.memory`): resident size per session against its weights and
    slots, and the extra peak during a 1e7-parameter push (over HTTP and over the data plane)
-   against the body size.
+   against the body size;
+6. ``training_modes`` (:mod:`benchmarks.training_modes`): worker processes, each with its own
+   client, pushing 1e6 parameters into one sync-mode session (rounds of one gradient per
+   worker) and into one async session: steps and gradients per second, and the ratio of the
+   gradients per second (reported, no goal).
 
 It prints one table (figure, ours, reference, ratio, goal, verdict) and writes everything
 (the goals, every row of every benchmark, the machine and the command) to ``--json``
@@ -48,7 +52,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import concurrency, kernels, memory, push, throughput
+from . import concurrency, kernels, memory, push, throughput, training_modes
 
 __all__ = ["BENCHMARKS", "PLANS", "Plan", "goal_rows", "machine", "main", "run"]
 
@@ -79,6 +83,10 @@ class Plan:
     memory_parameters: int
     memory_peak_parameters: int
     memory_pushes: int
+    training_workers: int
+    training_parameters: int
+    training_seconds: float
+    training_rounds: int
 
 
 PLANS = {
@@ -102,6 +110,10 @@ PLANS = {
         memory_parameters=10**6,
         memory_peak_parameters=10**7,
         memory_pushes=5,
+        training_workers=4,
+        training_parameters=10**6,
+        training_seconds=2.0,
+        training_rounds=3,
     ),
     "quick": Plan(
         kernel_sizes=(10**6,),
@@ -123,6 +135,10 @@ PLANS = {
         memory_parameters=10**6,
         memory_peak_parameters=10**7,
         memory_pushes=3,
+        training_workers=4,
+        training_parameters=10**6,
+        training_seconds=1.0,
+        training_rounds=2,
     ),
 }
 
@@ -165,6 +181,15 @@ def _memory(plan: Plan) -> list[dict[str, Any]]:
     )
 
 
+def _training_modes(plan: Plan) -> list[dict[str, Any]]:
+    return training_modes.run(
+        workers=plan.training_workers,
+        parameters=plan.training_parameters,
+        seconds=plan.training_seconds,
+        rounds=plan.training_rounds,
+    )
+
+
 #: The benchmarks, in the order they run.
 BENCHMARKS: dict[str, Callable[[Plan], list[dict[str, Any]]]] = {
     "kernels": _kernels,
@@ -172,6 +197,7 @@ BENCHMARKS: dict[str, Callable[[Plan], list[dict[str, Any]]]] = {
     "concurrency": _concurrency,
     "throughput": _throughput,
     "memory": _memory,
+    "training_modes": _training_modes,
 }
 
 
@@ -410,12 +436,31 @@ def _memory_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _training_mode_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_mode = {r["mode"]: r for r in rows}
+    sync, asynchronous = by_mode["sync"], by_mode["async"]
+    transport = ""
+    if {sync["transport"], asynchronous["transport"]} != {"data plane"}:
+        transport = f" [{sync['transport']}, {asynchronous['transport']}!]"
+    return [
+        _goal(
+            f"{sync['workers']} workers pushing {sync['parameters']:.0e} into 1 session: sync "
+            f"vs async gradients/s{transport} (ratio, reported)",
+            f"{sync['gradients_per_s']:.1f}",
+            f"{asynchronous['gradients_per_s']:.1f} async",
+            sync["sync_vs_async_gradients"],
+            None,
+        )
+    ]
+
+
 _GOALS: dict[str, Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]] = {
     "kernels": _kernel_goals,
     "push": _push_goals,
     "concurrency": _concurrency_goals,
     "throughput": _throughput_goals,
     "memory": _memory_goals,
+    "training_modes": _training_mode_goals,
 }
 
 
@@ -596,6 +641,11 @@ def _details(doc: dict[str, Any]) -> str:
         )
     if "memory" in results:
         parts.append("memory:\n" + memory.format_rows(results["memory"]))
+    if "training_modes" in results:
+        parts.append(
+            "training modes (a sync step is a round of one gradient per worker):\n"
+            + push.format_table(results["training_modes"], training_modes.COLUMNS)
+        )
     return "\n\n".join(parts)
 
 

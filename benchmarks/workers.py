@@ -8,8 +8,9 @@ own (the product's client, as a training worker holds it), or an :class:`EchoCon
 the TCP echo. :meth:`WorkerPool.burst` hands every process a :class:`Job`, waits until every
 connection is open and warmed up (two unmeasured pushes each), then starts every thread at
 one instant (``time.monotonic``, which is one clock for the whole machine on Linux) and lets
-each push back to back until the burst's end. Each thread reports its pushes and the seconds
-from the start to its last answer; each process its CPU time over the burst.
+each push back to back until the burst's end (or, for a job with a count of pushes, until
+it has pushed that many). Each thread reports its pushes and the seconds from the start to its
+last answer; each process its CPU time over the burst.
 
 So that a server and its load run as separate processes, the benchmark process itself sends
 nothing during a burst; every wait of the pool is bounded (:data:`TIMEOUT`).
@@ -38,8 +39,16 @@ class Job:
 
     ``kind="client"``: each of its threads pushes a float32 gradient of ``elements`` elements
     (parameter ``w``) with its own ``Client(url, data_plane=data_plane)`` to the session
-    ``session_ids[i]`` (one id per thread), the new weights returned. ``kind="tcp_echo"``: each
-    thread sends ``n_in`` bytes to the TCP echo on ``port`` and receives ``n_out``.
+    ``session_ids[i]`` (one id per thread), the new weights returned.
+    ``kind="sync_client"``: the same into a sync-mode session, ``pushes`` set; each thread
+    pulls once after joining, so that its first gradient is based on the session's current
+    weights. ``kind="tcp_echo"``: each thread sends ``n_in`` bytes to the TCP echo on ``port``
+    and receives ``n_out``.
+
+    ``pushes``: each thread pushes exactly this many times, however long that takes (bounded
+    by the burst's length plus :data:`TIMEOUT`), instead of until the burst's end. A sync round
+    needs a gradient from every worker: workers that each stopped at a deadline would leave
+    the last round unfilled, while a count ends them all on the same round.
     """
 
     kind: str
@@ -51,6 +60,7 @@ class Job:
     port: int = 0
     n_in: int = 0
     n_out: int = 0
+    pushes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +98,7 @@ class _Load:
         self.closers: list[Callable[[], None]] = []
         self.pushes: list[Callable[[], None]] = []
         self.transports: list[Callable[[], str]] = []
-        if job.kind == "client":
+        if job.kind in ("client", "sync_client"):
             self._clients()
         elif job.kind == "tcp_echo":
             self._echoes()
@@ -108,11 +118,15 @@ class _Load:
         job = self.job
         if len(job.session_ids) != job.threads:
             raise ValueError(f"{job.threads} threads need as many session ids")
+        if job.kind == "sync_client" and job.pushes is None:
+            raise ValueError("a sync_client job needs a count of pushes")
         rng = np.random.default_rng(2)
         for session_id in job.session_ids:
             client = Client(job.url, data_plane=job.data_plane)
             self.closers.append(client.close)
             session = client.session(session_id)
+            if job.kind == "sync_client":
+                session.pull()  # the handle's base_iterations: the session's count
             grads = {"w": rng.standard_normal(job.elements, dtype=np.float32) * np.float32(1e-3)}
 
             def push(session: Any = session, grads: Any = grads) -> None:
@@ -141,12 +155,18 @@ class _Load:
         ends = [start_at] * len(self.pushes)
         errors: list[BaseException] = []
         deadline = start_at + seconds
+        count = self.job.pushes
+
+        def more(i: int) -> bool:
+            if count is not None:
+                return counts[i] < count
+            return time.monotonic() < deadline
 
         def loop(i: int) -> None:
             push = self.pushes[i]
             time.sleep(max(0.0, start_at - time.monotonic()))
             try:
-                while time.monotonic() < deadline:
+                while more(i):
                     push()
                     counts[i] += 1
                     ends[i] = time.monotonic()
@@ -258,8 +278,9 @@ class WorkerPool:
         return answers
 
     def burst(self, jobs: Sequence[Job], seconds: float) -> list[ThreadResult]:
-        """Every process runs its job (``jobs[i]`` for process ``i``) for ``seconds``, all
-        threads starting together once all are connected; every thread's result."""
+        """Every process runs its job (``jobs[i]`` for process ``i``) for ``seconds`` (or its
+        count of pushes), all threads starting together once all are connected; every
+        thread's result."""
         if len(jobs) != self.processes:
             raise ValueError(f"{self.processes} processes need as many jobs")
         # On an error the workers may be out of step: the pool is then only good for leaving.

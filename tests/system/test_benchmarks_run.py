@@ -38,6 +38,10 @@ TINY = bench_run.Plan(
     memory_parameters=1000,
     memory_peak_parameters=20_000,
     memory_pushes=1,
+    training_workers=2,
+    training_parameters=1000,
+    training_seconds=0.2,
+    training_rounds=1,
 )
 
 
@@ -67,7 +71,14 @@ def _number(row: dict[str, Any], *keys: str) -> None:
 def test_document_describes_the_run(document: dict[str, Any]) -> None:
     assert document["quick"] is True
     assert document["command"].startswith("python -m benchmarks.run")
-    assert set(document["results"]) == {"kernels", "push", "concurrency", "throughput", "memory"}
+    assert set(document["results"]) == {
+        "kernels",
+        "push",
+        "concurrency",
+        "throughput",
+        "memory",
+        "training_modes",
+    }
     machine = document["machine"]
     assert machine["nproc"] >= 1
     assert machine["cpu_model"]
@@ -85,6 +96,7 @@ def test_goal_table_has_every_benchmark(document: dict[str, Any]) -> None:
         "concurrency",
         "throughput",
         "memory",
+        "training_modes",
     }
     for g in goals:
         assert set(g) == {"benchmark", "figure", "ours", "reference", "ratio", "goal", "verdict"}
@@ -182,3 +194,13 @@ def test_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> Non
         bench_run.main(["--only", "kernels,nope"])
     assert exc.value.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_training_modes_rows(document: dict[str, Any]) -> None:
+    rows = {r["mode"]: r for r in document["results"]["training_modes"]}
+    assert set(rows) == {"sync", "async"}
+    for row in rows.values():
+        assert row["workers"] == 2 and row["parameters"] == 1000
+        _positive(row, "steps_per_s", "gradients_per_s")
+    assert rows["sync"]["gradients_per_s"] == pytest.approx(2 * rows["sync"]["steps_per_s"])
+    _positive(rows["sync"], "sync_vs_async_gradients")

@@ -57,3 +57,24 @@ def test_torch_worker_without_torch(
     monkeypatch.setattr(module, "torch", None)
     assert module.main(["--url", base_url]) == []
     assert "PyTorch is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [[], ["--backups", "1"]], ids=["sync", "sync-with-backup"])
+def test_sync_workers_train_in_rounds(base_url: str, extra: list[str]) -> None:
+    """Four worker processes (spawned: run as a script, as a user would) train in sync mode
+    against the test server; accuracy ends far above chance (25%)."""
+    import subprocess
+
+    before = session_ids(base_url)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "sync_workers.py"), "--url", base_url, *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if "accuracy" in line]
+    assert len(lines) >= 2, done.stdout
+    final = float(lines[-1].split("accuracy")[-1].strip(" :=%").split("%")[0].split()[0])
+    assert final > 80, done.stdout
+    assert session_ids(base_url) == before  # the example cleans up
