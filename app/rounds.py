@@ -39,6 +39,9 @@ from .training import Trainer
 
 __all__ = ["Entry", "Round", "RoundResult", "Ticket", "held_bytes", "round_bytes"]
 
+#: Elements per chunk of the mean: 256 KiB of float64 sums, within a core's L2 cache.
+_CHUNK = 1 << 15
+
 
 def round_bytes(training: Training, trainer: Trainer) -> int:
     """Bytes a sync round holds: one row of every parameter per gradient it waits for."""
@@ -168,11 +171,21 @@ class Round:
         order = sorted(range(n), key=lambda i: entries[i].digest)
         out: dict[str, np.ndarray] = {}
         for name, rows in self._rows.items():
-            acc = np.zeros(rows.shape[1], np.float64)
-            for i in order:
-                np.add(acc, rows[i], out=acc)
-            np.divide(acc, n, out=acc)
-            out[name] = acc.astype(rows.dtype).reshape(shapes[name])
+            size = rows.shape[1]
+            mean = np.empty(size, rows.dtype)
+            acc = np.empty(min(size, _CHUNK), np.float64)
+            # In chunks that stay in cache: the rows are read once, the float64 sums never
+            # travel to memory. Starting from the first row (not from 0.0) keeps a sum of
+            # negative zeros negative, as numpy's own reductions do.
+            for start in range(0, size, _CHUNK):
+                stop = min(start + _CHUNK, size)
+                part = acc[: stop - start]
+                np.copyto(part, rows[order[0], start:stop])
+                for i in order[1:]:
+                    np.add(part, rows[i, start:stop], out=part)
+                np.divide(part, n, out=part)
+                np.copyto(mean[start:stop], part, casting="same_kind")
+            out[name] = mean.reshape(shapes[name])
         return out
 
     def close(self) -> list[Entry]:

@@ -130,3 +130,22 @@ def test_a_waiter_past_the_deadline_of_a_completing_round_gets_its_result() -> N
         return await Ticket(other, entry, s, other.deadline()).wait_async()
 
     assert asyncio.run(on_the_loop()) is result
+
+
+def test_the_mean_of_a_large_parameter_spans_chunks_exactly() -> None:
+    """A parameter larger than the mean's chunk (and not a multiple of it), and a sum of
+    negative zeros: the same as one float64 sum over whole rows, rounded once."""
+    rng = np.random.default_rng(5)
+    size = 100_003
+    grads = [{"w": rng.standard_normal(size).astype(np.float32)} for _ in range(3)]
+    for g in grads:
+        g["w"][:10] = -0.0
+    current = Round(Sync(3))
+    full = None
+    for g in grads:
+        _, full = current.add(_entry(g), g)
+    assert full is not None
+    mean = current.mean(full, {"w": (size,)})["w"]
+    expected = (np.sum([g["w"].astype(np.float64) for g in grads], axis=0) / 3).astype(np.float32)
+    np.testing.assert_array_equal(mean, expected)
+    assert np.signbit(mean[:10]).all()
