@@ -121,6 +121,8 @@ class SessionService:
             max_keys_per_session=settings.idempotency_max_keys_per_session,
             max_body_bytes=settings.idempotency_max_bytes,
         )
+        #: Set by :meth:`end_rounds`: a sync push is refused (503) rather than left waiting.
+        self.closing = False
 
     def create(self, body: bytes | bytearray | memoryview, kind: BodyKind) -> dict[str, Any]:
         message = _decoded(decode_create, body, kind, self.limits)
@@ -144,6 +146,18 @@ class SessionService:
         session = self.store.add(session_id, build, persisted=self.journal is None)
         self._persist_new(session)
         return session.summary(timestamps=False)
+
+    def end_rounds(self) -> None:
+        """The server is shutting down: every open sync round ends unapplied, its waiting
+        pushes answered 503 (retry: their keys are not remembered), and no new one opens."""
+        self.closing = True
+        error = ServiceUnavailable(
+            "the server is shutting down; nothing of this push's round was applied: retry",
+            headers={"Retry-After": "5"},
+        )
+        for session in self.store.list():
+            with session.lock:
+                session.abort_round(error)
 
     @property
     def journal(self) -> Journal | None:
@@ -291,6 +305,10 @@ class SessionService:
             except GradientError as exc:
                 raise InvalidRequest(str(exc), code=exc.code) from None
             if current is not None:
+                if self.closing:
+                    raise ServiceUnavailable(
+                        "the server is shutting down; retry", headers={"Retry-After": "5"}
+                    )
                 entry = Entry(
                     push_digest(grads) if digest is None else digest,
                     idempotency_key,

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import resource
+import socket
 import ssl
 from typing import Any
 
 import uvicorn
+from starlette.concurrency import run_in_threadpool
 
 from .connections import ConnectionGuard, protocol_factory
 from .settings import Settings
@@ -98,6 +100,19 @@ def connection_cap(requested: int) -> int:
     return allowed
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which at the start of a shutdown first ends the open sync rounds
+    (:meth:`SessionService.end_rounds`): their waiting pushes are answered 503 at once rather
+    than holding the graceful shutdown until its timeout."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        service = getattr(getattr(app, "state", None), "service", None)
+        if service is not None:
+            await run_in_threadpool(service.end_rounds)
+        await super().shutdown(sockets=sockets)
+
+
 def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
     """A uvicorn server for ``app`` on ``settings.host:settings.port`` with the guard's
     timeouts and cap and TLS when configured; ``config`` adds uvicorn options (log_level,
@@ -127,7 +142,7 @@ def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
         timeout_keep_alive=settings.idle_timeout_seconds,  # type: ignore[arg-type]
         **options,
     )
-    server = uvicorn.Server(uvicorn_config)
+    server = _Server(uvicorn_config)
     server.connection_guard = guard  # type: ignore[attr-defined]
     if tls is not None:
         logging.getLogger("uvicorn.error").addFilter(_say_https)

@@ -10,6 +10,7 @@ only, the training mode survives in the snapshot (format 4).
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -172,5 +173,55 @@ def test_a_snapshot_keeps_the_training_mode(tmp_path: Path) -> None:
         summary = httpx.get(f"{restarted.url}/sessions/t", timeout=30).json()
         assert summary["training"]["mode"] == "sync" and summary["iterations"] == 1
         assert all(r.status_code == 200 for r in a_round(restarted.url, "t", 1))
+    finally:
+        restarted.stop()
+
+
+def test_sigterm_answers_the_pushes_waiting_in_a_round_and_exits(tmp_path: Path) -> None:
+    """A graceful stop does not wait out the round: a push waiting over HTTP and one over the
+    data plane are answered 503 (nothing applied; their keys are not remembered, so a retry
+    after the restart joins a new round) and the server exits cleanly, before uvicorn's
+    graceful-shutdown timeout (30 s) would have cut them off."""
+    from paramserver.client import Client, ServiceUnavailable
+
+    srv = server(tmp_path, "journal")
+    outcomes: dict[str, object] = {}
+    try:
+        create(srv.url, "w")
+
+        def http_push() -> None:
+            outcomes["http"] = push(srv.url, "w", {"w": np.ones(5, np.float32)}, 0, "h")
+
+        def plane_push() -> None:
+            with Client(srv.url, retries=0) as client:
+                handle = client.session("w")
+                handle.pull()
+                try:
+                    handle.push({"w": np.ones(5, np.float32)}, idempotency_key="d")
+                except ServiceUnavailable as exc:
+                    outcomes["data plane"] = exc
+
+        threads = [threading.Thread(target=f) for f in (http_push, plane_push)]
+        for t in threads:
+            t.start()
+        for _ in range(400):
+            if httpx.get(f"{srv.url}/sessions/w", timeout=30).json()["round"]["received"] == 2:
+                break
+            time.sleep(0.02)
+        started = time.monotonic()
+        assert srv.terminate() == 0, srv.log
+        assert time.monotonic() - started < 25, srv.log
+        for t in threads:
+            t.join(30)
+    finally:
+        srv.stop()
+    answer = outcomes["http"]
+    assert isinstance(answer, httpx.Response) and answer.status_code == 503
+    assert answer.json()["error"]["code"] == "service_unavailable"
+    assert isinstance(outcomes["data plane"], ServiceUnavailable)
+    restarted = server(tmp_path, "journal")
+    try:
+        summary = httpx.get(f"{restarted.url}/sessions/w", timeout=30).json()
+        assert summary["iterations"] == 0 and summary["training"]["mode"] == "sync"
     finally:
         restarted.stop()
