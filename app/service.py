@@ -139,9 +139,13 @@ class SessionService:
                     message.weights,
                     refuse_non_finite=message.refuse_non_finite,
                     training=message.training,
+                    constraints=message.constraints,
                 )
             except (StateError, GradientError) as exc:
-                raise InvalidRequest(str(exc), code=ErrorCode.INVALID_WEIGHTS) from None
+                code = getattr(exc, "code", None) or ErrorCode.INVALID_WEIGHTS
+                if isinstance(exc, GradientError):
+                    code = ErrorCode.INVALID_WEIGHTS
+                raise InvalidRequest(str(exc), code=code) from None
 
         session = self.store.add(session_id, build, persisted=self.journal is None)
         self._persist_new(session)

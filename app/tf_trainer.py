@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from paramserver.constraints import Constraint
 from paramserver.messages import SessionState
 from paramserver.optimizers import TFOptimizer
 from paramserver.training import Async, Training
@@ -350,6 +351,7 @@ class TFTrainer:
     ) -> None:
         check_weights(weights, finite=not restoring)
         self.training: Training = Async() if training is None else training
+        self.constraints: dict[str, Constraint] = {}  # Keras 2.2.4's TFOptimizer has none
         tf = import_tensorflow()
         spec = optimizer.get_config()["optimizer"]
         name, config = spec["class_name"], spec["config"]

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from paramserver.codes import ErrorCode
+from paramserver.constraints import Constraint, check_axes
 from paramserver.messages import SessionState
 from paramserver.optimizers import Optimizer as OptimizerConfig
 from paramserver.optimizers import TFOptimizer
@@ -32,6 +33,7 @@ from .optim import (
     PreparedGradients,
     StateError,
     check_weights,
+    constrained,
 )
 
 __all__ = ["KerasTrainer", "Trainer", "build_trainer", "restore_trainer"]
@@ -50,6 +52,9 @@ class Trainer(Protocol):
 
     #: The session's training mode (:mod:`paramserver.training`), carried by its state.
     training: Training
+    #: Parameter name -> Keras 2.2.4 constraint applied after every step (carried by the
+    #: state; empty for TFOptimizer sessions).
+    constraints: dict[str, Constraint]
 
     def parameters(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Name -> (dtype, shape) of every parameter, in the model's order."""
@@ -113,9 +118,11 @@ class KerasTrainer:
         refuse_non_finite: bool = False,
         restoring: bool = False,
         training: Training | None = None,
+        constraints: Mapping[str, Constraint] | None = None,
     ) -> None:
         check_weights(weights, finite=not restoring)
         self.training: Training = Async() if training is None else training
+        self.constraints: dict[str, Constraint] = check_constraints(weights, constraints)
         # Own the weights: aligned, writable, native-endian, C-contiguous copies.
         self._weights = {
             name: np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
@@ -144,9 +151,11 @@ class KerasTrainer:
     def apply(self, prepared: PreparedGradients) -> None:
         if not self._refuse_non_finite:
             self.engine.apply(self._weights, prepared)
+            self._constrain()
             return
         self._save()
         self.engine.apply(self._weights, prepared)
+        self._constrain()
         if not self.engine.all_finite(self._weights):
             self.rollback()
             raise GradientError(
@@ -154,6 +163,13 @@ class KerasTrainer:
                 "applied (the session refuses non-finite results: refuse_non_finite)",
                 code=ErrorCode.NON_FINITE_RESULT,
             )
+
+    def _constrain(self) -> None:
+        """Each constrained parameter's new value through its constraint, as Keras 2.2.4's
+        update passes ``new_p`` to ``p.constraint`` (after the step, in the step)."""
+        for name, constraint in self.constraints.items():
+            weight = self._weights[name]
+            np.copyto(weight, constrained(constraint, weight))
 
     def _arrays(self) -> dict[str, np.ndarray]:
         out = {f"w/{n}": w for n, w in self._weights.items()}
@@ -190,6 +206,7 @@ class KerasTrainer:
             scalars={k: float(v) for k, v in self.engine.scalars.items()},
             refuse_non_finite=self._refuse_non_finite,
             training=self.training,
+            constraints=dict(self.constraints),
         )
 
     def load_state(self, state: SessionState) -> None:
@@ -204,6 +221,26 @@ class KerasTrainer:
         return held
 
 
+def check_constraints(
+    weights: Mapping[str, np.ndarray], constraints: Mapping[str, Constraint] | None
+) -> dict[str, Constraint]:
+    """The constraints, each of a parameter of ``weights`` and with axes it has
+    (``invalid_constraint`` otherwise)."""
+    out = dict(constraints or {})
+    for name, constraint in out.items():
+        if name not in weights:
+            raise StateError(
+                f"constraint for {name!r}, which is not a parameter of the session "
+                f"({', '.join(map(repr, list(weights)[:10]))})"[:400],
+                code=ErrorCode.INVALID_CONSTRAINT,
+            )
+        try:
+            check_axes(name, constraint, tuple(weights[name].shape))
+        except ValueError as exc:
+            raise StateError(str(exc), code=ErrorCode.INVALID_CONSTRAINT) from None
+    return out
+
+
 def build_trainer(
     optimizer: OptimizerConfig,
     weights: Mapping[str, np.ndarray],
@@ -211,10 +248,18 @@ def build_trainer(
     refuse_non_finite: bool = False,
     restoring: bool = False,
     training: Training | None = None,
+    constraints: Mapping[str, Constraint] | None = None,
 ) -> Trainer:
     """A fresh trainer for ``optimizer`` over copies of ``weights`` (``training``: the
     session's mode, default asynchronous)."""
     if isinstance(optimizer, TFOptimizer):
+        if constraints:
+            raise StateError(
+                "constraints are not available for TFOptimizer sessions: Keras 2.2.4's "
+                "TFOptimizer applies no constraints (use a Keras 2.2 optimizer, or constrain "
+                "the weights on the worker)",
+                code=ErrorCode.INVALID_CONSTRAINT,
+            )
         if refuse_non_finite:
             raise StateError(
                 "refuse_non_finite is not available for TFOptimizer sessions (TensorFlow "
@@ -231,6 +276,7 @@ def build_trainer(
         refuse_non_finite=refuse_non_finite,
         restoring=restoring,
         training=training,
+        constraints=constraints,
     )
 
 
@@ -242,6 +288,7 @@ def restore_trainer(state: SessionState) -> Trainer:
         refuse_non_finite=state.refuse_non_finite,
         restoring=True,
         training=state.training,
+        constraints=state.constraints,
     )
     trainer.load_state(state)
     return trainer

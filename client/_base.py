@@ -52,6 +52,7 @@ import numpy as np
 
 from paramserver import frames, messages, optimizers, wire
 from paramserver import training as modes
+from paramserver.constraints import Constraint, decode_constraints
 from paramserver.messages import ANSWER_LIMITS, SessionState
 from paramserver.training import Training
 
@@ -505,6 +506,8 @@ class SessionInfo:
     training: Training | None = None
     #: A sync session's open round: ``{"received", "needed", "age_seconds"}``.
     round: dict[str, Any] | None = None
+    #: Parameter name -> its Keras 2.2.4 constraint (``paramserver.constraints``).
+    constraints: dict[str, Constraint] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -532,6 +535,7 @@ class SessionInfo:
             refuse_non_finite=bool(obj.get("refuse_non_finite", False)),
             training=None if "training" not in obj else modes.decode_training(obj["training"]),
             round=dict(obj["round"]) if isinstance(obj.get("round"), dict) else None,
+            constraints=decode_constraints(obj.get("constraints") or {}),
         )
 
 
@@ -1014,6 +1018,7 @@ class ClientCore(Generic[S]):
         *,
         refuse_non_finite: bool = False,
         training: Any = None,
+        constraints: Mapping[str, Any] | None = None,
     ) -> Call[S]:
         arrays, as_list = named_arrays(weights, None, "weights")
         body = messages.encode_create(
@@ -1022,6 +1027,7 @@ class ClientCore(Generic[S]):
             session_id,
             refuse_non_finite=refuse_non_finite,
             training=modes.get(training),
+            constraints=constraints,
         )
 
         return Call(

@@ -253,6 +253,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         *,
         refuse_non_finite: bool = ...,
         training: TrainingLike | None = ...,
+        constraints: Mapping[str, Any] | None = ...,
         **training_options: Any,
     ) -> AsyncSession[DictWeights]: ...
 
@@ -265,6 +266,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         *,
         refuse_non_finite: bool = ...,
         training: TrainingLike | None = ...,
+        constraints: Mapping[str, Any] | None = ...,
         **training_options: Any,
     ) -> AsyncSession[ListWeights]: ...
 
@@ -276,6 +278,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         *,
         refuse_non_finite: bool = False,
         training: TrainingLike | None = None,
+        constraints: Mapping[str, Any] | None = None,
         **training_options: Any,
     ) -> AsyncSession[Any]:
         """Create a session from initial weights and an optimizer; returns its handle.
@@ -291,6 +294,11 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         ``get_config()`` also do), or the same as keyword arguments
         (``replicas_to_aggregate=4`` makes a sync session, ``max_staleness=8`` an async one).
         Default: asynchronous, each push one step.
+
+        ``constraints``: parameter name -> a Keras 2.2.4 constraint
+        (``paramserver.constraints.MaxNorm(max_value=2.0)``, ``NonNeg()``, ``UnitNorm()``,
+        ``MinMaxNorm(...)``, their ``{"class_name", "config"}`` form or a Keras constraint
+        object), applied by the server after every step as Keras's update does.
         """
         return await self._run(
             self._create_call(
@@ -299,6 +307,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
                 session_id,
                 refuse_non_finite=refuse_non_finite,
                 training=_base.training_of(training, training_options),
+                constraints=constraints,
             )
         )
 

@@ -250,6 +250,7 @@ class Client(_base.ClientCore["Session[Any]"]):
         *,
         refuse_non_finite: bool = ...,
         training: TrainingLike | None = ...,
+        constraints: Mapping[str, Any] | None = ...,
         **training_options: Any,
     ) -> Session[DictWeights]: ...
 
@@ -262,6 +263,7 @@ class Client(_base.ClientCore["Session[Any]"]):
         *,
         refuse_non_finite: bool = ...,
         training: TrainingLike | None = ...,
+        constraints: Mapping[str, Any] | None = ...,
         **training_options: Any,
     ) -> Session[ListWeights]: ...
 
@@ -273,6 +275,7 @@ class Client(_base.ClientCore["Session[Any]"]):
         *,
         refuse_non_finite: bool = False,
         training: TrainingLike | None = None,
+        constraints: Mapping[str, Any] | None = None,
         **training_options: Any,
     ) -> Session[Any]:
         """Create a session from initial weights and an optimizer; returns its handle.
@@ -288,6 +291,11 @@ class Client(_base.ClientCore["Session[Any]"]):
         ``get_config()`` also do), or the same as keyword arguments
         (``replicas_to_aggregate=4`` makes a sync session, ``max_staleness=8`` an async one).
         Default: asynchronous, each push one step.
+
+        ``constraints``: parameter name -> a Keras 2.2.4 constraint
+        (``paramserver.constraints.MaxNorm(max_value=2.0)``, ``NonNeg()``, ``UnitNorm()``,
+        ``MinMaxNorm(...)``, their ``{"class_name", "config"}`` form or a Keras constraint
+        object), applied by the server after every step as Keras's update does.
         """
         return self._run(
             self._create_call(
@@ -296,6 +304,7 @@ class Client(_base.ClientCore["Session[Any]"]):
                 session_id,
                 refuse_non_finite=refuse_non_finite,
                 training=_base.training_of(training, training_options),
+                constraints=constraints,
             )
         )
 

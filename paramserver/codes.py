@@ -67,6 +67,7 @@ class ErrorCode(str, enum.Enum):
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     TENSORFLOW_NOT_INSTALLED = "tensorflow_not_installed"
     INVALID_TRAINING = "invalid_training"
+    INVALID_CONSTRAINT = "invalid_constraint"
     MISSING_BASE_ITERATIONS = "missing_base_iterations"
     INVALID_BASE_ITERATIONS = "invalid_base_iterations"
     # 500
@@ -121,6 +122,7 @@ STATUS: dict[ErrorCode, int] = {
     _C.IDEMPOTENCY_KEY_REUSED: 422,
     _C.TENSORFLOW_NOT_INSTALLED: 422,
     _C.INVALID_TRAINING: 422,
+    _C.INVALID_CONSTRAINT: 422,
     _C.MISSING_BASE_ITERATIONS: 422,
     _C.INVALID_BASE_ITERATIONS: 422,
     _C.INTERNAL_ERROR: 500,

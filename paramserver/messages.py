@@ -8,14 +8,16 @@ holds:
 message                body                                      functions
 =====================  ========================================  ============================
 create                 ``{"session_id"?, "optimizer", "weights",  :func:`encode_create`,
-                       "refuse_non_finite"?, "training"?}``      :func:`decode_create`
+                       "refuse_non_finite"?, "training"?,        :func:`decode_create`
+                       "constraints"?}``
 push                   ``{"gradients": {name: tensor},           :func:`encode_push`,
                        "base_iterations"?}``                     :func:`decode_push_message`
 weights answer         ``{"iterations", "weights"?}``            :func:`encode_weights`,
                                                                  :func:`decode_weights`
 state                  ``{"iterations", "optimizer", "weights",  :func:`encode_state`,
                        "slots", "scalars",                       :func:`decode_state`
-                       "refuse_non_finite"?, "training"?}``
+                       "refuse_non_finite"?, "training"?,
+                       "constraints"?}``
 =====================  ========================================  ============================
 
 Decoding checks everything and raises :class:`~paramserver.codes.MessageError` with the
@@ -36,9 +38,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import constraints as weight_constraints
 from . import optimizers, wire
 from . import training as modes
 from .codes import ErrorCode, MessageError
+from .constraints import Constraint, decode_constraints
 from .optimizers import InvalidOptimizerConfig, Optimizer, UnknownOptimizer
 from .training import Async, Training, decode_training
 
@@ -86,8 +90,9 @@ class SessionState:
 
     ``weights`` and every ``slots[slot]`` map parameter names to arrays; ``optimizer`` is the
     session's optimizer configuration; ``scalars`` holds scalar optimizer state (Nadam's
-    ``m_schedule``); ``refuse_non_finite`` and ``training`` are the session's settings of those
-    names (:mod:`paramserver.training`; an open sync round is not state). Weights and
+    ``m_schedule``); ``refuse_non_finite``, ``training`` and ``constraints`` are the session's
+    settings of those names (:mod:`paramserver.training`, :mod:`paramserver.constraints`; an
+    open sync round is not state). Weights and
     slots may hold NaN or inf (Keras lets weights diverge; a state the server reached can
     always be imported again). :meth:`to_bytes` / :meth:`from_bytes` give a checkpoint file's
     contents.
@@ -100,6 +105,7 @@ class SessionState:
     scalars: dict[str, float] = field(default_factory=dict)
     refuse_non_finite: bool = False
     training: Training = field(default_factory=Async)
+    constraints: dict[str, Constraint] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         return encode_state(self)
@@ -119,6 +125,7 @@ class CreateMessage:
     weights: dict[str, np.ndarray]
     refuse_non_finite: bool = False
     training: Training = field(default_factory=Async)
+    constraints: dict[str, Constraint] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -230,13 +237,14 @@ def decode_create(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> Crea
     obj = _top_level(
         _load(body, kind, limits),
         required=frozenset({"optimizer", "weights"}),
-        optional=frozenset({"session_id", "refuse_non_finite", "training"}),
+        optional=frozenset({"session_id", "refuse_non_finite", "training", "constraints"}),
     )
     optimizer = decode_optimizer(obj["optimizer"])
     weights = _tensors(obj["weights"], field="weights", limits=limits, json_body=kind == "json")
     refuse = _flag(obj, "refuse_non_finite", ErrorCode.INVALID_REQUEST)
     mode = decode_training(obj["training"]) if "training" in obj else Async()
-    return CreateMessage(obj.get("session_id"), optimizer, weights, refuse, mode)
+    constraints = decode_constraints(obj["constraints"]) if "constraints" in obj else {}
+    return CreateMessage(obj.get("session_id"), optimizer, weights, refuse, mode, constraints)
 
 
 def _flag(obj: dict[str, Any], key: str, code: ErrorCode) -> bool:
@@ -300,7 +308,7 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
         required=_STATE_KEYS,
         # refuse_non_finite: absent in states of version 0.1; training: absent for async
         # sessions and in states before training modes
-        optional=frozenset({"refuse_non_finite", "training"}),
+        optional=frozenset({"refuse_non_finite", "training", "constraints"}),
     )
     iterations = _iterations(obj["iterations"], ErrorCode.INVALID_STATE)
     optimizer = decode_optimizer(obj["optimizer"])
@@ -330,7 +338,17 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
         scalars={str(k): float(v) for k, v in scalars.items()},
         refuse_non_finite=_flag(obj, "refuse_non_finite", ErrorCode.INVALID_STATE),
         training=_state_training(obj),
+        constraints=_state_constraints(obj),
     )
+
+
+def _state_constraints(obj: dict[str, Any]) -> dict[str, Constraint]:
+    if "constraints" not in obj:
+        return {}
+    try:
+        return decode_constraints(obj["constraints"])
+    except MessageError as exc:
+        raise MessageError(exc.message, code=ErrorCode.INVALID_STATE) from None
 
 
 def _state_training(obj: dict[str, Any]) -> Training:
@@ -362,9 +380,10 @@ def encode_create(
     *,
     refuse_non_finite: bool = False,
     training: Any = None,
+    constraints: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The create body; the optimizer and the training mode are validated (and normalised) on
-    the way."""
+    """The create body; the optimizer, the training mode and the constraints are validated
+    (and normalised) on the way."""
     message: dict[str, Any] = {
         "optimizer": optimizers.get(optimizer).to_dict(),
         "weights": arrays(weights, "weights"),
@@ -376,7 +395,18 @@ def encode_create(
     mode = modes.get(training)
     if mode != Async():
         message["training"] = mode.to_dict()
+    if constraints:
+        message["constraints"] = _constraints_out(constraints)
     return wire.pack(message)
+
+
+def _constraints_out(constraints: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, value in constraints.items():
+        if not isinstance(name, str):
+            raise TypeError(f"constraints: names must be strings, got {name!r}")
+        out[name] = weight_constraints.get(value).to_dict()
+    return out
 
 
 def encode_push(gradients: Mapping[str, Any], base_iterations: int | None = None) -> bytes:
@@ -408,4 +438,6 @@ def encode_state(state: SessionState) -> bytes:
     mode = modes.get(state.training)
     if mode != Async():  # an async state reads as before training modes (and on such servers)
         message["training"] = mode.to_dict()
+    if state.constraints:
+        message["constraints"] = _constraints_out(state.constraints)
     return wire.pack(message)

@@ -58,6 +58,13 @@ class CreateSessionRequest(BaseModel):
         "{'mode': 'sync', 'replicas_to_aggregate', 'total_num_replicas'?, "
         "'round_timeout_seconds'?}. 422 invalid_training when invalid.",
     )
+    constraints: dict[str, ConstraintSpec] | None = Field(
+        None,
+        description="Parameter name -> a Keras 2.2.4 constraint, applied after every step as "
+        "Keras's update applies it (names case-insensitive, Keras's aliases accepted). 422 "
+        "invalid_constraint for an unknown class or argument, a parameter the session does "
+        "not have, an axis it does not have, or a TFOptimizer session.",
+    )
 
 
 class TrainingSpec(BaseModel):
@@ -93,6 +100,18 @@ class TrainingSpec(BaseModel):
     )
 
 
+class ConstraintSpec(BaseModel):
+    """A Keras 2.2.4 constraint (``paramserver.constraints``)."""
+
+    class_name: Literal["MaxNorm", "NonNeg", "UnitNorm", "MinMaxNorm"] = Field(examples=["MaxNorm"])
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keras 2.2.4's arguments: MaxNorm max_value=2, axis=0; UnitNorm axis=0; "
+        "MinMaxNorm min_value=0.0, max_value=1.0, rate=1.0, axis=0; NonNeg none.",
+        examples=[{"max_value": 2.0, "axis": 0}],
+    )
+
+
 class RoundStatus(BaseModel):
     received: int = Field(description="Gradients the open round holds.")
     needed: int = Field(description="replicas_to_aggregate.")
@@ -105,6 +124,9 @@ class CreateSessionResponse(BaseModel):
     iterations: int
     refuse_non_finite: bool
     training: TrainingSpec
+    constraints: dict[str, ConstraintSpec] = Field(
+        default_factory=dict, description="Parameter name -> its constraint."
+    )
     round: RoundStatus | None = Field(None, description="Sync sessions: the open round.")
     parameters: dict[str, TensorMeta]
 

@@ -5,6 +5,7 @@ out. It imports numpy, numba and the shared configs (:mod:`paramserver.optimizer
 :mod:`paramserver.codes`) only. See :class:`KerasOptimizer`.
 """
 
+from .constraints import constrained
 from .engine import (
     GradientError,
     KerasOptimizer,
@@ -31,6 +32,7 @@ __all__ = [
     "UpdateKernel",
     "UpdateRule",
     "check_weights",
+    "constrained",
     "default_backend",
     "prepare_gradients",
 ]

@@ -57,7 +57,12 @@ class GradientError(ValueError):
 
 
 class StateError(ValueError):
-    """An optimizer state does not fit this optimizer. Nothing was changed."""
+    """An optimizer state (or a session's weights or settings) does not fit. Nothing was
+    changed. ``code``: the protocol's error code when it is not the caller's default."""
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass

@@ -261,7 +261,9 @@ def _evaluate(node: Tensor, feeds: dict[int, np.ndarray], memo: dict[int, np.nda
         elif op == "cast":
             value = args[0].astype(node.dtype)
         elif op == "reduce_sum":
-            value = np.sum(args[0], dtype=node.dtype)
+            value = np.sum(
+                args[0], axis=node.attrs["axis"], keepdims=node.attrs["keepdims"], dtype=node.dtype
+            )
         else:  # pragma: no cover - every op built above is handled
             raise NotImplementedError(op)
     value = np.asarray(value)
@@ -342,9 +344,17 @@ def abs(x: Tensor) -> Tensor:
 
 
 def sum(x: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
-    if axis is not None or keepdims:
-        raise NotImplementedError("only the full reduction is used by keras/optimizers.py")
-    return Tensor("reduce_sum", (x,), x.dtype, ())
+    """``tf.reduce_sum`` in the tensor's dtype: over every axis, or over ``axis`` (an int or a
+    list, as keras/constraints.py passes it), keeping the reduced axes with ``keepdims``."""
+    if axis is None:
+        axes = tuple(range(len(x.shape)))
+    else:
+        axes = tuple(a % len(x.shape) for a in ((axis,) if isinstance(axis, int) else axis))
+    if keepdims:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    else:
+        shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    return Tensor("reduce_sum", (x,), x.dtype, shape, axis=axes, keepdims=keepdims)
 
 
 def maximum(x: Any, y: Any) -> Tensor:
