@@ -54,8 +54,9 @@ MAGIC = b"PSSNAP\r\n"
 #: The format written. 4: the state body may carry the session's ``training`` mode and
 #: ``constraints`` (absent: asynchronous, none, as in every earlier format). 3: each
 #: remembered Idempotency-Key carries its push's digest (``[key, iterations, expires_at,
-#: digest_hex]``). 2: the state body carries ``refuse_non_finite`` and may hold non-finite weights and slots; keys are
-#: ``[key, iterations, expires_at]``. 1 (paramserver 0.1): as 2 without ``refuse_non_finite``.
+#: digest_hex]``). 2: the state body carries ``refuse_non_finite`` and may hold non-finite
+#: weights and slots; keys are ``[key, iterations, expires_at]``. 1 (paramserver 0.1): as 2
+#: without ``refuse_non_finite``.
 #: All four are read.
 SNAPSHOT_FORMAT = 4
 READABLE_FORMATS = (1, 2, 3, 4)
