@@ -22,6 +22,7 @@ written and read only under the session's lock.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +39,21 @@ from .errors import ServiceError, ServiceUnavailable
 from .training import Trainer
 
 __all__ = ["Entry", "Round", "RoundResult", "Ticket", "held_bytes", "round_bytes"]
+
+log = logging.getLogger("paramserver")
+
+#: How long a push whose round was closed for completion at its deadline waits for the step
+#: and the journal's commit before it gives up (a safety net: completion resolves every push
+#: of the round, errors included).
+COMPLETION_SECONDS = 120.0
+
+
+def _unresolved() -> ServiceError:
+    return ServiceError(
+        "the round was being applied but its outcome did not arrive; check the server's log",
+        code=ErrorCode.INTERNAL_ERROR,
+    )
+
 
 #: Elements per chunk of the mean: 256 KiB of float64 sums, within a core's L2 cache.
 _CHUNK = 1 << 15
@@ -98,7 +114,10 @@ class Entry:
             self.result, self.error, self.done = result, error, True
             wakers = list(self._wakers)
         for wake in wakers:
-            wake()
+            try:
+                wake()
+            except Exception:  # e.g. the event loop of a waiter is gone: wake the others
+                log.exception("waking a push waiting for its round failed")
 
     def watch(self, wake: Callable[[], None]) -> None:
         with self._lock:
@@ -257,7 +276,10 @@ class Ticket:
         try:
             if not event.wait(max(0.0, self.deadline - time.monotonic())):
                 self.round.expire(self.serial)
-                event.wait()  # expired now, or being completed: resolved either way
+                # Expired now, or being completed (the step and the journal's commit): it is
+                # resolved either way; the bound is a safety net, never the normal path.
+                if not event.wait(COMPLETION_SECONDS):
+                    raise _unresolved()
         finally:
             self.entry.unwatch(event.set)
         return self._outcome()
@@ -275,7 +297,10 @@ class Ticket:
                 await asyncio.wait_for(event.wait(), max(0.0, self.deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 self.round.expire(self.serial)
-                await event.wait()
+                try:
+                    await asyncio.wait_for(event.wait(), COMPLETION_SECONDS)
+                except asyncio.TimeoutError:
+                    raise _unresolved() from None
         finally:
             self.entry.unwatch(wake)
         return self._outcome()

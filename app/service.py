@@ -336,9 +336,14 @@ class SessionService:
             try:
                 if self.journal is not None:
                     self.journal.commit(lsn)
-            except ServiceError as exc:
+            except BaseException as exc:
+                error = (
+                    exc
+                    if isinstance(exc, ServiceError)
+                    else ServiceError("internal server error", code=ErrorCode.INTERNAL_ERROR)
+                )
                 for waiter in entries:
-                    waiter.resolve(None, exc)
+                    waiter.resolve(None, error)
                 raise
             for waiter in entries:  # the round is durable: answer every push of it
                 waiter.resolve(result)
@@ -418,18 +423,26 @@ class SessionService:
                 op="round",
                 keys=keyed or None,
             )
+            current.previous_arrivals = len(entries)
+            iterations = trainer.iterations
+            result = RoundResult(iterations, encode_weights(iterations, trainer.weights()))
+            for entry in entries:
+                if entry.key is not None:
+                    self.idempotency.remember(
+                        session.id, entry.key, iterations, entry.remember(result), entry.digest
+                    )
         except ServiceError as exc:
             for entry in entries:
                 entry.resolve(None, exc)
             raise
-        current.previous_arrivals = len(entries)
-        iterations = trainer.iterations
-        result = RoundResult(iterations, encode_weights(iterations, trainer.weights()))
-        for entry in entries:
-            if entry.key is not None:
-                self.idempotency.remember(
-                    session.id, entry.key, iterations, entry.remember(result), entry.digest
-                )
+        except BaseException:
+            # Anything else (a MemoryError, a TensorFlow runtime error, a bug): every push of
+            # the round is answered, none is left waiting.
+            log.exception("a round of session %r could not be completed", session.id)
+            failed = ServiceError("internal server error", code=ErrorCode.INTERNAL_ERROR)
+            for entry in entries:
+                entry.resolve(None, failed)
+            raise
         return entries, result, lsn
 
     def _check_base(self, session: Session, trainer: Trainer, base: int | None) -> None:
@@ -445,6 +458,8 @@ class SessionService:
                     code=ErrorCode.MISSING_BASE_ITERATIONS,
                 )
             return
+        if not training.needs_base:
+            return  # a plain async session: every push is a step, whatever weights it used
         if base > now:
             raise InvalidRequest(
                 f"base_iterations {base} is ahead of session {session.id!r}, which is at "

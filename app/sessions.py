@@ -69,27 +69,29 @@ class Session:
         self._watchers: set[Callable[[], None]] = set()
         self._watch_lock = threading.Lock()
         self._round: Round | None = None
+        self._new_round()
+
+    def _new_round(self) -> None:
+        """A round of its own for a sync session (made with the trainer, under the lock or
+        before the session is shared, never lazily by a reader)."""
+        training = self.trainer.training
+        self._round = Round(training) if isinstance(training, Sync) else None
 
     @property
     def round(self) -> Round | None:
         """The open round of a sync session (None for an async one); hold the lock to join."""
-        training = self.trainer.training
-        if not isinstance(training, Sync):
-            return None
-        if self._round is None or self._round.training != training:
-            self._round = Round(training)
         return self._round
 
     def abort_round(self, error: ServiceError) -> None:
         """End the open round without applying it (a state import, a delete): its waiting
-        pushes get ``error``. Call with the lock held."""
+        pushes get ``error``, and a new round begins. Call with the lock held."""
         current = self._round
         if current is None:
             return
         for entry in current.close():
             entry.resolve(None, error)
         current.forget_rows()
-        self._round = None
+        self._new_round()
 
     def changed(self) -> None:
         """Wake every pull waiting on this session (cheap: each watcher sets an event)."""
@@ -309,6 +311,7 @@ class SessionStore:
             )
         )
         session.trainer = trainer
+        session._new_round()  # the new state's training mode
         session.touch()
         session.changed()
 

@@ -657,13 +657,13 @@ class SessionCore(Generic[W]):
         The weights are ``None`` with ``return_weights=False``, and also for a replayed push
         whose answer the server kept without weights (then the twin pulls them). With ``out``
         they are written into those arrays, which are returned. ``base_iterations`` defaults
-        to the handle's (sent to servers that know training modes).
+        to the handle's for the sessions that need it (sync, and ``max_staleness``).
         """
         grads, _ = named_arrays(gradients, self.names, "gradients")
         targets = self._targets(out)
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
-        if base_iterations is None and self.training is not None:
-            base_iterations = self.base_iterations
+        if base_iterations is None and self.training is not None and self.training.needs_base:
+            base_iterations = self.base_iterations  # sync, or max_staleness: the server checks
         elif base_iterations is not None:
             messages.base_iterations(base_iterations)  # an int in range, checked before sending
 

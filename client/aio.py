@@ -44,7 +44,7 @@ from ._base import (
     W,
     Weights,
 )
-from .dataplane import DataPlaneChannel, channel_from_announcement, usable_for
+from .dataplane import DataPlaneChannel, PlaneBusy, channel_from_announcement, usable_for
 
 __all__ = ["AsyncClient", "AsyncSession"]
 
@@ -403,7 +403,10 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         if call.lean is not None:
             plane = await self._data_plane(attempts)
             if plane is not None:
-                return await anyio.to_thread.run_sync(plane.exchange, call.lean, attempts)
+                try:
+                    return await anyio.to_thread.run_sync(plane.exchange, call.lean, attempts)
+                except PlaneBusy:
+                    pass  # all its connections are busy: over HTTP
         return await self._send_http(call, attempts)
 
     async def _send_http(self, call: Call[Any], attempts: Attempts) -> Reply:

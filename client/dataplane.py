@@ -33,10 +33,12 @@ from paramserver.codes import error_json
 
 from ._base import Attempts, LeanAnswer, LeanRequest, Reply, ssl_context
 
-__all__ = ["DataPlaneChannel", "channel_from_announcement", "usable_for"]
+__all__ = ["DataPlaneChannel", "PlaneBusy", "channel_from_announcement", "usable_for"]
 
 #: How long a data plane that refused connections is left alone (HTTP meanwhile).
 RETRY_AFTER_FAILURE_SECONDS = 30.0
+#: ... and after it answered that all its connections are busy.
+BUSY_REST_SECONDS = 5.0
 #: A pooled connection idle longer than this is closed rather than reused (the server's
 #: default idle timeout is 5 s).
 MAX_IDLE_SECONDS = 4.0
@@ -129,8 +131,14 @@ class DataPlaneChannel:
         timeout = attempts.timeout()
         try:
             sock = self._take(timeout)
-        except _HelloRefused as refused:  # a bad token: 401, as the REST routes answer
-            return _error_reply(refused.header)
+        except _HelloRefused as refused:
+            if refused.header.get("status") == 503:
+                # Every data-plane connection is busy (pushes waiting in sync rounds hold
+                # theirs): this call, and the next ones for a while, go over HTTP, so that
+                # the push that would complete those rounds is not locked out.
+                self.down_until = time.monotonic() + BUSY_REST_SECONDS
+                raise PlaneBusy(str(refused)) from None
+            return _error_reply(refused.header)  # a bad token: 401, as REST answers
         keep = False
         try:
             with self._lock:
@@ -307,6 +315,11 @@ def _closed_by_peer(sock: socket.socket) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
+
+
+class PlaneBusy(Exception):
+    """The data plane refused a new connection because every one it holds is busy: the twins
+    send the call over HTTP instead."""
 
 
 class _HelloRefused(Exception):

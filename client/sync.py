@@ -43,7 +43,7 @@ from ._base import (
     W,
     Weights,
 )
-from .dataplane import DataPlaneChannel, channel_from_announcement, usable_for
+from .dataplane import DataPlaneChannel, PlaneBusy, channel_from_announcement, usable_for
 
 __all__ = ["Client", "Session"]
 
@@ -398,7 +398,10 @@ class Client(_base.ClientCore["Session[Any]"]):
         if call.lean is not None:
             plane = self._data_plane(attempts)
             if plane is not None:
-                return plane.exchange(call.lean, attempts)
+                try:
+                    return plane.exchange(call.lean, attempts)
+                except PlaneBusy:
+                    pass  # all its connections are busy: over HTTP
         return self._send_http(call, attempts)
 
     def _send_http(self, call: Call[Any], attempts: Attempts) -> Reply:

@@ -169,7 +169,7 @@ def decode_training(obj: Any) -> Training:
             code=ErrorCode.INVALID_TRAINING,
         )
     mode = obj.get("mode", "async")
-    if mode not in _KEYS:
+    if not isinstance(mode, str) or mode not in _KEYS:
         raise MessageError(
             f"training: 'mode' must be 'async' or 'sync', got {mode!r}",
             code=ErrorCode.INVALID_TRAINING,

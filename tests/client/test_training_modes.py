@@ -194,3 +194,32 @@ def test_the_async_client_runs_a_round(server, data_plane):
                 await session.push(grads[0])
 
     asyncio.run(run())
+
+
+def test_pushes_fall_back_to_http_when_every_data_plane_connection_waits(server_factory):
+    """data_plane_max_connections=2 and rounds of 3: two pushes wait on the data plane and hold
+    both of its connections; the third worker's push goes over HTTP and completes the round
+    (it was refused on the data plane and stuck until the round timed out)."""
+    srv = server_factory(data_plane_max_connections=2)
+    with Client(srv.url) as admin:
+        session = admin.create_session(W0, "sgd", training=Sync(3, round_timeout_seconds=30))
+    answers: dict[int, object] = {}
+
+    def worker(i: int) -> None:
+        with Client(srv.url) as client:
+            handle = client.session(session.id)
+            handle.pull()
+            try:
+                answers[i] = handle.push({"w": np.ones(3, np.float32)})
+            except Exception as exc:  # reported below
+                answers[i] = exc
+
+    threads = []
+    for i in range(3):
+        threads.append(threading.Thread(target=worker, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(a, dict) for a in answers.values()), answers
+    assert len({a["w"].tobytes() for a in answers.values()}) == 1  # type: ignore[index]

@@ -587,3 +587,80 @@ def test_waiting_pushes_hold_no_thread(server):
             assert {a.content for a in answers} == {last.content}
 
     asyncio.run(run())
+
+
+# --- found in review: completion failures, caps, races ---------------------------------------
+
+
+def test_a_round_whose_step_fails_unexpectedly_answers_every_push(server_factory, monkeypatch):
+    """A failure that is not a protocol error (here a MemoryError in the step) answers every
+    push of the round 500 at once; none is left waiting for its round's deadline."""
+    srv = server_factory()
+    with httpx.Client(base_url=srv.url, timeout=30) as api:
+        sid = create(
+            api,
+            {"w": np.zeros(2, np.float32)},
+            {"mode": "sync", "replicas_to_aggregate": 2, "round_timeout_seconds": 60},
+        )
+        trainer = srv.app.state.service.store.get(sid).trainer
+
+        def broken(prepared):
+            raise MemoryError("no memory for the step")
+
+        monkeypatch.setattr(trainer, "apply", broken)
+        first = Pusher(srv.url, sid, {"w": np.ones(2, np.float32)}, 0)
+        wait_received(api, sid, 1)
+        started = time.monotonic()
+        second = api.post(
+            f"/sessions/{sid}/gradients",
+            content=push_body({"w": np.ones(2, np.float32)}, 0),
+            headers=MSGPACK,
+        )
+        answer = first.result(timeout=20)
+        assert time.monotonic() - started < 15  # not the round's 60 s
+        for r in (answer, second):
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert weights_of(api, sid)[0] == 0
+
+
+@pytest.mark.parametrize("mode", [["sync"], {"x": 1}, 3, None])
+def test_a_training_mode_that_is_not_a_string_is_422_not_500(api, mode):
+    body = messages.wire.pack(
+        {
+            "optimizer": "sgd",
+            "weights": {"w": np.zeros(2, np.float32)},
+            "training": {"mode": mode, "replicas_to_aggregate": 2},
+        }
+    )
+    r = api.post("/sessions", content=body, headers=MSGPACK)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_training"
+
+
+def test_a_plain_async_session_ignores_base_iterations_after_a_rewind(api):
+    """An async session without max_staleness takes every push, whatever weights it used: a
+    worker ahead of a session rewound by a state import goes on."""
+    sid = create(api, {"w": np.zeros(2, np.float32)}, None)
+    url = f"/sessions/{sid}/gradients"
+    state = api.get(f"/sessions/{sid}/state").content
+    for _ in range(3):
+        api.post(url, content=push_body({"w": np.ones(2, np.float32)}, None), headers=MSGPACK)
+    assert api.put(f"/sessions/{sid}/state", content=state, headers=MSGPACK).status_code == 200
+    r = api.post(url, content=push_body({"w": np.ones(2, np.float32)}, 3), headers=MSGPACK)
+    assert r.status_code == 200 and messages.decode_weights(r.content)[0] == 1
+
+
+def test_listing_sessions_never_replaces_the_round_a_push_joined(server, api):
+    """Summaries read the round; they never make one (a listing racing the first push of a
+    restored or new session once swapped the push's round away)."""
+    sid = create(api, {"w": np.zeros(2, np.float32)}, {"mode": "sync", "replicas_to_aggregate": 2})
+    session = server.app.state.service.store.get(sid)
+    before = session.round
+    for _ in range(20):
+        api.get("/sessions")
+        api.get(f"/sessions/{sid}")
+    assert session.round is before
+    first = Pusher(server.url, sid, {"w": np.ones(2, np.float32)}, 0)
+    wait_received(api, sid, 1)
+    api.get("/sessions")
+    second = Pusher(server.url, sid, {"w": np.ones(2, np.float32)}, 0)
+    assert first.result().status_code == 200 and second.result().status_code == 200
