@@ -161,7 +161,9 @@ class Layout:
 
 def specs_of(arrays: Mapping[str, np.ndarray]) -> list[list[Any]]:
     """``[name, dtype, shape]`` of each array, in order (dtype names as on the wire)."""
-    return [[name, wire.dtype_name(a.dtype), list(a.shape)] for name, a in arrays.items()]
+    return [
+        [name, wire.dtype_name(a.dtype, repr(name)), list(a.shape)] for name, a in arrays.items()
+    ]
 
 
 _NO_LIMITS = wire.DecodeLimits()

@@ -369,7 +369,16 @@ def arrays(values: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
     for name, value in values.items():
         if not isinstance(name, str):
             raise TypeError(f"{what}: names must be strings, got {name!r}")
-        out[name] = value if isinstance(value, np.ndarray) else np.asarray(value)
+        if value is None:
+            raise TypeError(
+                f"{what}: {name!r} is None: that parameter got no gradient (it does not reach "
+                "the loss, or it is frozen). Nothing was sent: zeros are not neutral for most "
+                "optimizers (momentum, moments and decay still move a parameter), so give it a "
+                "gradient or leave it out of the session"
+            )
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        wire.dtype_name(array.dtype, f"{what}[{name!r}]")  # a dtype that cannot travel, named
+        out[name] = array
     return out
 
 

@@ -437,9 +437,24 @@ def get(identifier: str | Mapping[str, Any] | Optimizer) -> Optimizer:
         return _lookup(identifier)()
     if isinstance(identifier, Mapping):
         return deserialize(identifier)
+    module = type(identifier).__module__ or ""
+    kind = type(identifier).__name__
+    if module.split(".")[0] in ("keras", "tensorflow", "tf_keras"):
+        raise InvalidOptimizerConfig(
+            f"a TensorFlow/Keras optimizer object ({module}.{kind}) cannot be sent as it is: "
+            f"use paramserver.optimizers.{kind}(...) for the Keras 2.2 rule of that name (the "
+            "server runs it), or paramserver.optimizers.TFOptimizer(<that instance>) to run "
+            "TensorFlow's own optimizer on the server"
+        )
+    if module.split(".")[0] == "torch":
+        raise InvalidOptimizerConfig(
+            f"a PyTorch optimizer ({module}.{kind}) cannot run on the server: give the "
+            "session a Keras 2.2 optimizer (paramserver.optimizers.SGD, Adam, ...; the server "
+            "runs it) and use paramserver.client.torch.RemoteOptimizer on the worker"
+        )
     raise InvalidOptimizerConfig(
-        "optimizer must be a name such as 'adam', a {'class_name', 'config'} object, or an "
-        f"optimizer instance; got {type(identifier).__name__}"
+        "optimizer must be a name such as 'adam', a {'class_name', 'config'} object, or a "
+        f"paramserver.optimizers instance; got {kind}"
     )
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import msgpack
 import numpy as np
 
@@ -51,11 +52,14 @@ MSGPACK_MEDIA_TYPE = "application/msgpack"
 #: Content types accepted for msgpack bodies.
 MSGPACK_CONTENT_TYPES = frozenset({"application/msgpack", "application/x-msgpack"})
 
-#: The dtypes a tensor may have on the wire, all little-endian.
+#: The dtypes a tensor may have on the wire, all little-endian. ``bfloat16`` (mixed-precision
+#: gradients; numpy's dtype from ``ml_dtypes``) is for gradients: the server casts it to the
+#: parameter's dtype, as it casts float16; a session's weights are float16, 32 or 64.
 TENSOR_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
     "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
 }
 _DTYPE_NAMES = {dt: name for name, dt in TENSOR_DTYPES.items()}
 
@@ -407,13 +411,22 @@ def check_parameter_name(name: Any) -> str:
     return name
 
 
-def dtype_name(dtype: np.dtype) -> str:
+def dtype_name(dtype: np.dtype, name: str | None = None) -> str:
+    """The wire name of ``dtype`` (``TensorError`` naming ``name``, the tensor as the message
+    should call it, if it has none)."""
     dt = np.dtype(dtype).newbyteorder("<")
     try:
         return _DTYPE_NAMES[dt]
     except KeyError:
+        what = "" if name is None else f"{name}: "
+        hint = ""
+        if dt == np.dtype(object):
+            hint = (
+                " (an object array: a None gradient, a TensorFlow IndexedSlices or a list of "
+                "arrays of different shapes; send a numeric array)"
+            )
         raise TensorError(
-            f"dtype {dtype} cannot travel; supported: {', '.join(TENSOR_DTYPES)}"
+            f"{what}dtype {dtype} cannot travel{hint}; supported: {', '.join(TENSOR_DTYPES)}"
         ) from None
 
 
@@ -453,8 +466,8 @@ _TENSOR_HEAD = _map_header(3) + _packb("dtype")
 _SHAPE_KEY = _packb("shape")
 
 
-def _tensor_chunks(arr: np.ndarray, out: list[Any]) -> None:
-    name = dtype_name(arr.dtype)
+def _tensor_chunks(arr: np.ndarray, out: list[Any], key: str | None = None) -> None:
+    name = dtype_name(arr.dtype, key)
     if arr.dtype.byteorder == ">" or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     out.append(_TENSOR_HEAD)
@@ -464,7 +477,8 @@ def _tensor_chunks(arr: np.ndarray, out: list[Any]) -> None:
     out.append(_DATA_KEY)
     out.append(_bin_header(arr.nbytes))
     if arr.nbytes:
-        out.append(arr.data.cast("B"))  # the array's own memory, not a copy
+        # the array's own memory, not a copy (through uint8: bfloat16 has no buffer format)
+        out.append(arr.reshape(-1).view(np.uint8).data)
 
 
 def _chunks(obj: Any, out: list[Any]) -> None:
@@ -476,7 +490,10 @@ def _chunks(obj: Any, out: list[Any]) -> None:
             if not isinstance(key, str):
                 raise TypeError(f"map keys must be strings, got {type(key).__name__}")
             out.append(_packb(key))
-            _chunks(value, out)
+            if isinstance(value, np.ndarray):
+                _tensor_chunks(value, out, repr(key))
+            else:
+                _chunks(value, out)
     elif isinstance(obj, (list, tuple)):
         out.append(_array_header(len(obj)))
         for value in obj:

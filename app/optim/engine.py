@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from paramserver.codes import ErrorCode
@@ -31,6 +32,10 @@ from paramserver.optimizers import TFOptimizer
 
 from .kernels import CHUNK_ELEMENTS, FLOAT_DTYPES, KernelBackend, NumpyBackend, UpdateKernel
 from .rules import RULES
+
+#: What a gradient may be: a parameter's dtype, or bfloat16 (mixed precision), cast to the
+#: parameter's dtype before the step.
+GRADIENT_DTYPES = (*FLOAT_DTYPES, np.dtype(ml_dtypes.bfloat16))
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -146,9 +151,10 @@ def prepare_gradients(
     flat: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in specs.items():
         g = grads[name]
-        if np.dtype(g.dtype) not in FLOAT_DTYPES:
+        if np.dtype(g.dtype) not in GRADIENT_DTYPES:
             raise GradientError(
-                f"gradient {name!r} has dtype {g.dtype}; supported: float16, float32, float64"
+                f"gradient {name!r} has dtype {g.dtype}; supported: float16, float32, float64, "
+                "bfloat16"
             )
         if tuple(g.shape) != shape:
             raise GradientError(

@@ -255,8 +255,16 @@ def test_the_server_never_loads_httpx(tmp_path: Path) -> None:
     assert not any(m.startswith("paramserver.client") for m in loaded)
 
 
-#: What the math may import: numpy, numba, the standard library and the shared configs.
-MATH_MAY_IMPORT = {"numpy", "numba", "paramserver.optimizers", "paramserver.codes"}
+#: What the math may import: numpy, numba (and ml_dtypes, numpy's bfloat16 dtype), the
+#: standard library and the shared configs (optimizers, constraints, error codes).
+MATH_MAY_IMPORT = {
+    "numpy",
+    "numba",
+    "ml_dtypes",
+    "paramserver.optimizers",
+    "paramserver.constraints",
+    "paramserver.codes",
+}
 
 
 def test_the_math_imports_only_numpy_numba_and_the_shared_configs(tmp_path: Path) -> None:
@@ -270,7 +278,7 @@ def test_the_math_imports_only_numpy_numba_and_the_shared_configs(tmp_path: Path
             top = imported.split(".")[0]
             if (
                 imported in MATH_MAY_IMPORT
-                or top in ("numpy", "numba", "__future__")
+                or top in ("numpy", "numba", "ml_dtypes", "__future__")
                 or top in sys.stdlib_module_names
                 or imported.startswith("paramserver.server.optim")
             ):
@@ -283,6 +291,7 @@ def test_the_math_imports_only_numpy_numba_and_the_shared_configs(tmp_path: Path
     assert ours <= {
         "paramserver",
         "paramserver.codes",
+        "paramserver.constraints",
         "paramserver.optimizers",
         "paramserver.server",
     } | {m for m in ours if m.startswith("paramserver.server.optim")}
