@@ -41,6 +41,7 @@ import random
 import ssl
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -632,6 +633,9 @@ class SessionCore(Generic[W]):
         self.last_iterations: int | None = None
         self.base_iterations: int | None = None
         self.training: Training | None = None
+        #: float64 parameters, and whether float32 gradients for them were warned about.
+        self._float64: set[str] = set()
+        self._warned_float64 = False
 
     def __repr__(self) -> str:
         form = "list" if self.as_list else "dict"
@@ -660,6 +664,8 @@ class SessionCore(Generic[W]):
         to the handle's for the sessions that need it (sync, and ``max_staleness``).
         """
         grads, _ = named_arrays(gradients, self.names, "gradients")
+        if self._float64 and not self._warned_float64:
+            self._warn_float64(grads)
         targets = self._targets(out)
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
         if base_iterations is None and self.training is not None and self.training.needs_base:
@@ -703,6 +709,21 @@ class SessionCore(Generic[W]):
             parse_lean=parse_lean,
             wait=training.round_timeout_seconds if isinstance(training, modes.Sync) else 0.0,
         )
+
+    def _warn_float64(self, grads: Mapping[str, np.ndarray]) -> None:
+        """Once per handle: float32 gradients for float64 parameters mean a session made from
+        numpy's default float64 arrays for a float32 model; its math then runs in float64."""
+        mixed = sorted(n for n in self._float64 if n in grads and grads[n].dtype == np.float32)
+        if mixed:
+            self._warned_float64 = True
+            warnings.warn(
+                f"session {self.id!r} holds float64 parameters ({', '.join(mixed[:5])}) but "
+                "gets float32 gradients: it was probably created from numpy's default float64 "
+                "arrays. Its steps run in float64 and answer float64 weights; create it from "
+                "float32 arrays (np.asarray(w, np.float32)) for a float32 model's math",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _pull_call(
         self,
@@ -1004,6 +1025,7 @@ class ClientCore(Generic[S]):
             session = self._session_type(self, info.session_id, info.names, as_list=as_list)
             session._seen(info.iterations)
             session.training = info.training
+            session._float64 = {n for n, p in info.parameters.items() if p.dtype == "float64"}
             if has_weights:
                 session.base_iterations = info.iterations
             return session

@@ -82,3 +82,19 @@ def test_a_framework_optimizer_object_points_to_what_to_use(module, name, hint):
     with pytest.raises(optimizers.InvalidOptimizerConfig) as err:
         optimizers.get(_foreign(module, name))  # type: ignore[arg-type]
     assert hint in str(err.value)
+
+
+def test_float32_gradients_for_a_float64_session_warn_once(server):
+    with Client(server.url) as client:
+        session = client.create_session({"w": np.zeros(3)}, "sgd")  # numpy's default: float64
+        with pytest.warns(
+            UserWarning, match=r"float64 parameters \(w\) but gets float32 gradients"
+        ):
+            session.push({"w": np.ones(3, np.float32)})
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            session.push({"w": np.ones(3, np.float32)})  # once per handle
+            plain = client.create_session({"w": np.zeros(3, np.float32)}, "sgd")
+            plain.push({"w": np.ones(3, np.float32)})
