@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from paramserver import reductions
+
 from .rules import RULES, Scratch, UpdateRule
 
 __all__ = ["CHUNK_ELEMENTS", "FLOAT_DTYPES", "KernelBackend", "NumpyBackend", "UpdateKernel"]
@@ -103,12 +105,8 @@ class NumpyBackend:
         return buffers
 
     def sum_squares(self, g: np.ndarray) -> float:
-        total = 0.0
-        with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN is the answer, not an error
-            for start in range(0, g.size, self.chunk):
-                block = g[start : start + self.chunk].astype(np.float64, copy=False)
-                total += float(np.dot(block, block))
-        return total
+        # The numba kernel's order (paramserver.reductions): the same bits on every backend.
+        return reductions.sum_squares(g)
 
     def kernel(self, rule: UpdateRule, dtype: np.dtype) -> UpdateKernel:
         return functools.partial(self.update, rule)

@@ -263,6 +263,7 @@ MATH_MAY_IMPORT = {
     "ml_dtypes",
     "paramserver.optimizers",
     "paramserver.constraints",
+    "paramserver.reductions",
     "paramserver.codes",
 }
 
@@ -293,6 +294,7 @@ def test_the_math_imports_only_numpy_numba_and_the_shared_configs(tmp_path: Path
         "paramserver.codes",
         "paramserver.constraints",
         "paramserver.optimizers",
+        "paramserver.reductions",
         "paramserver.server",
     } | {m for m in ours if m.startswith("paramserver.server.optim")}
     assert not loaded & {"fastapi", "starlette", "httpx", "msgpack", "pydantic", "uvicorn"}
