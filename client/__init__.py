@@ -14,6 +14,10 @@
 * :class:`Session` / :class:`AsyncSession`: push, pull, info, state, load_state, delete.
 * :mod:`paramserver.optimizers`: Keras 2.2 optimizer objects, validated as the server does.
 * :class:`Sync` / :class:`Async`: training modes (synchronous rounds, bounded staleness).
+* :mod:`paramserver.client.keras` (tf.keras ``model.fit`` through a session) and
+  :mod:`paramserver.client.torch` (a ``torch.optim.Optimizer`` over a session): the framework
+  adapters, imported on their own (they import TensorFlow or torch; extras ``tensorflow`` and
+  ``torch``; ``docs/frameworks.md``).
 * :mod:`paramserver.client.errors`: one exception per error status, with the server's code and
   message.
 * :mod:`paramserver.wire`: the msgpack tensor format, shared with the server.

@@ -43,22 +43,6 @@ def test_numpy_worker_defaults_to_the_local_server() -> None:
     assert args.url == "http://127.0.0.1:8000"
 
 
-def test_torch_worker_trains(base_url: str) -> None:
-    pytest.importorskip("torch")
-    history = load("torch_worker").main(["--url", base_url, "--quiet", "--epochs", "3"])
-    assert len(history) == 4
-    assert history[-1] * 3 <= history[0], history
-
-
-def test_torch_worker_without_torch(
-    base_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    module = load("torch_worker")
-    monkeypatch.setattr(module, "torch", None)
-    assert module.main(["--url", base_url]) == []
-    assert "PyTorch is not installed" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("extra", [[], ["--backups", "1"]], ids=["sync", "sync-with-backup"])
 def test_sync_workers_train_in_rounds(base_url: str, extra: list[str]) -> None:
     """Four worker processes (spawned: run as a script, as a user would) train in sync mode

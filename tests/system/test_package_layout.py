@@ -228,6 +228,8 @@ def test_the_client_loads_no_server_stack(tmp_path: Path) -> None:
     assert "httpx" in loaded  # the check itself works
     assert not loaded & SERVER_STACK
     assert not any(m.startswith("paramserver.server") for m in loaded)
+    # nor the frameworks: paramserver.client.keras and .torch import them, the client does not
+    assert not loaded & {"torch", "tensorflow", "keras"}
 
 
 def test_the_server_never_loads_httpx(tmp_path: Path) -> None:
