@@ -488,7 +488,11 @@ def test_a_plain_async_session_takes_pushes_with_or_without_base_iterations(api)
     g = {"w": np.ones(2, np.float32)}
     assert api.post(url, content=push_body(g, None), headers=MSGPACK).status_code == 200
     assert api.post(url, content=push_body(g, 0), headers=MSGPACK).status_code == 200
+    # every push is a step, whatever weights it used: even a count ahead of the session
     r = api.post(url, content=push_body(g, 9), headers=MSGPACK)
+    assert r.status_code == 200 and messages.decode_weights(r.content)[0] == 3
+    body = messages.wire.pack({"gradients": g, "base_iterations": -1})
+    r = api.post(url, content=body, headers=MSGPACK)  # still has to be an iteration count
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_base_iterations"
 
 
