@@ -53,6 +53,7 @@ import numpy as np
 
 from paramserver import frames, messages, optimizers, wire
 from paramserver import training as modes
+from paramserver.codes import MessageError
 from paramserver.constraints import Constraint, decode_constraints
 from paramserver.messages import ANSWER_LIMITS, SessionState
 from paramserver.training import Training
@@ -536,8 +537,21 @@ class SessionInfo:
             refuse_non_finite=bool(obj.get("refuse_non_finite", False)),
             training=None if "training" not in obj else modes.decode_training(obj["training"]),
             round=dict(obj["round"]) if isinstance(obj.get("round"), dict) else None,
-            constraints=decode_constraints(obj.get("constraints") or {}),
+            constraints=_known_constraints(obj.get("constraints")),
         )
+
+
+def _known_constraints(obj: Any) -> dict[str, Constraint]:
+    """A summary's constraints; one this client does not know (a newer server's class) is
+    left out rather than making the whole summary unreadable."""
+    out: dict[str, Constraint] = {}
+    if isinstance(obj, dict):
+        for name, value in obj.items():
+            try:
+                out.update(decode_constraints({name: value}))
+            except (MessageError, TypeError):
+                continue
+    return out
 
 
 def named_arrays(

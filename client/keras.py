@@ -139,10 +139,14 @@ def _local_names(items: Sequence[tuple[str, str]], where: str) -> list[str]:
     counts: dict[str, int] = {}
     out: list[str] = []
     for name, prefix in items:
-        if re.fullmatch(re.escape(prefix) + r"(_\d+)?", name):
-            n = counts.get(prefix, 0)
-            counts[prefix] = n + 1
-            name = prefix if n == 0 else f"{prefix}_{n}"
+        # Bidirectional names its copies of the wrapped layer forward_<name>/backward_<name>,
+        # the inner name from the same counter: the direction is kept, the counter renumbered.
+        match = re.fullmatch(r"(forward_|backward_)?" + re.escape(prefix) + r"(_\d+)?", name)
+        if match:
+            stem = (match.group(1) or "") + prefix
+            n = counts.get(stem, 0)
+            counts[stem] = n + 1
+            name = stem if n == 0 else f"{stem}_{n}"
         out.append(name)
     seen: set[str] = set()
     for name in out:

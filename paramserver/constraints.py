@@ -51,8 +51,12 @@ def _error(message: str) -> MessageError:
 
 
 def _number(cls: str, name: str, value: Any, *, low: float = -math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _error(f"{cls}: {name!r} must be a finite number, got {value!r}")
+    try:
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float (JSON allows 4300 digits)
+        finite = False
+    if isinstance(value, bool) or not finite:
+        raise _error(f"{cls}: {name!r} must be a finite number, got {value!r}"[:200])
     if value < low:
         raise _error(f"{cls}: {name!r} must be >= {low:g}, got {value!r}")
     return float(value) if isinstance(value, float) else value
@@ -66,7 +70,9 @@ def _axis(cls: str, value: Any) -> int | tuple[int, ...]:
             if len(set(value)) != len(value):
                 raise _error(f"{cls}: 'axis' repeats an axis: {list(value)}")
             return tuple(value)
-    raise _error(f"{cls}: 'axis' must be an integer or a non-empty list of integers, got {value!r}")
+    raise _error(
+        f"{cls}: 'axis' must be an integer or a non-empty list of integers, got {value!r}"[:200]
+    )
 
 
 class Constraint:
@@ -209,8 +215,11 @@ def get(obj: Any) -> Constraint:
         allowed = {"min_value", "max_value", "rate", "axis"}
     unknown = sorted(map(str, set(config) - allowed))
     if unknown:
+        listed = ", ".join(map(repr, unknown[:10]))
+        if len(unknown) > 10:
+            listed += f" and {len(unknown) - 10} more"
         raise _error(
-            f"{cls.class_name}: unknown argument(s) {', '.join(map(repr, unknown))}; it takes "
+            f"{cls.class_name}: unknown argument(s) {listed[:400]}; it takes "
             f"{', '.join(sorted(allowed)) or 'none'}"
         )
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}

@@ -26,3 +26,24 @@ def test_create_session_with_constraints(server) -> None:
         assert (new["b"] == 0).all() and np.signbit(new["b"]).all()
         plain = client.create_session(weights, "sgd")
         assert plain.info().constraints == {}
+
+
+def test_a_constraint_this_client_does_not_know_leaves_the_summary_readable() -> None:
+    from paramserver.client import SessionInfo
+
+    info = SessionInfo.from_json(
+        {
+            "session_id": "s",
+            "optimizer": {"class_name": "SGD", "config": {}},
+            "iterations": 0,
+            "parameters": {
+                "k": {"dtype": "float32", "shape": [2]},
+                "b": {"dtype": "float32", "shape": [2]},
+            },
+            "constraints": {
+                "k": {"class_name": "FutureNorm", "config": {}},
+                "b": {"class_name": "NonNeg", "config": {}},
+            },
+        }
+    )
+    assert info.constraints == {"b": NonNeg()}

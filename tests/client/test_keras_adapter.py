@@ -335,6 +335,27 @@ def test_names_do_not_depend_on_kerass_name_counters(keras: Any, psk: Any) -> No
     ]
 
 
+def test_bidirectional_names_do_not_depend_on_the_counter(keras: Any, psk: Any) -> None:
+    """Bidirectional names its copies forward_<inner>/backward_<inner>, the inner name from
+    the process-wide counter (lstm, lstm_2, ...): the names must not carry it."""
+
+    def build() -> Any:
+        model = keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Embedding(20, 4),
+                keras.layers.Bidirectional(keras.layers.LSTM(3)),
+                keras.layers.Dense(2),
+            ]
+        )
+        return model
+
+    first, second = build(), build()
+    assert psk.parameter_names(first) == psk.parameter_names(second)
+    assert any(n.startswith("bidirectional/forward_lstm/") for n in psk.parameter_names(first))
+    assert any(n.startswith("bidirectional/backward_lstm/") for n in psk.parameter_names(first))
+
+
 def test_join_takes_the_sessions_weights_from_another_build(
     keras: Any, psk: Any, client: Client
 ) -> None:

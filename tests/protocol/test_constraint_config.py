@@ -43,6 +43,8 @@ def test_forms_round_trip() -> None:
         lambda: constraints.get(42),
         lambda: constraints.decode_constraints({"w": {"class_name": 1}}),
         lambda: constraints.decode_constraints([]),
+        lambda: MaxNorm(10**400),  # an int too large for a float (JSON allows it)
+        lambda: MinMaxNorm(rate=-(10**400)),
     ],
 )
 def test_invalid_configs_are_refused(make) -> None:
@@ -77,3 +79,10 @@ def test_messages_carry_constraints() -> None:
         ).constraints
         == {}
     )
+
+
+def test_a_flood_of_unknown_arguments_gets_a_short_message() -> None:
+    config = {f"k{i:06d}": 1 for i in range(100_000)}
+    with pytest.raises(MessageError) as err:
+        constraints.get({"class_name": "MaxNorm", "config": config})
+    assert len(err.value.message) < 600 and "and 99990 more" in err.value.message

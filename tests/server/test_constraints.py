@@ -174,3 +174,14 @@ def test_constraints_survive_the_journal_and_snapshots(tmp_path: Path):
         assert (norms <= 0.5 + 1e-6).all()
     finally:
         again.stop()
+
+
+def test_a_huge_json_number_in_a_constraint_is_422_not_500(api):
+    body = (
+        '{"optimizer": "sgd", "weights": {"k": {"dtype": "float32", "shape": [2], "data": [1, 2]}},'
+        ' "constraints": {"k": {"class_name": "MaxNorm", "config": {"max_value": '
+        + "9" * 400
+        + "}}}}"
+    )
+    r = api.post("/sessions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_constraint"
