@@ -103,7 +103,12 @@ class TrainingSpec(BaseModel):
 class ConstraintSpec(BaseModel):
     """A Keras 2.2.4 constraint (``paramserver.constraints``)."""
 
-    class_name: Literal["MaxNorm", "NonNeg", "UnitNorm", "MinMaxNorm"] = Field(examples=["MaxNorm"])
+    class_name: str = Field(
+        description="MaxNorm, NonNeg, UnitNorm or MinMaxNorm (case-insensitive; Keras's "
+        "aliases such as max_norm are accepted, and a bare name in place of the object takes "
+        "the defaults). Summaries answer the canonical class name.",
+        examples=["MaxNorm"],
+    )
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Keras 2.2.4's arguments: MaxNorm max_value=2, axis=0; UnitNorm axis=0; "
