@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,13 +19,9 @@ import pytest
 
 from paramserver import optimizers
 from paramserver.client import Client, DictWeights, Session, StaleGradient, Sync
+from tests.harness.optional import optional_import, requires
 
-try:
-    import torch
-except ImportError:
-    if os.environ.get("CI") == "true":
-        raise
-    torch = None
+torch: Any = optional_import("torch")
 
 if torch is not None:
     from paramserver.client.torch import (
@@ -36,9 +31,7 @@ if torch is not None:
         trainable_parameters,
     )
 
-needs_torch = pytest.mark.skipif(
-    torch is None, reason="needs PyTorch (pip install 'paramserver[torch]')"
-)
+needs_torch = requires("torch")
 
 
 # --- helpers ------------------------------------------------------------------------------

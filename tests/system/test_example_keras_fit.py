@@ -8,8 +8,6 @@ TensorFlow is missing. Elsewhere they are skipped without it.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -17,25 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from paramserver.client import Client
-
-pytestmark = pytest.mark.tensorflow
+from tests.harness.examples import session_ids
+from tests.harness.optional import requires
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "keras_fit.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tensorflow_installed() -> None:
-    """The example's processes import TensorFlow; this one need not (it only looks)."""
-    if importlib.util.find_spec("tensorflow") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("TensorFlow is not installed (CI installs the tensorflow extra)")
-        pytest.skip("TensorFlow is not installed")
-
-
-def session_ids(base_url: str) -> set[str]:
-    with Client(base_url) as client:
-        return {s.session_id for s in client.sessions()}
+pytestmark = [pytest.mark.tensorflow, requires("tensorflow")]
 
 
 @pytest.mark.parametrize(

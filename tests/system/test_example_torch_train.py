@@ -6,8 +6,6 @@ Elsewhere they are skipped without it.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -16,39 +14,19 @@ from types import ModuleType
 
 import pytest
 
-from paramserver.client import Client
+from tests.harness.examples import load_example, session_ids
+from tests.harness.optional import requires
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "torch_train.py"
 
-try:
-    import torch  # noqa: F401
-except ImportError:
-    if os.environ.get("CI") == "true":
-        raise
-    HAVE_TORCH = False
-else:
-    HAVE_TORCH = True
-
-needs_torch = pytest.mark.skipif(
-    not HAVE_TORCH, reason="needs PyTorch (pip install 'paramserver[torch]')"
-)
+needs_torch = requires("torch")
 
 #: Held-out accuracy the example must reach (chance is 25%, a linear model about 70%).
 TARGET = 0.88
 
 
 def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("examples_torch_train", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def session_ids(base_url: str) -> set[str]:
-    with Client(base_url) as client:
-        return {s.session_id for s in client.sessions()}
+    return load_example("torch_train")
 
 
 @needs_torch

@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from paramserver.client import Client
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def session_ids(base_url: str) -> set[str]:
-    with Client(base_url) as client:
-        return {s.session_id for s in client.sessions()}
+from tests.harness.examples import EXAMPLES, session_ids
+from tests.harness.examples import load_example as load
 
 
 def test_numpy_worker_loss_falls_tenfold(base_url: str, capsys: pytest.CaptureFixture[str]) -> None:
