@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from paramserver import frames, wire
+from paramserver import frames, messages, wire
 from paramserver.codes import STATUS, ErrorCode, MessageError, error_body
 from paramserver.messages import base_iterations
+from paramserver.sharding import decode_sum_squares
 
 from .auth import TokenTable
 from .connections import ConnectionGuard
@@ -465,11 +466,14 @@ class _Connection:
         if not isinstance(return_weights, bool):
             raise _Refusal(ErrorCode.INVALID_REQUEST, "'return_weights' is a bool", close=False)
         base = header.get("base_iterations")
-        if base is not None:
-            try:
+        squares = header.get("sum_squares")
+        try:
+            if base is not None:
                 base = base_iterations(base)
-            except MessageError as exc:
-                raise _Refusal(exc.code, exc.message, close=False) from None
+            if squares is not None:
+                squares = decode_sum_squares(squares)
+        except MessageError as exc:
+            raise _Refusal(exc.code, exc.message, close=False) from None
         grads = layout.views(body)
         # Without a journal the answer may leave before the call returns: it is sent from the
         # weights' own memory while the session's lock holds them still (no copy). With the
@@ -485,11 +489,12 @@ class _Connection:
         outcome = service.push_gradients(
             session,
             grads,
-            journal_body=lambda: wire.pack({"gradients": grads}),
+            journal_body=lambda: messages.encode_push(grads, base, squares),
             idempotency_key=key,
             answer=answer,
             remember=_nothing,
             base_iterations=base,
+            sum_squares=squares,
             wait=settings.request_timeout_seconds,
         )
         if isinstance(outcome, Ticket):

@@ -49,7 +49,7 @@ from .protocol import decode_limits
 from .rounds import Entry, Round, RoundResult, Ticket
 from .sessions import Session, SessionStore, check_session_id
 from .settings import Settings
-from .training import Trainer, build_trainer, restore_trainer
+from .training import Trainer, build_trainer, restore_trainer, with_sum_squares
 
 __all__ = ["SessionService", "SnapshotsDisabled"]
 
@@ -140,6 +140,7 @@ class SessionService:
                     refuse_non_finite=message.refuse_non_finite,
                     training=message.training,
                     constraints=message.constraints,
+                    shard=message.shard,
                 )
             except (StateError, GradientError) as exc:
                 code = getattr(exc, "code", None) or ErrorCode.INVALID_WEIGHTS
@@ -218,6 +219,7 @@ class SessionService:
             remember=lambda encoded: encoded,
             round_remember=lambda result: round_answer(result, return_weights),
             base_iterations=message.base_iterations,
+            sum_squares=message.sum_squares,
         )
         if isinstance(outcome, Ticket):
             return outcome
@@ -239,6 +241,7 @@ class SessionService:
         remember: Callable[[T], bytes | None],
         round_remember: Callable[[RoundResult], bytes | None] = lambda result: None,
         base_iterations: int | None = None,
+        sum_squares: float | None = None,
         wait: float | None = None,
     ) -> PushOutcome[T] | Ticket:
         """One step of decoded gradients, for every transport: checks, idempotency, journal.
@@ -255,6 +258,9 @@ class SessionService:
         the open round and a :class:`~paramserver.server.rounds.Ticket` is returned: the
         transport waits on it (outside the session's lock) for the round's result, whose
         bytes ``round_remember(result)`` keeps for a replay of the key.
+
+        ``sum_squares``: the whole push's sum of squares, sent with each shard's part of a
+        sharded push; clipnorm clips with it (:func:`with_sum_squares`).
         """
         digest = None if idempotency_key is None else push_digest(grads)
         if not session.persisted.is_set():
@@ -305,7 +311,7 @@ class SessionService:
                     "start a new session",
                 )
             try:
-                prepared = trainer.check_gradients(grads)
+                prepared = with_sum_squares(trainer, trainer.check_gradients(grads), sum_squares)
             except GradientError as exc:
                 raise InvalidRequest(str(exc), code=exc.code) from None
             if current is not None:

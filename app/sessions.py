@@ -185,6 +185,8 @@ class Session:
                 for name, (dtype, shape) in trainer.parameters().items()
             },
         }
+        if trainer.shard is not None:
+            out["shard"] = trainer.shard.to_dict()
         current = self.round
         if current is not None:
             out["round"] = current.summary()

@@ -45,6 +45,7 @@ import numpy as np
 from paramserver.constraints import Constraint
 from paramserver.messages import SessionState
 from paramserver.optimizers import TFOptimizer
+from paramserver.sharding import Shard
 from paramserver.training import Async, Training
 
 from .errors import InvalidRequest
@@ -352,6 +353,7 @@ class TFTrainer:
         check_weights(weights, finite=not restoring)
         self.training: Training = Async() if training is None else training
         self.constraints: dict[str, Constraint] = {}  # Keras 2.2.4's TFOptimizer has none
+        self.shard: Shard | None = None
         tf = import_tensorflow()
         spec = optimizer.get_config()["optimizer"]
         name, config = spec["class_name"], spec["config"]
@@ -506,6 +508,7 @@ class TFTrainer:
             },
             scalars={key: _scalar(item) for key, item in self._scalars.items()},
             training=self.training,
+            shard=self.shard,
         )
 
     def load_state(self, state: SessionState) -> None:

@@ -14,6 +14,7 @@ access.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -24,7 +25,8 @@ from paramserver.constraints import Constraint, check_axes
 from paramserver.messages import SessionState
 from paramserver.optimizers import Optimizer as OptimizerConfig
 from paramserver.optimizers import TFOptimizer
-from paramserver.training import Async, Training
+from paramserver.sharding import Shard
+from paramserver.training import Async, Sync, Training
 
 from .optim import (
     GradientError,
@@ -55,6 +57,8 @@ class Trainer(Protocol):
     #: Parameter name -> Keras 2.2.4 constraint applied after every step (carried by the
     #: state; empty for TFOptimizer sessions).
     constraints: dict[str, Constraint]
+    #: Which part of a sharded session this is (None: a whole session); carried by the state.
+    shard: Shard | None
 
     def parameters(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Name -> (dtype, shape) of every parameter, in the model's order."""
@@ -123,6 +127,7 @@ class KerasTrainer:
         check_weights(weights, finite=not restoring)
         self.training: Training = Async() if training is None else training
         self.constraints: dict[str, Constraint] = check_constraints(weights, constraints)
+        self.shard: Shard | None = None
         # Own the weights: aligned, writable, native-endian, C-contiguous copies.
         self._weights = {
             name: np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
@@ -207,6 +212,7 @@ class KerasTrainer:
             refuse_non_finite=self._refuse_non_finite,
             training=self.training,
             constraints=dict(self.constraints),
+            shard=self.shard,
         )
 
     def load_state(self, state: SessionState) -> None:
@@ -249,9 +255,85 @@ def build_trainer(
     restoring: bool = False,
     training: Training | None = None,
     constraints: Mapping[str, Constraint] | None = None,
+    shard: Shard | None = None,
 ) -> Trainer:
     """A fresh trainer for ``optimizer`` over copies of ``weights`` (``training``: the
-    session's mode, default asynchronous)."""
+    session's mode, default asynchronous; ``shard``: the part of a sharded session it is)."""
+    if shard is not None:
+        check_shardable(optimizer, training)
+    trainer = _build_trainer(
+        optimizer,
+        weights,
+        refuse_non_finite=refuse_non_finite,
+        restoring=restoring,
+        training=training,
+        constraints=constraints,
+    )
+    trainer.shard = shard
+    return trainer
+
+
+def with_sum_squares(
+    trainer: Trainer, prepared: PreparedGradients, sum_squares: float | None
+) -> PreparedGradients:
+    """``prepared`` clipping with the whole push's ``sum_squares`` (a shard's part of a
+    sharded push) instead of its own; ``GradientError`` where that is not a shard's async
+    push with clipnorm (the only place it means something)."""
+    if sum_squares is None:
+        return prepared
+    if (
+        trainer.shard is None
+        or isinstance(trainer.training, Sync)
+        or trainer.optimizer.get_config().get("clipnorm") is None
+        or not isinstance(trainer, KerasTrainer)
+    ):
+        raise GradientError(
+            "'sum_squares' is for a shard's part of a sharded push whose optimizer clips "
+            "with clipnorm (asynchronous); this session is not one",
+            code=ErrorCode.INVALID_REQUEST,
+        )
+    return dataclasses.replace(prepared, sum_squares=float(sum_squares))
+
+
+def check_shardable(optimizer: OptimizerConfig, training: Training | None) -> None:
+    """Refuse what a sharded session cannot do exactly (``paramserver.sharding``): sync rounds
+    with backup workers or with clipnorm, and TensorFlow's global norm clipping."""
+    if isinstance(training, Sync):
+        if training.backups:
+            raise StateError(
+                "a sharded session cannot train in sync rounds with backup workers "
+                f"(total_num_replicas {training.total_num_replicas} > replicas_to_aggregate "
+                f"{training.replicas_to_aggregate}): each shard runs its own rounds, and two "
+                "shards could average different sets of workers",
+                code=ErrorCode.INVALID_TRAINING,
+            )
+        if optimizer.get_config().get("clipnorm") is not None:
+            raise StateError(
+                "a sharded session cannot combine sync rounds with clipnorm: the clip applies "
+                "to the mean over the workers, whose norm no shard sees; clip on the workers, "
+                "or train asynchronously (each push then carries its sum_squares)",
+                code=ErrorCode.INVALID_TRAINING,
+            )
+    if isinstance(optimizer, TFOptimizer):
+        inner = optimizer.get_config()["optimizer"].get("config", {})
+        if inner.get("global_clipnorm") is not None:
+            raise StateError(
+                "a sharded TFOptimizer session cannot use global_clipnorm: TensorFlow clips "
+                "with the norm of the shard's own variables (use clipnorm, per variable, or "
+                "a Keras 2.2 optimizer with clipnorm)",
+                code=ErrorCode.INVALID_OPTIMIZER,
+            )
+
+
+def _build_trainer(
+    optimizer: OptimizerConfig,
+    weights: Mapping[str, np.ndarray],
+    *,
+    refuse_non_finite: bool,
+    restoring: bool,
+    training: Training | None,
+    constraints: Mapping[str, Constraint] | None,
+) -> Trainer:
     if isinstance(optimizer, TFOptimizer):
         if constraints:
             raise StateError(
@@ -289,6 +371,7 @@ def restore_trainer(state: SessionState) -> Trainer:
         restoring=True,
         training=state.training,
         constraints=state.constraints,
+        shard=state.shard,
     )
     trainer.load_state(state)
     return trainer

@@ -74,7 +74,9 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 #: has no body. Answers to push and pull list the weights in ``tensors`` and carry their bytes.
 OPS: Mapping[str, frozenset[str]] = {
     "hello": frozenset({"version", "token"}),
-    "push": frozenset({"session", "key", "return_weights", "tensors", "base_iterations"}),
+    "push": frozenset(
+        {"session", "key", "return_weights", "tensors", "base_iterations", "sum_squares"}
+    ),
     "pull": frozenset({"session", "min_iterations", "wait_seconds"}),
 }
 

@@ -44,6 +44,7 @@ from . import training as modes
 from .codes import ErrorCode, MessageError
 from .constraints import Constraint, decode_constraints
 from .optimizers import InvalidOptimizerConfig, Optimizer, UnknownOptimizer
+from .sharding import Shard, decode_shard, decode_sum_squares
 from .training import Async, Training, decode_training
 
 __all__ = [
@@ -106,6 +107,7 @@ class SessionState:
     refuse_non_finite: bool = False
     training: Training = field(default_factory=Async)
     constraints: dict[str, Constraint] = field(default_factory=dict)
+    shard: Shard | None = None
 
     def to_bytes(self) -> bytes:
         return encode_state(self)
@@ -126,15 +128,19 @@ class CreateMessage:
     refuse_non_finite: bool = False
     training: Training = field(default_factory=Async)
     constraints: dict[str, Constraint] = field(default_factory=dict)
+    shard: Shard | None = None
 
 
 @dataclass(frozen=True)
 class PushMessage:
     """A decoded push body: the gradients and, when sent, the iteration count of the weights
-    they were computed on (required by sync sessions and by ``max_staleness``)."""
+    they were computed on (required by sync sessions and by ``max_staleness``) and the sum of
+    squares of the whole push (a shard's part of a sharded push: what ``clipnorm`` clips
+    with)."""
 
     gradients: dict[str, np.ndarray]
     base_iterations: int | None = None
+    sum_squares: float | None = None
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -237,14 +243,17 @@ def decode_create(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> Crea
     obj = _top_level(
         _load(body, kind, limits),
         required=frozenset({"optimizer", "weights"}),
-        optional=frozenset({"session_id", "refuse_non_finite", "training", "constraints"}),
+        optional=frozenset({"session_id", "refuse_non_finite", "training", "constraints", "shard"}),
     )
     optimizer = decode_optimizer(obj["optimizer"])
     weights = _tensors(obj["weights"], field="weights", limits=limits, json_body=kind == "json")
     refuse = _flag(obj, "refuse_non_finite", ErrorCode.INVALID_REQUEST)
     mode = decode_training(obj["training"]) if "training" in obj else Async()
     constraints = decode_constraints(obj["constraints"]) if "constraints" in obj else {}
-    return CreateMessage(obj.get("session_id"), optimizer, weights, refuse, mode, constraints)
+    shard = decode_shard(obj["shard"]) if "shard" in obj else None
+    return CreateMessage(
+        obj.get("session_id"), optimizer, weights, refuse, mode, constraints, shard
+    )
 
 
 def _flag(obj: dict[str, Any], key: str, code: ErrorCode) -> bool:
@@ -260,12 +269,16 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     obj = _top_level(
         _load(body, "msgpack", limits),
         required=frozenset({"gradients"}),
-        optional=frozenset({"base_iterations"}),
+        optional=frozenset({"base_iterations", "sum_squares"}),
     )
     base = obj.get("base_iterations")
     if base is not None:
         base = base_iterations(base)
-    return PushMessage(_tensors(obj["gradients"], field="gradients", limits=limits), base)
+    squares = obj.get("sum_squares")
+    if squares is not None:
+        squares = decode_sum_squares(squares)
+    gradients = _tensors(obj["gradients"], field="gradients", limits=limits)
+    return PushMessage(gradients, base, squares)
 
 
 def decode_push(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
@@ -308,7 +321,7 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
         required=_STATE_KEYS,
         # refuse_non_finite: absent in states of version 0.1; training: absent for async
         # sessions and in states before training modes
-        optional=frozenset({"refuse_non_finite", "training", "constraints"}),
+        optional=frozenset({"refuse_non_finite", "training", "constraints", "shard"}),
     )
     iterations = _iterations(obj["iterations"], ErrorCode.INVALID_STATE)
     optimizer = decode_optimizer(obj["optimizer"])
@@ -339,7 +352,17 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
         refuse_non_finite=_flag(obj, "refuse_non_finite", ErrorCode.INVALID_STATE),
         training=_state_training(obj),
         constraints=_state_constraints(obj),
+        shard=_state_shard(obj),
     )
+
+
+def _state_shard(obj: dict[str, Any]) -> Shard | None:
+    if "shard" not in obj:
+        return None
+    try:
+        return decode_shard(obj["shard"])
+    except MessageError as exc:
+        raise MessageError(exc.message, code=ErrorCode.INVALID_STATE) from None
 
 
 def _state_constraints(obj: dict[str, Any]) -> dict[str, Constraint]:
@@ -390,6 +413,7 @@ def encode_create(
     refuse_non_finite: bool = False,
     training: Any = None,
     constraints: Mapping[str, Any] | None = None,
+    shard: Shard | None = None,
 ) -> bytes:
     """The create body; the optimizer, the training mode and the constraints are validated
     (and normalised) on the way."""
@@ -406,6 +430,8 @@ def encode_create(
         message["training"] = mode.to_dict()
     if constraints:
         message["constraints"] = _constraints_out(constraints)
+    if shard is not None:
+        message["shard"] = shard.to_dict()
     return wire.pack(message)
 
 
@@ -418,10 +444,16 @@ def _constraints_out(constraints: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def encode_push(gradients: Mapping[str, Any], base_iterations: int | None = None) -> bytes:
+def encode_push(
+    gradients: Mapping[str, Any],
+    base_iterations: int | None = None,
+    sum_squares: float | None = None,
+) -> bytes:
     message: dict[str, Any] = {"gradients": arrays(gradients, "gradients")}
     if base_iterations is not None:
         message["base_iterations"] = base_iterations
+    if sum_squares is not None:
+        message["sum_squares"] = float(sum_squares)
     return wire.pack(message)
 
 
@@ -449,4 +481,6 @@ def encode_state(state: SessionState) -> bytes:
         message["training"] = mode.to_dict()
     if state.constraints:
         message["constraints"] = _constraints_out(state.constraints)
+    if state.shard is not None:
+        message["shard"] = state.shard.to_dict()
     return wire.pack(message)

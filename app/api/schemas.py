@@ -58,6 +58,12 @@ class CreateSessionRequest(BaseModel):
         "{'mode': 'sync', 'replicas_to_aggregate', 'total_num_replicas'?, "
         "'round_timeout_seconds'?}. 422 invalid_training when invalid.",
     )
+    shard: ShardSpec | None = Field(
+        None,
+        description="This session is part index of count of a sharded session (the client "
+        "owns the partition). Sync rounds with backup workers or with clipnorm are refused "
+        "for shards (422 invalid_training), so is a TFOptimizer's global_clipnorm.",
+    )
     constraints: dict[str, ConstraintSpec] | None = Field(
         None,
         description="Parameter name -> a Keras 2.2.4 constraint, applied after every step as "
@@ -117,6 +123,17 @@ class ConstraintSpec(BaseModel):
     )
 
 
+class ShardSpec(BaseModel):
+    """Which part of a sharded session a session is (``paramserver.sharding``)."""
+
+    index: int = Field(ge=0, description="This shard's index, in [0, count).")
+    count: int = Field(ge=1, le=1024, description="How many shards the session has.")
+    layout: str = Field(
+        pattern="^[0-9a-f]{8,128}$",
+        description="The hash of the partition the client computed (8-128 hex digits).",
+    )
+
+
 class RoundStatus(BaseModel):
     received: int = Field(description="Gradients the open round holds.")
     needed: int = Field(description="replicas_to_aggregate.")
@@ -133,6 +150,7 @@ class CreateSessionResponse(BaseModel):
         default_factory=dict, description="Parameter name -> its constraint."
     )
     round: RoundStatus | None = Field(None, description="Sync sessions: the open round.")
+    shard: ShardSpec | None = Field(None, description="A shard of a sharded session: which one.")
     parameters: dict[str, TensorMeta]
 
 

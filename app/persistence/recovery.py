@@ -25,13 +25,13 @@ from datetime import datetime, timezone
 from typing import Any, cast
 
 from paramserver.codes import MessageError
-from paramserver.messages import ANSWER_LIMITS, decode_push, decode_state
+from paramserver.messages import ANSWER_LIMITS, decode_push, decode_push_message, decode_state
 
 from ..errors import ServiceError
 from ..idempotency import IdempotencyCache, push_digest
 from ..optim import GradientError, StateError
 from ..sessions import Session, SessionStore
-from ..training import Trainer, restore_trainer
+from ..training import Trainer, restore_trainer, with_sum_squares
 from .journal import JournalReader, Record
 from .snapshots import CorruptSnapshot, SnapshotFile, SnapshotStore, read_snapshot
 
@@ -257,9 +257,9 @@ class _Replay:
             raise RecoveryError(
                 f"{message}; refusing to start. See docs/durability.md, 'Recovery by hand'."
             )
-        if gradients is None:
-            gradients = decode_push(_buffer(record.body), TRUSTED_LIMITS)
-        trainer.apply(trainer.check_gradients(gradients))
+        pushed = decode_push_message(_buffer(record.body), TRUSTED_LIMITS)
+        prepared = trainer.check_gradients(pushed.gradients)
+        trainer.apply(with_sum_squares(trainer, prepared, pushed.sum_squares))
         if record.time is not None:
             session.updated_at = datetime.fromtimestamp(record.time, timezone.utc)
         self.result.pending.setdefault(sid, record.lsn)
