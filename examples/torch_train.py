@@ -32,15 +32,11 @@ import argparse
 import contextlib
 import dataclasses
 import multiprocessing
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
 import numpy as np
+from _common import local_server, make_blobs
 
 from paramserver import optimizers
 from paramserver.client import Client
@@ -53,19 +49,6 @@ except ImportError:  # the example is optional: say so instead of failing
     torch = None  # type: ignore[assignment]
 
 # --- the data and the model ----------------------------------------------------------------
-
-
-def make_blobs(
-    n: int, *, dim: int, classes: int, clusters: int, spread: float, seed: int
-) -> tuple[Any, Any]:
-    """``n`` float32 points and their int64 labels: each class a mixture of ``clusters`` unit
-    Gaussians whose centres are drawn with standard deviation ``spread``."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(scale=spread, size=(classes * clusters, dim)).astype(np.float32)
-    label_of_centre = np.repeat(np.arange(classes), clusters)
-    centre = rng.integers(0, len(centres), size=n)
-    x = (centres[centre] + rng.normal(size=(n, dim))).astype(np.float32)
-    return torch.from_numpy(x), torch.from_numpy(label_of_centre[centre])
 
 
 def make_model(dim: int, hidden: int, classes: int) -> Any:
@@ -120,8 +103,9 @@ def train_worker(
         classes=args.classes,
         clusters=args.clusters,
         spread=args.spread,
-        seed=args.seed,
+        rng=np.random.default_rng(args.seed),
     )
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
     x, y = x[shard], y[shard]
     model = make_model(args.dim, args.hidden, args.classes)
     generator = torch.Generator().manual_seed(seed)
@@ -129,47 +113,6 @@ def train_worker(
         optimizer = RemoteOptimizer(model, join_session(client, model, session_id))
         for _ in range(args.epochs):
             train_epoch(model, optimizer, x, y, batch=args.batch, generator=generator)
-
-
-# --- the server, when none is given --------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def local_server(timeout: float = 120.0) -> Iterator[str]:
-    """``paramserver serve`` in a child process on a free port of 127.0.0.1; its URL once it
-    answers ``/health``. Stopped (SIGTERM, then SIGKILL) on leaving."""
-    port = _free_port()
-    argv = [sys.executable, "-m", "paramserver", "serve", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--data-plane-port", "0", "--log-level", "error"]
-    proc = subprocess.Popen(argv)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not answer within {timeout:g} s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # --- the main process ----------------------------------------------------------------------
@@ -220,8 +163,9 @@ def train(args: argparse.Namespace, url: str) -> list[Evaluation]:
         classes=args.classes,
         clusters=args.clusters,
         spread=args.spread,
-        seed=args.seed,
+        rng=np.random.default_rng(args.seed),
     )
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
     x_test, y_test, x_train, y_train = x[:1000], y[:1000], x[1000:], y[1000:]
     model = make_model(args.dim, args.hidden, args.classes)
     history = [evaluate(model, x_test, y_test, epoch=0, iterations=0)]

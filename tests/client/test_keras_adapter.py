@@ -28,7 +28,7 @@ import pytest
 
 from paramserver import optimizers
 from paramserver.client import Async, Client
-from tests.harness.optional import installed
+from tests.harness.optional import import_or_skip
 from tests.reference import keras_2_2_4_optimizers as keras_2_2_4
 from tests.reference import numpy_graph_backend as K
 
@@ -39,11 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tf() -> Any:
-    if not installed("tensorflow"):  # under CI a missing TensorFlow fails instead
-        pytest.skip("needs tensorflow (pip install 'paramserver[tensorflow]')")
-    import tensorflow
-
-    return tensorflow
+    return import_or_skip("tensorflow")  # under CI a missing TensorFlow fails instead
 
 
 @pytest.fixture(scope="module")

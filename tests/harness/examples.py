@@ -15,7 +15,10 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def load_example(name: str) -> ModuleType:
-    """``examples/<name>.py`` imported as the module ``examples_<name>``."""
+    """``examples/<name>.py`` imported as the module ``examples_<name>``, with ``examples/``
+    on ``sys.path`` as running the script puts it (the examples import ``_common`` from it)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["IN_CI", "installed", "optional_import", "requires"]
+__all__ = ["IN_CI", "import_or_skip", "installed", "optional_import", "requires"]
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -33,6 +33,13 @@ def installed(name: str) -> bool:
 def optional_import(name: str) -> ModuleType | None:
     """``name`` imported, or None where it is not installed (not under CI)."""
     return importlib.import_module(name) if installed(name) else None
+
+
+def import_or_skip(name: str) -> ModuleType:
+    """``name`` imported; the test is skipped where it is not installed (not under CI)."""
+    if not installed(name):
+        pytest.skip(f"needs {name} (pip install 'paramserver[{_EXTRA.get(name, name)}]')")
+    return importlib.import_module(name)
 
 
 def requires(name: str) -> Any:

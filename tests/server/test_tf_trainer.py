@@ -38,7 +38,7 @@ from tests.harness.http_api import (
     put_state,
     unpackb,
 )
-from tests.harness.optional import installed
+from tests.harness.optional import import_or_skip
 
 pytestmark = pytest.mark.tensorflow
 
@@ -48,11 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tf() -> Any:
-    if not installed("tensorflow"):  # under CI a missing TensorFlow fails instead
-        pytest.skip("needs tensorflow (pip install 'paramserver[tensorflow]')")
-    import tensorflow
-
-    return tensorflow
+    return import_or_skip("tensorflow")  # under CI a missing TensorFlow fails instead
 
 
 # --- talking to the server --------------------------------------------------------------------
