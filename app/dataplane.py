@@ -38,7 +38,7 @@ import numpy as np
 from paramserver import frames, messages, wire
 from paramserver.codes import STATUS, ErrorCode, MessageError, error_body
 from paramserver.messages import base_iterations
-from paramserver.sharding import decode_sum_squares
+from paramserver.sharding import decode_round_order, decode_sum_squares
 
 from .auth import TokenTable
 from .connections import ConnectionGuard
@@ -467,11 +467,14 @@ class _Connection:
             raise _Refusal(ErrorCode.INVALID_REQUEST, "'return_weights' is a bool", close=False)
         base = header.get("base_iterations")
         squares = header.get("sum_squares")
+        order = header.get("round_order")
         try:
             if base is not None:
                 base = base_iterations(base)
             if squares is not None:
                 squares = decode_sum_squares(squares)
+            if order is not None:
+                order = decode_round_order(order)
         except MessageError as exc:
             raise _Refusal(exc.code, exc.message, close=False) from None
         grads = layout.views(body)
@@ -489,12 +492,13 @@ class _Connection:
         outcome = service.push_gradients(
             session,
             grads,
-            journal_body=lambda: messages.encode_push(grads, base, squares),
+            journal_body=lambda: messages.encode_push(grads, base, squares, order),
             idempotency_key=key,
             answer=answer,
             remember=_nothing,
             base_iterations=base,
             sum_squares=squares,
+            round_order=order,
             wait=settings.request_timeout_seconds,
         )
         if isinstance(outcome, Ticket):

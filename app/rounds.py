@@ -10,9 +10,11 @@ their connection's thread.
 The mean is the same whatever order the gradients arrive in: the rows are summed in float64
 in the order of their pushes' digests (xxh3-128 of the decoded gradients, a function of the
 set of gradients, not of their arrival; equal digests are equal gradients, whose order does
-not matter), divided by N once and rounded once to each parameter's dtype. (TensorFlow's
-``ConditionalAccumulator`` sums in float32 in arrival order, so its mean is not reproducible
-this way.)
+not matter), divided by N once and rounded once to each parameter's dtype. A shard of a
+sharded session orders by the ``round_order`` each part carries (the digest of the whole
+push, computed by the client), so every shard sums in the order the single server would.
+(TensorFlow's ``ConditionalAccumulator`` sums in float32 in arrival order, so its mean is not
+reproducible this way.)
 
 Locks: the round's own lock is held only for bookkeeping (never during a step or I/O), so a
 waiter may take it from the event loop to expire its round at the deadline. The rows are
@@ -97,8 +99,18 @@ class Entry:
     """One gradient of a round, and the pushes waiting for its outcome (a push and its retries
     with the same Idempotency-Key)."""
 
-    def __init__(self, digest: bytes, key: str | None, remember: Callable[..., bytes | None]):
+    def __init__(
+        self,
+        digest: bytes,
+        key: str | None,
+        remember: Callable[..., bytes | None],
+        *,
+        order: str | None = None,
+    ) -> None:
         self.digest = digest
+        #: What the round's sum orders this gradient by: the push's ``round_order`` (a
+        #: sharded push's whole digest) or its own digest, as hex.
+        self.order = digest.hex() if order is None else order
         self.key = key
         self.remember = remember
         self.result: RoundResult | None = None
@@ -187,7 +199,7 @@ class Round:
         rows not yet reused): rows summed in float64 in digest order, divided once, rounded
         once (identical for any arrival order)."""
         n = len(entries)
-        order = sorted(range(n), key=lambda i: entries[i].digest)
+        order = sorted(range(n), key=lambda i: entries[i].order)
         out: dict[str, np.ndarray] = {}
         for name, rows in self._rows.items():
             size = rows.shape[1]

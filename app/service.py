@@ -220,6 +220,7 @@ class SessionService:
             round_remember=lambda result: round_answer(result, return_weights),
             base_iterations=message.base_iterations,
             sum_squares=message.sum_squares,
+            round_order=message.round_order,
         )
         if isinstance(outcome, Ticket):
             return outcome
@@ -242,6 +243,7 @@ class SessionService:
         round_remember: Callable[[RoundResult], bytes | None] = lambda result: None,
         base_iterations: int | None = None,
         sum_squares: float | None = None,
+        round_order: str | None = None,
         wait: float | None = None,
     ) -> PushOutcome[T] | Ticket:
         """One step of decoded gradients, for every transport: checks, idempotency, journal.
@@ -260,7 +262,9 @@ class SessionService:
         bytes ``round_remember(result)`` keeps for a replay of the key.
 
         ``sum_squares``: the whole push's sum of squares, sent with each shard's part of a
-        sharded push; clipnorm clips with it (:func:`with_sum_squares`).
+        sharded push; clipnorm clips with it (:func:`with_sum_squares`). ``round_order``: the
+        key a sync round orders this gradient by (a sharded push's whole digest), by default
+        its own digest.
         """
         digest = None if idempotency_key is None else push_digest(grads)
         if not session.persisted.is_set():
@@ -323,6 +327,7 @@ class SessionService:
                     push_digest(grads) if digest is None else digest,
                     idempotency_key,
                     round_remember,
+                    order=round_order,
                 )
                 serial, full = current.add(entry, prepared.flat)
                 ticket = Ticket(current, entry, serial, current.deadline())

@@ -20,12 +20,12 @@ from typing import Protocol
 
 import numpy as np
 
-from paramserver.codes import ErrorCode
+from paramserver.codes import ErrorCode, MessageError
 from paramserver.constraints import Constraint, check_axes
 from paramserver.messages import SessionState
 from paramserver.optimizers import Optimizer as OptimizerConfig
 from paramserver.optimizers import TFOptimizer
-from paramserver.sharding import Shard
+from paramserver.sharding import Shard, check_parts
 from paramserver.training import Async, Sync, Training
 
 from .optim import (
@@ -261,6 +261,14 @@ def build_trainer(
     session's mode, default asynchronous; ``shard``: the part of a sharded session it is)."""
     if shard is not None:
         check_shardable(optimizer, training)
+        try:
+            check_parts(
+                shard,
+                {name: np.shape(w) for name, w in weights.items()},
+                slices=not isinstance(optimizer, TFOptimizer),
+            )
+        except MessageError as exc:
+            raise StateError(str(exc), code=exc.code) from None
     trainer = _build_trainer(
         optimizer,
         weights,

@@ -13,6 +13,8 @@
 * :class:`Client` / :class:`AsyncClient`: blocking and asyncio twins (``httpx`` underneath).
 * :class:`Session` / :class:`AsyncSession`: push, pull, info, state, load_state, delete.
 * :mod:`paramserver.optimizers`: Keras 2.2 optimizer objects, validated as the server does.
+* ``Client([url0, url1, ...])`` (:class:`ShardedClient`, and its asyncio twin): one session
+  split over several servers, with the same API (:mod:`paramserver.client.sharded`).
 * :class:`Sync` / :class:`Async`: training modes (synchronous rounds, bounded staleness).
 * :mod:`paramserver.client.keras` (tf.keras ``model.fit`` through a session) and
   :mod:`paramserver.client.torch` (a ``torch.optim.Optimizer`` over a session): the framework
@@ -49,10 +51,12 @@ from .errors import (
     InsufficientStorage,
     InternalServerError,
     InvalidRequest,
+    LayoutMismatch,
     NotFound,
     ParamServerError,
     PayloadTooLarge,
     ProtocolError,
+    PushIncomplete,
     RequestTimeout,
     RoundAborted,
     RoundFull,
@@ -61,10 +65,19 @@ from .errors import (
     ServiceUnavailable,
     SessionExists,
     SessionNotFound,
+    ShardError,
+    ShardsDiverged,
     StaleGradient,
     TransportError,
     Unauthorized,
     UnsupportedMediaType,
+)
+from .sharded import (
+    AsyncShardedClient,
+    AsyncShardedSession,
+    ShardedClient,
+    ShardedSession,
+    urls_from_env,
 )
 from .sync import Client, Session
 
@@ -75,6 +88,8 @@ __all__ = [
     "Async",
     "AsyncClient",
     "AsyncSession",
+    "AsyncShardedClient",
+    "AsyncShardedSession",
     "BadRequest",
     "Client",
     "Conflict",
@@ -84,12 +99,14 @@ __all__ = [
     "InsufficientStorage",
     "InternalServerError",
     "InvalidRequest",
+    "LayoutMismatch",
     "ListWeights",
     "NotFound",
     "Parameter",
     "ParamServerError",
     "PayloadTooLarge",
     "ProtocolError",
+    "PushIncomplete",
     "RequestTimeout",
     "RetryPolicy",
     "RoundAborted",
@@ -102,6 +119,10 @@ __all__ = [
     "SessionInfo",
     "SessionNotFound",
     "SessionState",
+    "ShardError",
+    "ShardedClient",
+    "ShardedSession",
+    "ShardsDiverged",
     "StaleGradient",
     "Sync",
     "TransportError",
@@ -109,5 +130,6 @@ __all__ = [
     "UnsupportedMediaType",
     "errors",
     "optimizers",
+    "urls_from_env",
     "wire",
 ]

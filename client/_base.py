@@ -56,6 +56,7 @@ from paramserver import training as modes
 from paramserver.codes import MessageError
 from paramserver.constraints import Constraint, decode_constraints
 from paramserver.messages import ANSWER_LIMITS, SessionState
+from paramserver.sharding import Shard, decode_shard
 from paramserver.training import Training
 
 from . import errors
@@ -302,6 +303,8 @@ class Call(Generic[T]):
             raise server_error(reply, self.describe())
         try:
             return self.parse(reply)
+        except errors.ParamServerError:
+            raise  # a parser's own verdict (LayoutMismatch is a ValueError too)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             # MalformedBody and TensorError are ValueErrors: a body we cannot read.
             raise errors.ProtocolError(
@@ -510,6 +513,8 @@ class SessionInfo:
     round: dict[str, Any] | None = None
     #: Parameter name -> its Keras 2.2.4 constraint (``paramserver.constraints``).
     constraints: dict[str, Constraint] = field(default_factory=dict)
+    #: Which shard of a sharded session this server's session is (``None``: a whole one).
+    shard: Shard | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -538,7 +543,17 @@ class SessionInfo:
             training=None if "training" not in obj else modes.decode_training(obj["training"]),
             round=dict(obj["round"]) if isinstance(obj.get("round"), dict) else None,
             constraints=_known_constraints(obj.get("constraints")),
+            shard=_shard(obj.get("shard")),
         )
+
+
+def _shard(obj: Any) -> Shard | None:
+    if obj is None:
+        return None
+    try:
+        return decode_shard(obj)
+    except MessageError as exc:
+        raise TypeError(f"not a session summary: its 'shard' is invalid: {exc}") from None
 
 
 def _known_constraints(obj: Any) -> dict[str, Constraint]:
@@ -669,6 +684,8 @@ class SessionCore(Generic[W]):
         idempotency_key: str | None,
         out: Weights | None = None,
         base_iterations: int | None = None,
+        sum_squares: float | None = None,
+        round_order: str | None = None,
     ) -> Call[tuple[int, W | None]]:
         """The push; its answer is ``(iterations, weights or None)``.
 
@@ -676,6 +693,8 @@ class SessionCore(Generic[W]):
         whose answer the server kept without weights (then the twin pulls them). With ``out``
         they are written into those arrays, which are returned. ``base_iterations`` defaults
         to the handle's for the sessions that need it (sync, and ``max_staleness``).
+        ``sum_squares`` and ``round_order``: a sharded push's part carries the whole push's
+        sum of squares (clipnorm) and digest (the order of a sync round's sum).
         """
         grads, _ = named_arrays(gradients, self.names, "gradients")
         if self._float64 and not self._warned_float64:
@@ -711,13 +730,17 @@ class SessionCore(Generic[W]):
         }
         if base_iterations is not None:
             header["base_iterations"] = base_iterations
+        if sum_squares is not None:
+            header["sum_squares"] = float(sum_squares)
+        if round_order is not None:
+            header["round_order"] = round_order
         training = self.training
         return Call(
             "POST",
             session_path(self.id, "gradients"),
             parse,
             params=None if return_weights else {"return_weights": "false"},
-            encode=lambda: messages.encode_push(grads, base_iterations),
+            encode=lambda: messages.encode_push(grads, base_iterations, sum_squares, round_order),
             idempotency_key=key,
             lean=LeanRequest(header, list(grads.values()), targets),
             parse_lean=parse_lean,
@@ -1029,13 +1052,21 @@ class ClientCore(Generic[S]):
                 )
         return Attempts(call, self.retry_policy, self._rng, deadline=deadline, timeout=timeout)
 
-    def _session_parser(self, as_list: bool, *, has_weights: bool) -> Callable[[Reply], S]:
+    def _session_parser(
+        self, as_list: bool, *, has_weights: bool, joining: bool = False
+    ) -> Callable[[Reply], S]:
         """Reads a session summary into a new session handle of the twin's type;
         ``has_weights``: the caller holds the weights of that iteration (it created the
         session from them), so they are the handle's ``base_iterations``."""
 
         def parse(reply: Reply) -> S:
             info = SessionInfo.from_json(_json(reply))
+            if joining and info.shard is not None and info.shard.count > 1:
+                raise errors.LayoutMismatch(
+                    f"session {info.session_id!r} on {self.base_url} is shard "
+                    f"{info.shard.index} of {info.shard.count} of a sharded session: use "
+                    f"Client([...]) with all {info.shard.count} servers' URLs, in shard order"
+                )
             session = self._session_type(self, info.session_id, info.names, as_list=as_list)
             session._seen(info.iterations)
             session.training = info.training
@@ -1077,7 +1108,9 @@ class ClientCore(Generic[S]):
 
     def _attach_call(self, session_id: str, *, as_list: bool) -> Call[S]:
         return Call(
-            "GET", session_path(session_id), self._session_parser(as_list, has_weights=False)
+            "GET",
+            session_path(session_id),
+            self._session_parser(as_list, has_weights=False, joining=True),
         )
 
     def _restore_call(

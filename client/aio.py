@@ -189,6 +189,14 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
 
     _session_type = AsyncSession
 
+    def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> AsyncClient:
+        # AsyncClient([url0, url1, ...]): a sharded session's servers
+        if cls is AsyncClient and isinstance(base_url, (list, tuple)):
+            from .sharded import AsyncShardedClient
+
+            return super().__new__(AsyncShardedClient)
+        return super().__new__(cls)
+
     def __init__(
         self,
         base_url: str | httpx.URL,

@@ -6,6 +6,11 @@
     ├── TransportError                  no usable answer: connect/read/write failure, timeout
     │   └── DeadlineExceeded            the call's overall deadline passed (retries included)
     ├── ProtocolError                   an answer that is not what the protocol says
+    ├── ShardError                      a sharded session's shards disagree or did not all answer
+    │   ├── PushIncomplete              some shards applied a push, others did not answer
+    │   │                               (.failed, .applied, .idempotency_key: retry with it)
+    │   ├── ShardsDiverged              the shards are at different iterations (.iterations)
+    │   └── LayoutMismatch              the servers do not hold this layout's shards
     └── ServerError                     an error answer: .status, .code, .message, .response_headers
         ├── BadRequest                  400 bad_request
         ├── Unauthorized                401 unauthorized
@@ -55,9 +60,11 @@ __all__ = [
     "InsufficientStorage",
     "InternalServerError",
     "InvalidRequest",
+    "LayoutMismatch",
     "NotFound",
     "ParamServerError",
     "PayloadTooLarge",
+    "PushIncomplete",
     "ProtocolError",
     "RequestTimeout",
     "RoundAborted",
@@ -67,6 +74,8 @@ __all__ = [
     "ServiceUnavailable",
     "SessionExists",
     "SessionNotFound",
+    "ShardError",
+    "ShardsDiverged",
     "StaleGradient",
     "TransportError",
     "Unauthorized",
@@ -107,6 +116,56 @@ class DeadlineExceeded(TransportError):
 
 class ProtocolError(ParamServerError):
     """The server answered, but not with what the protocol promises (wrong type, bad body)."""
+
+
+class ShardError(ParamServerError):
+    """A sharded session's shards (one session per server) do not agree, or did not all
+    answer one call."""
+
+
+class PushIncomplete(ShardError):
+    """A sharded push that some shards applied while others failed with a transient error
+    (down, timing out, busy). ``failed`` maps each shard index that did not apply it to its
+    error, ``applied`` lists the shards that did, ``idempotency_key`` is the push's key: push
+    the same gradients again with ``idempotency_key=`` that key, and the shards that applied
+    it replay their answer while the others apply it, once."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failed: Mapping[int, BaseException],
+        applied: list[int],
+        idempotency_key: str,
+    ) -> None:
+        super().__init__(message)
+        self.failed = dict(failed)
+        self.applied = list(applied)
+        self.idempotency_key = idempotency_key
+
+
+class ShardsDiverged(ShardError):
+    """The shards of a sharded session are not at the same iteration (one restarted from an
+    older snapshot, or a sync round applied on some shards but timed out on others), so their
+    weights are not one model's. ``iterations`` maps shard index to its iteration count
+    (``None``: that shard's error is in ``errors``). Restore the session from a state (a
+    checkpoint) to go on."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        iterations: Mapping[int, int | None],
+        errors: Mapping[int, BaseException] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.iterations = dict(iterations)
+        self.errors = dict(errors or {})
+
+
+class LayoutMismatch(ShardError, ValueError):
+    """The servers given do not hold the shards of this session's layout: another server
+    list or order, another shard count, or another model."""
 
 
 class ServerError(ParamServerError):

@@ -186,6 +186,14 @@ class Client(_base.ClientCore["Session[Any]"]):
 
     _session_type = Session
 
+    def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> Client:
+        # Client([url0, url1, ...]): a sharded session's servers (paramserver.client.sharded)
+        if cls is Client and isinstance(base_url, (list, tuple)):
+            from .sharded import ShardedClient
+
+            return super().__new__(ShardedClient)
+        return super().__new__(cls)
+
     def __init__(
         self,
         base_url: str | httpx.URL,

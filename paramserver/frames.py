@@ -75,7 +75,15 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 OPS: Mapping[str, frozenset[str]] = {
     "hello": frozenset({"version", "token"}),
     "push": frozenset(
-        {"session", "key", "return_weights", "tensors", "base_iterations", "sum_squares"}
+        {
+            "session",
+            "key",
+            "return_weights",
+            "tensors",
+            "base_iterations",
+            "sum_squares",
+            "round_order",
+        }
     ),
     "pull": frozenset({"session", "min_iterations", "wait_seconds"}),
 }

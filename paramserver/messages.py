@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import xxhash
 
 from . import constraints as weight_constraints
 from . import optimizers, wire
@@ -44,7 +45,7 @@ from . import training as modes
 from .codes import ErrorCode, MessageError
 from .constraints import Constraint, decode_constraints
 from .optimizers import InvalidOptimizerConfig, Optimizer, UnknownOptimizer
-from .sharding import Shard, decode_shard, decode_sum_squares
+from .sharding import Shard, decode_round_order, decode_shard, decode_sum_squares
 from .training import Async, Training, decode_training
 
 __all__ = [
@@ -141,6 +142,22 @@ class PushMessage:
     gradients: dict[str, np.ndarray]
     base_iterations: int | None = None
     sum_squares: float | None = None
+    #: The key a sync round orders this gradient by (a sharded push: the whole push's
+    #: :func:`push_digest`, hex); by default the push's own digest.
+    round_order: str | None = None
+
+
+def push_digest(gradients: Mapping[str, np.ndarray]) -> bytes:
+    """A 16-byte xxh3-128 digest of a decoded push: every tensor's name, dtype, shape and
+    bytes, in name order. Not a cryptographic hash: it tells a retry from another push of the
+    same client, which chose the key (~0.06 ms for 4 MB), and orders a sync round's sum."""
+    digest = xxhash.xxh3_128()
+    for name in sorted(gradients):
+        array = np.ascontiguousarray(gradients[name])
+        digest.update(f"{len(name)}:{name}|{array.dtype.str}|{array.shape}|".encode())
+        if array.size:
+            digest.update(array.reshape(-1).view(np.uint8).data)
+    return digest.digest()
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -269,7 +286,7 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     obj = _top_level(
         _load(body, "msgpack", limits),
         required=frozenset({"gradients"}),
-        optional=frozenset({"base_iterations", "sum_squares"}),
+        optional=frozenset({"base_iterations", "sum_squares", "round_order"}),
     )
     base = obj.get("base_iterations")
     if base is not None:
@@ -277,8 +294,11 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     squares = obj.get("sum_squares")
     if squares is not None:
         squares = decode_sum_squares(squares)
+    order = obj.get("round_order")
+    if order is not None:
+        order = decode_round_order(order)
     gradients = _tensors(obj["gradients"], field="gradients", limits=limits)
-    return PushMessage(gradients, base, squares)
+    return PushMessage(gradients, base, squares, order)
 
 
 def decode_push(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
@@ -448,12 +468,15 @@ def encode_push(
     gradients: Mapping[str, Any],
     base_iterations: int | None = None,
     sum_squares: float | None = None,
+    round_order: str | None = None,
 ) -> bytes:
     message: dict[str, Any] = {"gradients": arrays(gradients, "gradients")}
     if base_iterations is not None:
         message["base_iterations"] = base_iterations
     if sum_squares is not None:
         message["sum_squares"] = float(sum_squares)
+    if round_order is not None:
+        message["round_order"] = round_order
     return wire.pack(message)
 
 

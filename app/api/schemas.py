@@ -123,6 +123,16 @@ class ConstraintSpec(BaseModel):
     )
 
 
+class ShardPart(BaseModel):
+    """One parameter of a shard's session, as a piece of the model."""
+
+    source: str = Field(description="The model's parameter this is (or a slice of).")
+    position: int = Field(ge=0, description="That parameter's index in the model's order.")
+    rows: list[int] | None = Field(
+        None, min_length=2, max_length=2, description="[start, stop): rows of a split tensor."
+    )
+
+
 class ShardSpec(BaseModel):
     """Which part of a sharded session a session is (``paramserver.sharding``)."""
 
@@ -131,6 +141,13 @@ class ShardSpec(BaseModel):
     layout: str = Field(
         pattern="^[0-9a-f]{8,128}$",
         description="The hash of the partition the client computed (8-128 hex digits).",
+    )
+    parts: dict[str, ShardPart] | None = Field(
+        None,
+        description="What each of this session's parameters is, in their order: the model's "
+        "parameter 'source' (its 'position' in the model) whole, or its rows [start, stop). "
+        "Lets a client joining by id rebuild the model; a slice's rows must match its "
+        "parameter's first axis, and a TFOptimizer session's tensors stay whole.",
     )
 
 

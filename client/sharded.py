@@ -1,0 +1,1085 @@
+"""Sharded sessions: one session split over several servers, with the API of one.
+
+::
+
+    from paramserver.client import Client
+
+    with Client(["http://ps-0:8000", "http://ps-1:8000", "http://ps-2:8000"]) as client:
+        session = client.create_session(model.get_weights(), "adam")
+        weights = session.push(gradients)      # every shard's part, in parallel
+
+``Client(urls)`` (a list or tuple of URLs, in shard order) makes a :class:`ShardedClient`,
+``AsyncClient(urls)`` an :class:`AsyncShardedClient`. Each server holds one ordinary session
+with the session's id and a part of its parameters; the client owns the partition
+(:func:`paramserver.sharding.partition`: whole tensors placed to balance bytes, tensors
+larger than ``slice_bytes`` split along axis 0) and the servers never talk to each other.
+
+What makes the result the single server's, bit for bit: each part of a push carries the whole
+push's sum of squares when the optimizer clips with ``clipnorm`` (computed in numpy as the
+server's numba kernel does) and the whole push's digest, which a sync round orders its sum
+by. A push goes to every shard at once with one Idempotency-Key; a shard that stays down
+raises :class:`~paramserver.client.errors.PushIncomplete` (retry with its key: the shards
+that applied it replay their answer). Pulls, summaries and state exports check that every
+shard is at the same iteration (:class:`~paramserver.client.errors.ShardsDiverged`), and
+joining a session by id checks that the servers hold the shards of one layout, in order
+(:class:`~paramserver.client.errors.LayoutMismatch`).
+
+The operations are written once, as plans (generators that yield the calls to send to the
+shards and receive their outcomes); the blocking twin sends them from a thread pool, the
+asyncio twin with ``asyncio.gather``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import Generator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import httpx
+import numpy as np
+
+from paramserver import optimizers, wire
+from paramserver import training as modes
+from paramserver.constraints import Constraint
+from paramserver.constraints import get as get_constraint
+from paramserver.messages import SessionState, encode_create, push_digest
+from paramserver.reductions import push_sum_squares
+from paramserver.sharding import (
+    DEFAULT_SLICE_BYTES,
+    Layout,
+    LayoutError,
+    Shard,
+    layout_of_shards,
+    partition,
+)
+
+from . import _base, errors
+from ._base import (
+    Call,
+    OptimizerLike,
+    Parameter,
+    Reply,
+    Safety,
+    SessionCore,
+    SessionInfo,
+    TrainingLike,
+    Weights,
+    named_arrays,
+    session_path,
+    shape_weights,
+)
+from .aio import AsyncClient, AsyncSession
+from .sync import Client, Session
+
+__all__ = [
+    "URLS_ENV",
+    "AsyncShardedClient",
+    "AsyncShardedSession",
+    "ShardedClient",
+    "ShardedSession",
+    "urls_from_env",
+]
+
+T = TypeVar("T")
+
+#: The environment variable that lists a sharded session's servers, in shard order.
+URLS_ENV = "PARAMSERVER_URLS"
+
+
+def urls_from_env(name: str = URLS_ENV) -> list[str]:
+    """The server URLs in ``$PARAMSERVER_URLS`` (comma- or space-separated, in shard order):
+    ``Client(urls_from_env())``. ValueError if it is unset or empty."""
+    urls = [u for u in os.environ.get(name, "").replace(",", " ").split() if u]
+    if not urls:
+        raise ValueError(f"${name} is empty: set it to the servers' URLs, in shard order")
+    return urls
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one shard's call gave: its value, or the exception it raised."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+#: A plan: yields ``[(shard index, call), ...]``, receives their outcomes, returns the result.
+Plan = Generator[list[tuple[int, Call[Any]]], list[Outcome], T]
+
+#: Errors after which a shard has not applied a push and a retry with its key may: it is
+#: down, slow or busy.
+_TRANSIENT = (errors.TransportError, errors.RequestTimeout)
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, (errors.RoundTimeout, errors.RoundFull)):
+        return False
+    return isinstance(exc, _TRANSIENT) or isinstance(exc, errors.ServiceUnavailable)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+# --- what is the same for both twins -------------------------------------------------------
+
+
+def model_of(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(name, wire.dtype_name(a.dtype, name), tuple(a.shape)) for name, a in arrays.items()]
+
+
+def layout_for(
+    model: Sequence[tuple[str, str, tuple[int, ...]]],
+    optimizer: optimizers.Optimizer,
+    constraints: Mapping[str, Constraint],
+    count: int,
+    slice_bytes: int,
+) -> Layout:
+    """The partition of a session: tensors with a norm-based constraint stay whole (their
+    norms span the rows), and so does every tensor of a TFOptimizer session (TensorFlow's
+    optimizers may compute per-variable norms: its clipnorm, Adafactor, LAMB)."""
+    try:
+        return partition(
+            model,
+            count,
+            slice_bytes=slice_bytes,
+            whole=[name for name, c in constraints.items() if c.norm_based],
+            split=not isinstance(optimizer, optimizers.TFOptimizer),
+        )
+    except LayoutError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _split_constraints(
+    layout: Layout, constraints: Mapping[str, Constraint]
+) -> list[dict[str, Constraint]]:
+    out: list[dict[str, Constraint]] = [{} for _ in range(layout.count)]
+    for piece in layout.pieces:
+        if piece.source in constraints:  # whole (norm-based) or elementwise on each slice
+            out[piece.shard][piece.name] = constraints[piece.source]
+    return out
+
+
+def _join_constraints(
+    layout: Layout, per_shard: Sequence[Mapping[str, Constraint]]
+) -> dict[str, Constraint]:
+    out: dict[str, Constraint] = {}
+    for piece in layout.pieces:
+        found = per_shard[piece.shard].get(piece.name)
+        if found is not None:
+            out[piece.source] = found
+    return out
+
+
+def _shard_of(info: SessionInfo, index: int, url: str) -> Shard:
+    if info.shard is None:
+        raise errors.LayoutMismatch(
+            f"server {index} ({url}) holds an ordinary session {info.session_id!r}, not a "
+            "shard of a sharded session"
+        )
+    return info.shard
+
+
+def _layout_of(infos: Sequence[SessionInfo], urls: Sequence[str]) -> Layout:
+    shards = []
+    for index, info in enumerate(infos):
+        shard = _shard_of(info, index, urls[index])
+        shards.append((shard, {n: (p.dtype, p.shape) for n, p in info.parameters.items()}))
+    try:
+        return layout_of_shards(shards)
+    except LayoutError as exc:
+        raise errors.LayoutMismatch(f"session {infos[0].session_id!r}: {exc}") from None
+
+
+def _merged_info(layout: Layout, infos: Sequence[SessionInfo]) -> SessionInfo:
+    """One summary of the whole session from its shards' (which agree on the iteration)."""
+    first = infos[0]
+    created = [i.created_at for i in infos if i.created_at is not None]
+    updated = [i.updated_at for i in infos if i.updated_at is not None]
+    return SessionInfo(
+        session_id=first.session_id,
+        optimizer=first.optimizer,
+        iterations=first.iterations,
+        parameters={name: Parameter(dtype, shape) for name, dtype, shape in layout.model},
+        created_at=min(created) if created else None,
+        updated_at=max(updated) if updated else None,
+        refuse_non_finite=first.refuse_non_finite,
+        training=first.training,
+        round=first.round,
+        constraints=_join_constraints(layout, [i.constraints for i in infos]),
+        shard=None,
+    )
+
+
+def _same_iterations(what: str, session_id: str, iterations: Sequence[int]) -> None:
+    if len(set(iterations)) > 1:
+        listed = ", ".join(f"shard {i}: {n}" for i, n in enumerate(iterations))
+        raise errors.ShardsDiverged(
+            f"{what}: the shards of session {session_id!r} are at different iterations "
+            f"({listed}); their weights are not one model's (a shard restarted from an older "
+            "snapshot?). Load a state into the session to go on",
+            iterations=dict(enumerate(iterations)),
+        )
+
+
+def _values(outcomes: Sequence[Outcome]) -> list[Any]:
+    """Every outcome's value; the first error (by shard index) is raised."""
+    for outcome in outcomes:
+        if outcome.error is not None:
+            raise outcome.error
+    return [outcome.value for outcome in outcomes]
+
+
+class _ShardedCore:
+    """The sharded session's data and its plans, for both twins."""
+
+    _subs: list[SessionCore[Any]]
+    layout: Layout
+    id: str
+    names: tuple[str, ...]
+    as_list: bool
+    last_iterations: int | None
+    base_iterations: int | None
+    training: modes.Training | None
+
+    def _setup(
+        self,
+        client: Any,
+        session_id: str,
+        layout: Layout,
+        infos: Sequence[SessionInfo],
+        *,
+        as_list: bool,
+        has_weights: bool,
+    ) -> None:
+        SessionCore.__init__(cast(Any, self), client, session_id, layout.names, as_list=as_list)
+        self.layout = layout
+        self._optimizer = optimizers.get(infos[0].optimizer)
+        self._subs = []
+        for index, info in enumerate(infos):
+            sub_client = client._clients[index]
+            sub = sub_client._session_type(
+                sub_client, session_id, [p.name for p in layout.on(index)], as_list=False
+            )
+            sub.training = info.training
+            sub._seen(info.iterations)
+            sub._warned_float64 = True  # the sharded session warns, once
+            if has_weights:
+                sub.base_iterations = info.iterations
+            self._subs.append(sub)
+        self.training = infos[0].training
+        cast(Any, self)._float64 = {n for n, d, _ in layout.model if d == "float64"}
+        self._seen_all([i.iterations for i in infos], has_weights=has_weights)
+
+    def _seen_all(self, iterations: Sequence[int], *, has_weights: bool) -> None:
+        self.last_iterations = min(iterations)
+        if has_weights:
+            self.base_iterations = min(iterations)
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(c.base_url) for c in cast(Any, self)._client._clients]
+
+    # --- push ---
+
+    def _gradients(self, gradients: Weights) -> dict[str, np.ndarray]:
+        grads, _ = named_arrays(gradients, self.names, "gradients")
+        shapes = {name: shape for name, _, shape in self.layout.model}
+        unknown = [n for n in grads if n not in shapes]
+        if unknown:
+            raise ValueError(
+                f"gradients for parameters the session does not have: {unknown[:5]} "
+                f"(it has {list(shapes)[:5]}...)"[:300]
+            )
+        missing = [n for n in shapes if n not in grads]
+        if missing:
+            raise ValueError(
+                f"a sharded push needs every parameter's gradient; missing {missing[:5]}"
+            )
+        for name, g in grads.items():
+            if tuple(g.shape) != shapes[name]:
+                raise ValueError(
+                    f"gradients[{name!r}] has shape {list(g.shape)}; the parameter has "
+                    f"{list(shapes[name])}"
+                )
+        return grads
+
+    def _extras(self, grads: Mapping[str, np.ndarray]) -> tuple[float | None, str | None]:
+        """The whole push's sum of squares (clipnorm, asynchronous, Keras optimizers) and
+        its digest (the order of a sync round's sum)."""
+        squares = None
+        sync = isinstance(self.training, modes.Sync)
+        clipnorm = self._optimizer.get_config().get("clipnorm")
+        if (
+            clipnorm is not None
+            and not sync
+            and not isinstance(self._optimizer, optimizers.TFOptimizer)
+        ):
+            dtypes = {name: dtype for name, dtype, _ in self.layout.model}
+            squares = push_sum_squares(
+                np.asarray(grads[name], wire.TENSOR_DTYPES[dtypes[name]]) for name in self.names
+            )
+        order = push_digest(grads).hex() if sync else None
+        return squares, order
+
+    def _targets_by_name(self, out: Weights | None) -> dict[str, np.ndarray] | None:
+        return cast(Any, self)._targets(out)
+
+    def _push_plan(
+        self,
+        gradients: Weights,
+        *,
+        return_weights: bool,
+        idempotency_key: str | None,
+        out: Weights | None,
+        base_iterations: int | None,
+    ) -> Plan[tuple[int, Any]]:
+        grads = self._gradients(gradients)
+        cast(Any, self)._warn_float64(grads) if not cast(Any, self)._warned_float64 else None
+        targets = self._targets_by_name(out)
+        key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
+        if base_iterations is None and self.training is not None and self.training.needs_base:
+            base_iterations = self.base_iterations
+        squares, order = self._extras(grads)
+        parts = self.layout.split(grads)
+        out_parts = self.layout.split(targets) if targets is not None else None
+        calls = [
+            (
+                i,
+                sub._push_call(
+                    parts[i],
+                    return_weights=return_weights,
+                    idempotency_key=key,
+                    out=None if out_parts is None else out_parts[i],
+                    base_iterations=base_iterations,
+                    sum_squares=squares,
+                    round_order=order,
+                ),
+            )
+            for i, sub in enumerate(self._subs)
+        ]
+        outcomes = yield calls
+        failed = {i: o.error for i, o in enumerate(outcomes) if o.error is not None}
+        applied = [i for i, o in enumerate(outcomes) if o.error is None]
+        if failed:
+            if not applied:
+                raise next(iter(failed.values()))
+            listed = "; ".join(
+                f"shard {i} ({self.urls[i]}): {_describe(e)}" for i, e in failed.items()
+            )
+            if all(_transient(e) for e in failed.values()):
+                raise errors.PushIncomplete(
+                    f"push {key} to session {self.id!r}: shards {applied} applied it, "
+                    f"{sorted(failed)} did not answer ({listed}); push the same gradients "
+                    f"again with idempotency_key={key!r} to complete it",
+                    failed=failed,
+                    applied=applied,
+                    idempotency_key=key,
+                )
+            raise errors.ShardsDiverged(
+                f"push {key} to session {self.id!r}: shards {applied} applied it, "
+                f"{sorted(failed)} refused it ({listed}); the shards no longer hold one "
+                "model's weights: load a state into the session to go on",
+                iterations={
+                    i: (None if o.error is not None else o.value[0]) for i, o in enumerate(outcomes)
+                },
+                errors=failed,
+            )
+        iterations = [o.value[0] for o in outcomes]
+        if isinstance(self.training, modes.Sync):
+            _same_iterations(f"push {key}", self.id, iterations)
+        for sub in self._subs:
+            sub.base_iterations = sub.last_iterations
+        weights = [o.value[1] for o in outcomes]
+        self.last_iterations = min(iterations)
+        if not return_weights:
+            return min(iterations), None
+        if any(w is None for w in weights):
+            return min(iterations), None  # a replay kept without weights: the twin pulls
+        self.base_iterations = min(iterations)
+        joined = self.layout.join(weights, out=targets)
+        if out is not None and targets is not None:
+            for name, target in targets.items():
+                if joined[name] is not target:
+                    np.copyto(target, joined[name], casting="same_kind")
+            return min(iterations), out
+        return min(iterations), shape_weights(joined, self.names, self.as_list)
+
+    # --- pull ---
+
+    def _pull_plan(
+        self,
+        out: Weights | None,
+        *,
+        min_iterations: int | None,
+        wait: float | None,
+        catch_up: float,
+    ) -> Plan[Any]:
+        targets = self._targets_by_name(out)
+        out_parts = self.layout.split(targets) if targets is not None else None
+        wanted: list[int | None] = [min_iterations] * len(self._subs)
+        waits: list[float | None] = [wait] * len(self._subs)
+        answers: list[Any] = [None] * len(self._subs)
+        got: list[int] = [-1] * len(self._subs)
+        pending = list(range(len(self._subs)))
+        for _ in range(8):
+            calls = [
+                (
+                    i,
+                    self._subs[i]._pull_call(
+                        None if out_parts is None else out_parts[i],
+                        min_iterations=wanted[i],
+                        wait=waits[i],
+                    ),
+                )
+                for i in pending
+            ]
+            outcomes = yield calls
+            for (i, _), value in zip(calls, _values(outcomes), strict=True):
+                answers[i] = value
+                got[i] = self._subs[i].last_iterations or 0
+            top = max(got)
+            pending = [i for i, n in enumerate(got) if n < top]
+            if not pending:
+                break
+            # A shard behind the others may be applying a push they have applied already:
+            # ask it again, answering once it reaches them (or after catch_up seconds).
+            for i in pending:
+                wanted[i], waits[i] = top, catch_up
+        else:
+            pending = []
+        _same_iterations("pull", self.id, got)
+        self._seen_all(got, has_weights=True)
+        joined = self.layout.join(answers, out=targets)
+        if out is not None and targets is not None:
+            for name, target in targets.items():
+                if joined[name] is not target:
+                    np.copyto(target, joined[name], casting="same_kind")
+            return out
+        return shape_weights(joined, self.names, self.as_list)
+
+    # --- summaries, states, delete ---
+
+    def _info_plan(self) -> Plan[SessionInfo]:
+        outcomes = yield [(i, sub._info_call()) for i, sub in enumerate(self._subs)]
+        infos = _values(outcomes)
+        layout = _layout_of(infos, self.urls)
+        if layout.digest != self.layout.digest:
+            raise errors.LayoutMismatch(
+                f"session {self.id!r} now has layout {layout.digest}, this handle "
+                f"{self.layout.digest}: its state was replaced; join it again"
+            )
+        _same_iterations("info", self.id, [i.iterations for i in infos])
+        self.training = infos[0].training
+        self.last_iterations = infos[0].iterations
+        return _merged_info(layout, infos)
+
+    def _state_plan(self) -> Plan[SessionState]:
+        outcomes = yield [(i, sub._state_call()) for i, sub in enumerate(self._subs)]
+        states: list[SessionState] = _values(outcomes)
+        _same_iterations("state", self.id, [s.iterations for s in states])
+        scalars = [s.scalars for s in states]
+        if any(s != scalars[0] for s in scalars):
+            raise errors.ShardsDiverged(
+                f"state: the shards of session {self.id!r} hold different scalar state "
+                f"({scalars[:3]}...)"[:300],
+                iterations={i: s.iterations for i, s in enumerate(states)},
+            )
+        first = states[0]
+        slots: dict[str, dict[str, np.ndarray]] = {}
+        for slot in first.slots:
+            per = [s.slots.get(slot, {}) for s in states]
+            slots[slot] = self._join_slot(slot, per)
+        self.last_iterations = first.iterations
+        return SessionState(
+            iterations=first.iterations,
+            optimizer=first.optimizer,
+            weights=self.layout.join([s.weights for s in states]),
+            slots=slots,
+            scalars=dict(first.scalars),
+            refuse_non_finite=first.refuse_non_finite,
+            training=first.training,
+            constraints=_join_constraints(self.layout, [s.constraints for s in states]),
+        )
+
+    def _join_slot(
+        self, slot: str, per: Sequence[Mapping[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        by_source: dict[str, list[tuple[Any, np.ndarray]]] = {}
+        for piece in self.layout.pieces:
+            value = per[piece.shard].get(piece.name)
+            if value is None:
+                continue
+            if piece.rows is None:
+                out[piece.source] = value
+            else:
+                if tuple(value.shape) != piece.shape:
+                    raise errors.ProtocolError(
+                        f"slot {slot!r} of {piece.name!r} has shape {list(value.shape)}, not "
+                        f"the slice's {list(piece.shape)}: it cannot be joined"
+                    )
+                by_source.setdefault(piece.source, []).append((piece, value))
+        shapes = {name: shape for name, _, shape in self.layout.model}
+        for source, pieces in by_source.items():
+            joined = np.empty(shapes[source], pieces[0][1].dtype)
+            for piece, value in pieces:
+                joined[piece.rows[0] : piece.rows[1]] = value
+            out[source] = joined
+        return {name: out[name] for name in self.names if name in out}
+
+    def _load_state_plan(self, state: SessionState) -> Plan[SessionInfo]:
+        client = cast(Any, self)._client
+        layout, calls = client._state_calls(state, self.id, as_list=self.as_list)
+        outcomes = yield calls
+        infos = _values(outcomes)
+        self._setup(client, self.id, layout, infos, as_list=self.as_list, has_weights=True)
+        return _merged_info(layout, infos)
+
+    def _delete_plan(self, *, missing_ok: bool) -> Plan[None]:
+        def status(reply: Reply) -> int:
+            if reply.status == 404:
+                error = _base.server_error(reply, f"DELETE {session_path(self.id)}")
+                if not isinstance(error, errors.SessionNotFound):
+                    raise error
+            return reply.status
+
+        call: Call[int] = Call(
+            "DELETE", session_path(self.id), status, expect=frozenset({204, 404})
+        )
+        outcomes = yield [(i, call) for i in range(len(self._subs))]
+        statuses = _values(outcomes)
+        if not missing_ok and all(s == 404 for s in statuses):
+            raise errors.SessionNotFound(
+                f"no session {self.id!r} on any shard", status=404, code="session_not_found"
+            )
+
+
+class _ShardedClientCore:
+    """A sharded client's shard clients and its plans."""
+
+    _clients: list[Any]
+
+    def _check_urls(self, urls: Any) -> list[str]:
+        if isinstance(urls, (str, httpx.URL)) or not isinstance(urls, (list, tuple)):
+            raise TypeError(f"a sharded client takes a list of URLs, got {urls!r}"[:200])
+        urls = [str(u) for u in urls]
+        if not urls:
+            raise ValueError("a sharded client needs at least one URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"the same server twice in {urls}: each shard needs its own")
+        return urls
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(c.base_url) for c in self._clients]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.urls!r}>"
+
+    def _new_session(
+        self,
+        session_id: str,
+        layout: Layout,
+        infos: Sequence[SessionInfo],
+        *,
+        as_list: bool,
+        has_weights: bool,
+    ) -> Any:
+        session = object.__new__(cast(Any, self)._sharded_session_type)
+        session._setup(self, session_id, layout, infos, as_list=as_list, has_weights=has_weights)
+        return session
+
+    def _create_plan(
+        self,
+        weights: Weights,
+        optimizer: OptimizerLike,
+        session_id: str | None,
+        *,
+        refuse_non_finite: bool,
+        training: modes.Training,
+        constraints: Mapping[str, Any] | None,
+        slice_bytes: int,
+    ) -> Plan[Any]:
+        arrays, as_list = named_arrays(weights, None, "weights")
+        opt = optimizers.get(optimizer)
+        given = {name: get_constraint(c) for name, c in (constraints or {}).items()}
+        layout = layout_for(model_of(arrays), opt, given, len(self._clients), slice_bytes)
+        session_id = uuid.uuid4().hex if session_id is None else session_id
+        parts = layout.split(arrays)
+        per_constraints = _split_constraints(layout, given)
+        calls = []
+        for i in range(layout.count):
+            body = encode_create(
+                opt,
+                parts[i],
+                session_id,
+                refuse_non_finite=refuse_non_finite,
+                training=training,
+                constraints=per_constraints[i],
+                shard=layout.shard(i),
+            )
+            call = Call(
+                "POST",
+                "/sessions",
+                _summary,
+                safety=Safety.UNSENT_ONLY,
+                expect=frozenset({201}),
+                body=body,
+            )
+            calls.append((i, call))
+        outcomes = yield calls
+        failed = [o.error for o in outcomes if o.error is not None]
+        if failed:
+            created = [i for i, o in enumerate(outcomes) if o.error is None]
+            if created:  # leave no half-made session behind
+                cleanup: Call[None] = Call(
+                    "DELETE", session_path(session_id), lambda r: None, expect=frozenset({204, 404})
+                )
+                yield [(i, cleanup) for i in created]
+            raise failed[0]
+        infos = [o.value for o in outcomes]
+        return self._new_session(session_id, layout, infos, as_list=as_list, has_weights=True)
+
+    def _attach_plan(self, session_id: str, *, as_list: bool) -> Plan[Any]:
+        call = Call("GET", session_path(session_id), _summary)
+        outcomes = yield [(i, call) for i in range(len(self._clients))]
+        missing = [i for i, o in enumerate(outcomes) if isinstance(o.error, errors.SessionNotFound)]
+        if missing and len(missing) < len(outcomes):
+            raise errors.LayoutMismatch(
+                f"session {session_id!r} is on some servers but not on {missing} "
+                f"({[self.urls[i] for i in missing]}): another server list, or a shard lost "
+                "its session"
+            )
+        infos = _values(outcomes)
+        layout = _layout_of(infos, self.urls)
+        return self._new_session(session_id, layout, infos, as_list=as_list, has_weights=False)
+
+    def _state_calls(
+        self, state: SessionState, session_id: str, *, as_list: bool
+    ) -> tuple[Layout, list[tuple[int, Call[Any]]]]:
+        if not isinstance(state, SessionState):
+            raise TypeError(
+                f"state must be a SessionState (from session.state()), got {type(state).__name__}"
+            )
+        opt = optimizers.get(state.optimizer)
+        arrays = {name: np.asarray(w) for name, w in state.weights.items()}
+        layout = layout_for(
+            model_of(arrays), opt, state.constraints, len(self._clients), DEFAULT_SLICE_BYTES
+        )
+        weights = layout.split(arrays)
+        slots = {slot: layout.split(per) for slot, per in state.slots.items()}
+        per_constraints = _split_constraints(layout, state.constraints)
+        calls = []
+        for i in range(layout.count):
+            part = SessionState(
+                iterations=state.iterations,
+                optimizer=state.optimizer,
+                weights=weights[i],
+                slots={slot: per[i] for slot, per in slots.items() if per[i]},
+                scalars=dict(state.scalars),
+                refuse_non_finite=state.refuse_non_finite,
+                training=state.training,
+                constraints=per_constraints[i],
+                shard=layout.shard(i),
+            )
+            calls.append((i, _base.load_state_call(session_id, part, _summary)))
+        return layout, calls
+
+    def _restore_plan(
+        self, state: SessionState, session_id: str | None, *, as_list: bool
+    ) -> Plan[Any]:
+        session_id = uuid.uuid4().hex if session_id is None else session_id
+        layout, calls = self._state_calls(state, session_id, as_list=as_list)
+        outcomes = yield calls
+        infos = _values(outcomes)
+        return self._new_session(session_id, layout, infos, as_list=as_list, has_weights=True)
+
+    def _list_plan(self) -> Plan[list[SessionInfo]]:
+        outcomes = yield [(i, c._list_call()) for i, c in enumerate(self._clients)]
+        lists: list[list[SessionInfo]] = _values(outcomes)
+        by_id = [{info.session_id: info for info in found} for found in lists]
+        out = []
+        for info in lists[0]:
+            infos = [found.get(info.session_id) for found in by_id]
+            if any(i is None for i in infos):
+                continue
+            complete = cast(list[SessionInfo], infos)
+            try:
+                layout = _layout_of(complete, self.urls)
+            except errors.LayoutMismatch:
+                continue
+            if len({i.iterations for i in complete}) == 1:
+                out.append(_merged_info(layout, complete))
+        return out
+
+    def _health_plan(self) -> Plan[dict[str, Any]]:
+        outcomes = yield [(i, c._health_call()) for i, c in enumerate(self._clients)]
+        shards = []
+        for url, outcome in zip(self.urls, outcomes, strict=True):
+            if outcome.error is None:
+                shards.append({"url": url, **outcome.value})
+            else:
+                shards.append(
+                    {"url": url, "status": "unreachable", "error": _describe(outcome.error)}
+                )
+        ok = all(s.get("status") == "ok" for s in shards)
+        return {"status": "ok" if ok else "degraded", "shards": shards}
+
+
+def _summary(reply: Reply) -> SessionInfo:
+    return SessionInfo.from_json(json.loads(reply.body))
+
+
+# --- the blocking twin ---------------------------------------------------------------------
+
+
+class ShardedSession(_ShardedCore, Session[Any]):
+    """A session split over several servers, with :class:`~paramserver.client.Session`'s
+    API. ``layout`` is its partition (:class:`paramserver.sharding.Layout`); ``urls`` the
+    servers, in shard order."""
+
+    _client: ShardedClient
+
+    def __repr__(self) -> str:
+        return (
+            f"<ShardedSession {self.id!r}: {len(self.names)} parameters over "
+            f"{self.layout.count} shards>"
+        )
+
+    def push(  # type: ignore[override]
+        self,
+        gradients: Weights,
+        *,
+        return_weights: bool = True,
+        idempotency_key: str | None = None,
+        out: Weights | None = None,
+        base_iterations: int | None = None,
+    ) -> Any:
+        """One step on every shard (see :meth:`Session.push`); a shard that stays down
+        raises ``PushIncomplete`` (push again with its ``idempotency_key``)."""
+        iterations, weights = self._client._drive(
+            self._push_plan(
+                gradients,
+                return_weights=return_weights,
+                idempotency_key=idempotency_key,
+                out=out,
+                base_iterations=base_iterations,
+            )
+        )
+        if not return_weights:
+            return iterations
+        if weights is None:
+            return self.pull(out=out)
+        return weights
+
+    def pull(
+        self,
+        *,
+        out: Weights | None = None,
+        min_iterations: int | None = None,
+        wait: float | None = None,
+    ) -> Any:
+        """Every shard's weights, checked to be of one iteration (``ShardsDiverged`` if a
+        shard stays behind the others for ``catch_up_seconds``)."""
+        return self._client._drive(
+            self._pull_plan(
+                out,
+                min_iterations=min_iterations,
+                wait=wait,
+                catch_up=self._client.catch_up_seconds,
+            )
+        )
+
+    def info(self) -> SessionInfo:
+        return self._client._drive(self._info_plan())
+
+    def state(self) -> SessionState:
+        """The whole session's state, as one server would export it (it loads into a
+        sharded session of any shard count, or into one server)."""
+        return self._client._drive(self._state_plan())
+
+    def load_state(self, state: SessionState) -> SessionInfo:
+        return self._client._drive(self._load_state_plan(state))
+
+    def delete(self, *, missing_ok: bool = False) -> None:
+        self._client._drive(self._delete_plan(missing_ok=missing_ok))
+
+
+class ShardedClient(_ShardedClientCore, Client):
+    """A blocking client of a sharded session's servers: ``Client([url0, url1, ...])``.
+
+    Takes :class:`~paramserver.client.Client`'s options (each shard gets a client of its own
+    with them) and ``slice_bytes`` (tensors larger than this are split over the shards,
+    default 4 MiB) and ``catch_up_seconds`` (how long a pull waits for a shard behind the
+    others before ``ShardsDiverged``, default 5 s)."""
+
+    _sharded_session_type = ShardedSession
+
+    def __init__(
+        self,
+        base_url: Sequence[str | httpx.URL],
+        *,
+        slice_bytes: int = DEFAULT_SLICE_BYTES,
+        catch_up_seconds: float = 5.0,
+        **options: Any,
+    ) -> None:
+        urls = self._check_urls(base_url)
+        self._clients = [Client(url, **options) for url in urls]
+        self.slice_bytes = slice_bytes
+        self.catch_up_seconds = float(catch_up_seconds)
+        self._pool = ThreadPoolExecutor(256, thread_name_prefix="paramserver-shard")
+        self.base_url = self._clients[0].base_url
+
+    def __enter__(self) -> ShardedClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._pool.shutdown(wait=False)
+
+    @property
+    def closed(self) -> bool:
+        return all(c.closed for c in self._clients)
+
+    def _fan_out(self, calls: list[tuple[int, Call[Any]]]) -> list[Outcome]:
+        def run(index: int, call: Call[Any]) -> Outcome:
+            try:
+                return Outcome(self._clients[index]._run(call))
+            except Exception as exc:
+                return Outcome(error=exc)
+
+        if len(calls) == 1:
+            return [run(*calls[0])]
+        # The first shard's call runs in the calling thread, the others in the pool. The
+        # pool is wide (its threads start only when needed): a sync push holds its threads
+        # until the round is applied, and threads sharing this client push at once.
+        futures = [self._pool.submit(run, i, call) for i, call in calls[1:]]
+        first = run(*calls[0])
+        return [first, *(f.result() for f in futures)]
+
+    def _drive(self, plan: Plan[T]) -> T:
+        try:
+            calls = next(plan)
+            while True:
+                calls = plan.send(self._fan_out(calls))
+        except StopIteration as stop:
+            return cast(T, stop.value)
+
+    def create_session(  # type: ignore[override]
+        self,
+        weights: Weights,
+        optimizer: OptimizerLike,
+        session_id: str | None = None,
+        *,
+        refuse_non_finite: bool = False,
+        training: TrainingLike | None = None,
+        constraints: Mapping[str, Any] | None = None,
+        **training_options: Any,
+    ) -> ShardedSession:
+        """Create the session on every shard, each with its part of ``weights`` (see
+        :meth:`Client.create_session`); if a shard refuses, the others' parts are deleted."""
+        return self._drive(
+            self._create_plan(
+                weights,
+                optimizer,
+                session_id,
+                refuse_non_finite=refuse_non_finite,
+                training=_base.training_of(training, training_options),
+                constraints=constraints,
+                slice_bytes=self.slice_bytes,
+            )
+        )
+
+    def session(self, session_id: str, *, as_list: bool = False) -> ShardedSession:  # type: ignore[override]
+        """Join a sharded session by id: the servers must hold its shards, in this order."""
+        return self._drive(self._attach_plan(session_id, as_list=as_list))
+
+    def restore_session(  # type: ignore[override]
+        self, state: SessionState, session_id: str | None = None, *, as_list: bool = False
+    ) -> ShardedSession:
+        """Create (or replace) a sharded session from a state (from any shard count)."""
+        return self._drive(self._restore_plan(state, session_id, as_list=as_list))
+
+    def sessions(self) -> list[SessionInfo]:
+        """The sharded sessions whose every shard answers, one summary each."""
+        return self._drive(self._list_plan())
+
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ok" | "degraded", "shards": [each server's /health]}``."""
+        return self._drive(self._health_plan())
+
+
+# --- the asyncio twin ----------------------------------------------------------------------
+
+
+class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
+    """The asyncio twin of :class:`ShardedSession`."""
+
+    _client: AsyncShardedClient
+
+    def __repr__(self) -> str:
+        return (
+            f"<AsyncShardedSession {self.id!r}: {len(self.names)} parameters over "
+            f"{self.layout.count} shards>"
+        )
+
+    async def push(  # type: ignore[override]
+        self,
+        gradients: Weights,
+        *,
+        return_weights: bool = True,
+        idempotency_key: str | None = None,
+        out: Weights | None = None,
+        base_iterations: int | None = None,
+    ) -> Any:
+        iterations, weights = await self._client._drive(
+            self._push_plan(
+                gradients,
+                return_weights=return_weights,
+                idempotency_key=idempotency_key,
+                out=out,
+                base_iterations=base_iterations,
+            )
+        )
+        if not return_weights:
+            return iterations
+        if weights is None:
+            return await self.pull(out=out)
+        return weights
+
+    async def pull(
+        self,
+        *,
+        out: Weights | None = None,
+        min_iterations: int | None = None,
+        wait: float | None = None,
+    ) -> Any:
+        return await self._client._drive(
+            self._pull_plan(
+                out,
+                min_iterations=min_iterations,
+                wait=wait,
+                catch_up=self._client.catch_up_seconds,
+            )
+        )
+
+    async def info(self) -> SessionInfo:
+        return await self._client._drive(self._info_plan())
+
+    async def state(self) -> SessionState:
+        return await self._client._drive(self._state_plan())
+
+    async def load_state(self, state: SessionState) -> SessionInfo:
+        return await self._client._drive(self._load_state_plan(state))
+
+    async def delete(self, *, missing_ok: bool = False) -> None:
+        await self._client._drive(self._delete_plan(missing_ok=missing_ok))
+
+
+class AsyncShardedClient(_ShardedClientCore, AsyncClient):
+    """The asyncio twin of :class:`ShardedClient`: ``AsyncClient([url0, url1, ...])``."""
+
+    _sharded_session_type = AsyncShardedSession
+
+    def __init__(
+        self,
+        base_url: Sequence[str | httpx.URL],
+        *,
+        slice_bytes: int = DEFAULT_SLICE_BYTES,
+        catch_up_seconds: float = 5.0,
+        **options: Any,
+    ) -> None:
+        urls = self._check_urls(base_url)
+        self._clients = [AsyncClient(url, **options) for url in urls]
+        self.slice_bytes = slice_bytes
+        self.catch_up_seconds = float(catch_up_seconds)
+        self.base_url = self._clients[0].base_url
+
+    async def __aenter__(self) -> AsyncShardedClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return all(c.closed for c in self._clients)
+
+    async def _fan_out(self, calls: list[tuple[int, Call[Any]]]) -> list[Outcome]:
+        async def run(index: int, call: Call[Any]) -> Outcome:
+            try:
+                return Outcome(await self._clients[index]._run(call))
+            except Exception as exc:
+                return Outcome(error=exc)
+
+        return list(await asyncio.gather(*(run(i, call) for i, call in calls)))
+
+    async def _drive(self, plan: Plan[T]) -> T:
+        try:
+            calls = next(plan)
+            while True:
+                calls = plan.send(await self._fan_out(calls))
+        except StopIteration as stop:
+            return cast(T, stop.value)
+
+    async def create_session(  # type: ignore[override]
+        self,
+        weights: Weights,
+        optimizer: OptimizerLike,
+        session_id: str | None = None,
+        *,
+        refuse_non_finite: bool = False,
+        training: TrainingLike | None = None,
+        constraints: Mapping[str, Any] | None = None,
+        **training_options: Any,
+    ) -> AsyncShardedSession:
+        return await self._drive(
+            self._create_plan(
+                weights,
+                optimizer,
+                session_id,
+                refuse_non_finite=refuse_non_finite,
+                training=_base.training_of(training, training_options),
+                constraints=constraints,
+                slice_bytes=self.slice_bytes,
+            )
+        )
+
+    async def session(self, session_id: str, *, as_list: bool = False) -> AsyncShardedSession:  # type: ignore[override]
+        return await self._drive(self._attach_plan(session_id, as_list=as_list))
+
+    async def restore_session(  # type: ignore[override]
+        self, state: SessionState, session_id: str | None = None, *, as_list: bool = False
+    ) -> AsyncShardedSession:
+        return await self._drive(self._restore_plan(state, session_id, as_list=as_list))
+
+    async def sessions(self) -> list[SessionInfo]:
+        return await self._drive(self._list_plan())
+
+    async def health(self) -> dict[str, Any]:
+        return await self._drive(self._health_plan())
