@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, ClassVar, Literal, TypeVar, overload
 
 import anyio
 import anyio.to_thread
@@ -189,12 +189,15 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
 
     _session_type = AsyncSession
 
-    def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> AsyncClient:
-        # AsyncClient([url0, url1, ...]): a sharded session's servers
-        if cls is AsyncClient and isinstance(base_url, (list, tuple)):
-            from .sharded import AsyncShardedClient
+    #: What ``AsyncClient([url0, url1, ...])`` makes:
+    #: :class:`paramserver.client.sharded.AsyncShardedClient`, which sets this when it is
+    #: imported (``paramserver.client`` imports it).
+    _sharded_type: ClassVar[type[AsyncClient] | None] = None
 
-            return super().__new__(AsyncShardedClient)
+    def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> AsyncClient:
+        # a list of URLs: a sharded session's servers, in shard order
+        if cls is AsyncClient and isinstance(base_url, (list, tuple)) and cls._sharded_type:
+            return super().__new__(cls._sharded_type)
         return super().__new__(cls)
 
     def __init__(

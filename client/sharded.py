@@ -753,7 +753,7 @@ class ShardedSession(_ShardedCore, Session[Any]):
             f"{self.layout.count} shards>"
         )
 
-    def push(  # type: ignore[override]
+    def push(
         self,
         gradients: Weights,
         *,
@@ -881,7 +881,7 @@ class ShardedClient(_ShardedClientCore, Client):
         except StopIteration as stop:
             return cast(T, stop.value)
 
-    def create_session(  # type: ignore[override]
+    def create_session(
         self,
         weights: Weights,
         optimizer: OptimizerLike,
@@ -906,11 +906,11 @@ class ShardedClient(_ShardedClientCore, Client):
             )
         )
 
-    def session(self, session_id: str, *, as_list: bool = False) -> ShardedSession:  # type: ignore[override]
+    def session(self, session_id: str, *, as_list: bool = False) -> ShardedSession:
         """Join a sharded session by id: the servers must hold its shards, in this order."""
         return self._drive(self._attach_plan(session_id, as_list=as_list))
 
-    def restore_session(  # type: ignore[override]
+    def restore_session(
         self, state: SessionState, session_id: str | None = None, *, as_list: bool = False
     ) -> ShardedSession:
         """Create (or replace) a sharded session from a state (from any shard count)."""
@@ -939,7 +939,7 @@ class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
             f"{self.layout.count} shards>"
         )
 
-    async def push(  # type: ignore[override]
+    async def push(
         self,
         gradients: Weights,
         *,
@@ -1047,7 +1047,7 @@ class AsyncShardedClient(_ShardedClientCore, AsyncClient):
         except StopIteration as stop:
             return cast(T, stop.value)
 
-    async def create_session(  # type: ignore[override]
+    async def create_session(
         self,
         weights: Weights,
         optimizer: OptimizerLike,
@@ -1070,10 +1070,10 @@ class AsyncShardedClient(_ShardedClientCore, AsyncClient):
             )
         )
 
-    async def session(self, session_id: str, *, as_list: bool = False) -> AsyncShardedSession:  # type: ignore[override]
+    async def session(self, session_id: str, *, as_list: bool = False) -> AsyncShardedSession:
         return await self._drive(self._attach_plan(session_id, as_list=as_list))
 
-    async def restore_session(  # type: ignore[override]
+    async def restore_session(
         self, state: SessionState, session_id: str | None = None, *, as_list: bool = False
     ) -> AsyncShardedSession:
         return await self._drive(self._restore_plan(state, session_id, as_list=as_list))
@@ -1083,3 +1083,7 @@ class AsyncShardedClient(_ShardedClientCore, AsyncClient):
 
     async def health(self) -> dict[str, Any]:
         return await self._drive(self._health_plan())
+
+
+Client._sharded_type = ShardedClient
+AsyncClient._sharded_type = AsyncShardedClient

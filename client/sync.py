@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, ClassVar, Literal, TypeVar, overload
 
 import httpx
 
@@ -186,12 +186,14 @@ class Client(_base.ClientCore["Session[Any]"]):
 
     _session_type = Session
 
-    def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> Client:
-        # Client([url0, url1, ...]): a sharded session's servers (paramserver.client.sharded)
-        if cls is Client and isinstance(base_url, (list, tuple)):
-            from .sharded import ShardedClient
+    #: What ``Client([url0, url1, ...])`` makes: :class:`paramserver.client.sharded.ShardedClient`,
+    #: which sets this when it is imported (``paramserver.client`` imports it).
+    _sharded_type: ClassVar[type[Client] | None] = None
 
-            return super().__new__(ShardedClient)
+    def __new__(cls, base_url: Any = None, *args: Any, **kwargs: Any) -> Client:
+        # a list of URLs: a sharded session's servers, in shard order
+        if cls is Client and isinstance(base_url, (list, tuple)) and cls._sharded_type:
+            return super().__new__(cls._sharded_type)
         return super().__new__(cls)
 
     def __init__(
