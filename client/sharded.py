@@ -341,7 +341,9 @@ class _ShardedCore:
         base_iterations: int | None,
     ) -> Plan[tuple[int, Any]]:
         grads = self._gradients(gradients)
-        cast(Any, self)._warn_float64(grads) if not cast(Any, self)._warned_float64 else None
+        core = cast(Any, self)
+        if core._float64 and not core._warned_float64:
+            core._warn_float64(grads)
         targets = self._targets_by_name(out)
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
         if base_iterations is None and self.training is not None and self.training.needs_base:
@@ -394,8 +396,6 @@ class _ShardedCore:
         iterations = [o.value[0] for o in outcomes]
         if isinstance(self.training, modes.Sync):
             _same_iterations(f"push {key}", self.id, iterations)
-        for sub in self._subs:
-            sub.base_iterations = sub.last_iterations
         weights = [o.value[1] for o in outcomes]
         self.last_iterations = min(iterations)
         if not return_weights:
