@@ -5,6 +5,7 @@ combinations a shard cannot do exactly are refused at creation."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from paramserver import messages, reductions
-from paramserver.sharding import Shard
+from paramserver.sharding import Shard, decode_shard
 from tests.harness.http_api import MSGPACK, get_state
 from tests.harness.servers import start_paramserver
 from tests.server.test_dataplane import Frames, _body, _plane_port, _push_header, _weights
@@ -210,3 +211,92 @@ def test_the_shard_survives_state_export_import_and_the_journal(api, tmp_path: P
         assert httpx.get(f"{again.url}/sessions/s", timeout=30).json()["shard"] == shard_of(0)
     finally:
         again.stop()
+
+
+def _parts(**rows: Any) -> dict[str, Any]:
+    """A shard record with parts for WEIGHTS' "dense/kernel" (20 x 15) and "dense/bias"."""
+    return {
+        **shard_of(0),
+        "parts": {
+            "dense/kernel": {"source": "dense/kernel", "position": 0, **rows},
+            "dense/bias": {"source": "dense/bias", "position": 1},
+        },
+    }
+
+
+def test_a_shards_parts_are_checked_against_its_parameters(api):
+    part = {k: WEIGHTS[k] for k in ("dense/kernel", "dense/bias")}
+    r = create(api, part, "adam", shard=_parts(rows=[40, 60]))  # 20 rows of a larger tensor
+    assert r.status_code == 201, r.text
+    assert r.json()["shard"]["parts"]["dense/kernel"] == {
+        "source": "dense/kernel",
+        "position": 0,
+        "rows": [40, 60],
+    }
+    state = api.get(f"/sessions/{r.json()['session_id']}/state").content
+    assert messages.decode_state(state, messages.ANSWER_LIMITS).shard == decode_shard(
+        _parts(rows=[40, 60])
+    )
+    tf_adam = {"class_name": "TFOptimizer", "config": {"optimizer": {"class_name": "Adam"}}}
+    for shard, optimizer, needle in (
+        (_parts(rows=[0, 19]), "adam", "shape [20, 15]"),  # 19 rows for a 20-row parameter
+        (
+            {**shard_of(0), "parts": {"dense/kernel": {"source": "x", "position": 0}}},
+            "adam",
+            "order",
+        ),
+        (_parts(rows=[5, 5]), "adam", "start < stop"),
+        (_parts(rows=[0, 20], extra=1), "adam", "source"),
+        ({**shard_of(0), "parts": []}, "adam", "non-empty map"),
+        (_parts(rows=[0, 20]), tf_adam, "cannot be split"),
+    ):
+        r = create(api, part, optimizer, shard=shard)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "invalid_request"
+        assert needle in r.json()["error"]["message"], r.json()
+
+
+def test_round_order_is_a_hex_key(api):
+    training = {"mode": "sync", "replicas_to_aggregate": 2}
+    sid = create(api, {"w": np.zeros(3, np.float32)}, "sgd", training=training).json()["session_id"]
+    g = {"w": np.ones(3, np.float32)}
+    for bad in ("XYZ", "", "a" * 129, 12, b"\x01"):
+        body = messages.wire.pack({"gradients": g, "base_iterations": 0, "round_order": bad})
+        r = api.post(f"/sessions/{sid}/gradients", content=body, headers=MSGPACK)
+        assert r.status_code == 422 and "round_order" in r.json()["error"]["message"]
+    assert api.get(f"/sessions/{sid}").json()["round"]["received"] == 0
+
+
+def test_a_sync_round_sums_in_the_order_of_its_pushes_round_order(api):
+    """Three gradients whose float64 sum depends on its order ((1e20 + 1) - 1e20 is 0,
+    (1e20 - 1e20) + 1 is 1): the round orders them by round_order, whatever their digests."""
+    training = {"mode": "sync", "replicas_to_aggregate": 3}
+    values = [np.float32(1e20), np.float32(1.0), np.float32(-1e20)]
+    results = []
+    for orders in (["01", "02", "03"], ["01", "03", "02"]):
+        sid = create(
+            api,
+            {"w": np.zeros(1, np.float32)},
+            {"class_name": "SGD", "config": {"lr": 1.0}},
+            training=training,
+        ).json()["session_id"]
+        answers: list[Any] = [None] * 3
+
+        def send(
+            i: int, sid: str = sid, orders: list[str] = orders, out: list[Any] = answers
+        ) -> None:
+            body = messages.encode_push({"w": np.array([values[i]])}, 0, None, orders[i])
+            out[i] = api.post(
+                f"/sessions/{sid}/gradients", content=body, headers=MSGPACK, timeout=60
+            )
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        _, weights = messages.decode_weights(answers[0].content)
+        results.append(float(weights["w"][0]))
+    # 1e20, 1, -1e20 in that order: 0; 1e20, -1e20, 1: 1 (mean -1/3, so w = -1/3 after SGD lr 1)
+    assert results[0] == 0.0 and results[1] == pytest.approx(-1 / 3)
