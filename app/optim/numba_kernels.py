@@ -17,13 +17,18 @@ go to the fallback backend.
 
 Compilation: each kernel is compiled for one fixed signature per dtype (the gradient typed as
 a read-only array, so that writable and read-only gradients share it), on first use or by
-:meth:`NumbaBackend.warm_up`, never per request. Compiled code is cached on disk
-(``cache=True``) in the first writable place of: ``$NUMBA_CACHE_DIR``, the package's
-``__pycache__``, the user's cache directory (``~/.cache/numba``). A server installed read-only
-(e.g. in a Docker image) should set ``NUMBA_CACHE_DIR`` to a writable directory before numba is
-imported, or start-up compiles every time. When no place is writable, numba itself refuses
-``cache=True`` (a ``RuntimeError``, not a warning): this module then compiles in memory, logs
-that once, and works the same.
+:meth:`NumbaBackend.warm_up`, never per request: 5-10 s for all of them on 2 cores, against
+0.3 s to load them from numba's disk cache (``cache=True``). numba caches in the first
+writable place of: ``$NUMBA_CACHE_DIR``, the package's ``__pycache__``, the user's cache
+directory (``~/.cache/numba``); it needs write access even to load. A container image compiles
+the kernels when it is built (:func:`build_cache`, into the installed package's
+``__pycache__``, read-only at run time) and :func:`prepare_cache` copies them into
+``$NUMBA_CACHE_DIR`` (or, when that is not writable, a private directory under the temporary
+directory or ``/dev/shm``) before the first kernel loads. numba's cache is keyed by the CPU
+(its name and features): on another CPU than the image's builder the kernels are compiled
+once into that directory. When no place is writable, numba itself refuses ``cache=True`` (a
+``RuntimeError``, not a warning): this module then compiles in memory, logs that once, and
+works the same.
 
 Speed (``python -m benchmarks.kernels``; float32, one thread, 2-core AMD EPYC Zen 4): from
 memory (1e7 elements) every kernel runs within a few percent of a loop that only reads and
@@ -38,12 +43,20 @@ identity. Neither a 256-bit vector width nor removing the neutral scale/clip ops
 
 from __future__ import annotations
 
+import atexit
 import functools
+import glob
+import hashlib
 import logging
 import math
+import os
+import shutil
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -53,7 +66,15 @@ from numba import types as nbt
 from .kernels import KernelBackend, NumpyBackend, UpdateKernel
 from .rules import RULES, UpdateRule
 
-__all__ = ["JIT_OPTIONS", "SUPPORTED_DTYPES", "NumbaBackend"]
+__all__ = [
+    "JIT_OPTIONS",
+    "SHIPPED_CACHE",
+    "SUPPORTED_DTYPES",
+    "NumbaBackend",
+    "WarmUp",
+    "build_cache",
+    "prepare_cache",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -410,16 +431,157 @@ def _signature(spec: _KernelSpec, dtype: np.dtype) -> Any:
     return nbt.void(*args)
 
 
+# --- the disk cache -----------------------------------------------------------------------
+#
+# numba keeps each kernel in an index, ``numba_kernels._adam-207.py311.nbi`` (one entry per
+# signature and CPU, and the stamp of this source file), and data files ``....1.nbc`` named by
+# the index. It uses a directory only if it can write there, even just to load from it.
+
+#: Where a container image keeps the kernels it compiled when it was built (:func:`build_cache`):
+#: numba's in-tree cache directory, beside this module (read-only at run time).
+SHIPPED_CACHE = Path(os.path.abspath(__file__)).with_name("__pycache__")
+
+_MODULE_STEM = Path(__file__).stem  # numba names cache files after the source file
+_PRIVATE_PARENTS = ("/dev/shm",)  # tried after the temporary directory (tempfile)
+
+_cache_prepared = False
+_cache_lock = threading.Lock()
+#: numba's settings (``NUMBA_CACHE_DIR`` is ``CACHE_DIR``), set from the environment when numba
+#: is imported: attributes that type checkers do not see.
+_numba_config: Any = numba.config
+
+
+def cache_subdirectory(root: str | os.PathLike[str]) -> Path:
+    """Where numba keeps this module's kernels when ``NUMBA_CACHE_DIR`` is ``root``: the
+    source directory's name and the SHA-1 of its path, as numba's ``UserProvidedCacheLocator``
+    computes it (``get_suitable_cache_subpath``)."""
+    source_dir = os.path.dirname(os.path.abspath(_sgd.__code__.co_filename))
+    digest = hashlib.sha1(source_dir.encode(), usedforsecurity=False).hexdigest()
+    return Path(root) / f"{os.path.basename(source_dir)}_{digest}"
+
+
+def _writable(directory: Path) -> bool:
+    """Whether ``directory`` exists (made if need be) and takes a new file, numba's own test."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError:
+        return False
+    return True
+
+
+def _private_directory() -> Path | None:
+    """A new directory of this process's own (mode 0700, so no one else can plant code in it)
+    under the temporary directory or ``/dev/shm``, removed at exit; None if neither takes one."""
+    parents: list[str] = []
+    try:
+        parents.append(tempfile.gettempdir())  # $TMPDIR, /tmp, /var/tmp, ... the first writable
+    except FileNotFoundError:  # none of them is writable
+        pass
+    parents += [p for p in _PRIVATE_PARENTS if p not in parents]
+    for parent in parents:
+        try:
+            private = Path(tempfile.mkdtemp(prefix="paramserver-numba-", dir=parent))
+        except OSError:
+            continue
+        atexit.register(shutil.rmtree, private, ignore_errors=True)  # no one else can use it
+        return private
+    return None
+
+
+def _copy_shipped(target: Path) -> int:
+    """Copy the shipped kernels that ``target`` lacks into it; returns how many functions (each
+    an index and a data file per dtype and CPU).
+
+    A kernel whose index ``target`` already holds is left alone: it may hold more than the
+    shipped one (this machine's CPU). Data files are copied before the index that names them,
+    each through a temporary file and a rename, so a reader never sees a torn file.
+    """
+    if not SHIPPED_CACHE.is_dir() or SHIPPED_CACHE.resolve() == target.resolve():
+        return 0
+    copied = 0
+    for index in sorted(SHIPPED_CACHE.glob(f"{glob.escape(_MODULE_STEM)}.*.nbi")):
+        if (target / index.name).exists():
+            continue
+        stem = index.name[: -len(".nbi")]
+        for source in [*sorted(SHIPPED_CACHE.glob(f"{glob.escape(stem)}.*.nbc")), index]:
+            partial = target / f".{source.name}.{os.getpid()}.tmp"
+            shutil.copyfile(source, partial)
+            os.replace(partial, target / source.name)
+        copied += 1
+    return copied
+
+
+def prepare_cache() -> Path | None:
+    """Give numba a writable cache directory that holds the shipped kernels, once per process;
+    returns the directory of this module's kernels (None: numba chooses, or compiles in memory).
+
+    Only when ``NUMBA_CACHE_DIR`` is set (as in the image): if it is writable, the kernels the
+    image shipped (:data:`SHIPPED_CACHE`) are copied there; if not (a read-only root file
+    system without a scratch mount), numba is pointed at a private directory under the
+    temporary directory or ``/dev/shm`` instead, and they are copied there. Without
+    ``NUMBA_CACHE_DIR`` numba keeps its own order (the package's ``__pycache__``, then
+    ``~/.cache/numba``). A copy that fails (a full disk) only costs compiling what is missing.
+    """
+    global _cache_prepared
+    with _cache_lock:
+        if _cache_prepared:
+            return _cache_directory()
+        _cache_prepared = True
+        configured = _numba_config.CACHE_DIR
+        if not configured:
+            return None
+        target = cache_subdirectory(configured)
+        if not _writable(target):
+            private = _private_directory()
+            if private is None:
+                logger.warning(
+                    "NUMBA_CACHE_DIR %s is not writable, nor is any temporary directory: the "
+                    "kernels are compiled in memory at every start",
+                    configured,
+                )
+                return None
+            logger.warning(
+                "NUMBA_CACHE_DIR %s is not writable; caching the kernels in %s instead (mount "
+                "a writable directory there, e.g. an emptyDir or --tmpfs, to silence this)",
+                configured,
+                private,
+            )
+            _numba_config.CACHE_DIR = str(private)
+            target = cache_subdirectory(private)
+            target.mkdir(exist_ok=True)
+        try:
+            copied = _copy_shipped(target)
+        except OSError as exc:
+            logger.warning("could not copy the shipped kernels into %s: %s", target, exc)
+        else:
+            if copied:
+                logger.info(
+                    "copied the shipped kernels of %d function(s) from %s to %s",
+                    copied,
+                    SHIPPED_CACHE,
+                    target,
+                )
+        return target
+
+
+def _cache_directory() -> Path | None:
+    configured = _numba_config.CACHE_DIR
+    return cache_subdirectory(configured) if configured else None
+
+
 _cache_available = True
 
 
 def _compile(py_func: Callable[..., Any], signature: Any) -> Any:
-    """An eagerly compiled dispatcher of ``py_func`` for exactly ``signature``.
+    """An eagerly compiled (or loaded from the disk cache) dispatcher of ``py_func`` for
+    exactly ``signature``.
 
     With an explicit signature the dispatcher never compiles again: a call whose types do not
     fit raises ``TypeError`` instead of compiling a new specialisation at request time.
     """
     global _cache_available
+    prepare_cache()
     options = dict(JIT_OPTIONS, cache=_cache_available)
     try:
         return numba.njit(signature, **options)(py_func)
@@ -433,6 +595,57 @@ def _compile(py_func: Callable[..., Any], signature: Any) -> Any:
             exc,
         )
         return numba.njit(signature, **dict(options, cache=False))(py_func)
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What :meth:`NumbaBackend.warm_up` did: kernels loaded from the disk cache or compiled
+    (for ``cpu``, and cached in ``cache_dir`` when it is not None), and how long it took."""
+
+    loaded: int
+    compiled: int
+    seconds: float
+    cache_dir: Path | None
+    cpu: str
+
+    def __str__(self) -> str:
+        where = "numba's default cache" if self.cache_dir is None else str(self.cache_dir)
+        if not _cache_available:
+            where = "memory (no writable cache directory)"
+        return (
+            f"{self.loaded + self.compiled} kernels in {self.seconds:.2f} s: {self.loaded} "
+            f"loaded from the cache, {self.compiled} compiled for CPU {self.cpu} (in {where})"
+        )
+
+
+def _loaded_from_cache(dispatcher: Any) -> bool:
+    stats = getattr(dispatcher, "stats", None)
+    return stats is not None and sum(stats.cache_hits.values()) > 0
+
+
+def _cpu_name() -> str:
+    """The CPU the kernels are compiled for: ``NUMBA_CPU_NAME``, else this machine's."""
+    configured: str | None = _numba_config.CPU_NAME
+    if configured:
+        return configured
+    from llvmlite import binding
+
+    return str(binding.get_host_cpu_name())
+
+
+def build_cache() -> WarmUp:
+    """Compile every kernel into numba's disk cache and check that it holds them: what a
+    container image runs when it is built, with ``NUMBA_CACHE_DIR`` unset, so that they land
+    in :data:`SHIPPED_CACHE` (``docker build``: see the Dockerfile)."""
+    summary = NumbaBackend().warm_up()
+    if not _cache_available:
+        raise RuntimeError("numba found no writable cache directory: nothing was cached")
+    where = _cache_directory() or SHIPPED_CACHE
+    cached = sorted(where.glob(f"{glob.escape(_MODULE_STEM)}.*.nbi"))
+    if len(cached) < len(_KERNELS) + 1:
+        raise RuntimeError(f"only {len(cached)} kernel indexes in {where}")
+    print(f"numba kernels cached in {where}: {summary}")
+    return summary
 
 
 # --- the backend --------------------------------------------------------------------------
@@ -457,12 +670,21 @@ class NumbaBackend:
     def supports(self, rule: str, dtype: np.dtype) -> bool:
         return rule in RULES and np.dtype(dtype) in SUPPORTED_DTYPES
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> WarmUp:
         """Compile (or load from the disk cache) every kernel for float32 and float64."""
+        started = time.perf_counter()
+        kernels = []
         for dtype in SUPPORTED_DTYPES:
-            self._sum_squares_kernel(dtype)
-            for key in _KERNELS:
-                self._kernel(key, dtype)
+            kernels.append(self._sum_squares_kernel(dtype))
+            kernels.extend(self._kernel(key, dtype) for key in _KERNELS)
+        loaded = sum(1 for k in kernels if _loaded_from_cache(k))
+        return WarmUp(
+            loaded=loaded,
+            compiled=len(kernels) - loaded,
+            seconds=time.perf_counter() - started,
+            cache_dir=_cache_directory() if _cache_available else None,
+            cpu=_cpu_name(),
+        )
 
     def _kernel(self, key: str, dtype: np.dtype) -> Any:
         kernel = self._compiled.get((key, dtype))
