@@ -1,6 +1,6 @@
 """Bearer-token authentication, as a pure ASGI middleware.
 
-When tokens are configured, every request but ``GET /health`` needs
+When tokens are configured, every request but ``GET /health`` and ``GET /ready`` needs
 ``Authorization: Bearer <token>``. A read-only token may list, describe and pull (``GET`` and
 ``HEAD``); a read-write token may do everything. A missing or unknown token gets 401 and a
 read-only token on a write gets 403, with a body that says nothing about which tokens exist.
@@ -24,7 +24,7 @@ from paramserver.codes import ErrorCode, error_json
 __all__ = ["AuthMiddleware", "TokenTable", "load_tokens"]
 
 READ_METHODS = frozenset({"GET", "HEAD"})
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 @dataclass(frozen=True)

@@ -65,9 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser(
         "health",
         help="exit 0 if the local server answers GET /health (for container health checks)",
-        description="GET /health of the server these PARAMSERVER_* settings describe, on "
-        "loopback (https when PARAMSERVER_SSL_CERTFILE is set; the certificate is not checked: "
-        "it names the server's public address). Exit 0 when it answers 200, else 1.",
+        description="GET /health (or /ready) of the server these PARAMSERVER_* settings "
+        "describe, on loopback (https when PARAMSERVER_SSL_CERTFILE is set; the certificate is "
+        "not checked: it names the server's public address). Exit 0 when it answers 200, else 1.",
+    )
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help="ask GET /ready instead: 200 only once the sessions are recovered and the kernels "
+        "loaded (readiness; /health is liveness)",
     )
     health.add_argument(
         "--cert",
@@ -127,9 +133,10 @@ def serve(settings: Settings, *, demo: bool = False, tokens_in_argv: bool = Fals
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if not server.started:
-        # The start-up failed (a locked snapshot directory, a damaged journal, a taken port):
-        # the reason is logged above; exit non-zero whatever uvicorn's version does.
+    if not server.started or app.state.readiness.failed:
+        # The start-up failed (a locked snapshot directory, a damaged journal, a taken port,
+        # the kernels' warm-up after the port opened): the reason is logged above; exit
+        # non-zero whatever uvicorn's version does.
         sys.exit(EXIT_START_FAILED)
     if app.state.shutdown_failed:
         # A final snapshot could not be written (logged as an ERROR above).
@@ -163,14 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"paramserver: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     if args.command == "health":
-        return check_health(settings, cert=args.cert, timeout=args.timeout)
+        path = "/ready" if args.ready else "/health"
+        return check_health(settings, cert=args.cert, timeout=args.timeout, path=path)
     if args.command == "serve":
         serve(settings, demo=args.demo, tokens_in_argv=getattr(args, "tokens", None) is not None)
     return 0
 
 
-def check_health(settings: Settings, *, cert: str | None, timeout: float) -> int:
-    """0 if the server of ``settings`` answers ``GET /health`` with 200 on loopback, else 1."""
+def check_health(
+    settings: Settings, *, cert: str | None, timeout: float, path: str = "/health"
+) -> int:
+    """0 if the server of ``settings`` answers ``GET path`` (``/health`` or ``/ready``) with 200
+    on loopback, else 1."""
     import http.client
     import ssl
 
@@ -190,7 +201,7 @@ def check_health(settings: Settings, *, cert: str | None, timeout: float) -> int
             host, settings.port, timeout=timeout, context=context
         )
     try:
-        connection.request("GET", "/health")
+        connection.request("GET", path)
         status = connection.getresponse().status
     except (OSError, http.client.HTTPException) as exc:
         print(f"paramserver health: {exc}", file=sys.stderr)
@@ -198,7 +209,7 @@ def check_health(settings: Settings, *, cert: str | None, timeout: float) -> int
     finally:
         connection.close()
     if status != 200:
-        print(f"paramserver health: GET /health answered {status}", file=sys.stderr)
+        print(f"paramserver health: GET {path} answered {status}", file=sys.stderr)
         return 1
     return 0
 

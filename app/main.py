@@ -2,12 +2,19 @@
 
 State (the session store, the service) is created in the lifespan, not in module globals, so
 that several apps can live in one process (the tests do that).
+
+Start-up, in the lifespan: recovery (lock the snapshot directory, load the snapshots, replay
+the journal) and the data plane, then uvicorn opens the port; the numba kernels load in a
+thread of their own meanwhile, so ``/health`` answers at once and ``/ready`` says 503 until
+they are loaded (:class:`~paramserver.server.serving.Readiness`). A request that needs a
+kernel before then waits for it or compiles it: it is never refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,7 +33,13 @@ from .errors import install_error_handlers
 from .optim import default_backend
 from .persistence import Durability, FinalSnapshotsFailed
 from .service import SessionService
-from .serving import LOOPBACK_HOSTS, connection_caps, tls_context, warn_if_tokens_travel_in_clear
+from .serving import (
+    LOOPBACK_HOSTS,
+    Readiness,
+    connection_caps,
+    tls_context,
+    warn_if_tokens_travel_in_clear,
+)
 from .sessions import SessionStore
 from .settings import Settings
 
@@ -56,23 +69,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         durability = Durability(settings) if settings.snapshot_dir is not None else None
         service = SessionService(store, settings, durability)
         app.state.service = service
+        readiness = app.state.readiness = Readiness()
         if durability is not None:
             # Lock the directory, load the snapshots, replay the journal: a failure here
-            # (another server on the directory, a damaged journal) stops the start-up.
+            # (another server on the directory, a damaged journal) stops the start-up. This
+            # runs before uvicorn opens the port: a server that answers has its sessions.
             try:
                 await run_in_threadpool(durability.open, service.store, service.idempotency)
             except Exception as exc:
                 log.critical("cannot start: %s", exc)
                 raise
+        readiness.done("recovery")
         stop = asyncio.Event()
         periodic: asyncio.Task[None] | None = None
         try:
             _announce_access(settings, bool(tokens))
-            if settings.warm_up_kernels:
-                backend = default_backend()
-                warm_up = getattr(backend, "warm_up", None)
-                if warm_up is not None:
-                    await run_in_threadpool(warm_up)
             address = settings.data_plane_address()
             if address is not None:
                 plane = DataPlane(service, settings, tokens, tls, max_connections=caps[1])
@@ -92,7 +103,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     )
                     plane.start(address[0], 0)
                 app.state.data_plane = plane
-            log.info("paramserver %s ready (kernels: %s)", __version__, default_backend().name)
+            if settings.warm_up_kernels:
+                _warm_up_kernels(readiness)
+            else:
+                readiness.done("kernels")  # compiled on first use
+            log.info(
+                "paramserver %s started (kernels: %s%s)",
+                __version__,
+                default_backend().name,
+                "; loading them, GET /ready answers 200 once they are"
+                if settings.warm_up_kernels
+                else ", compiled on first use",
+            )
             if durability is not None:
                 periodic = asyncio.create_task(
                     _snapshot_periodically(durability, settings.snapshot_interval_seconds, stop)
@@ -122,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.readiness = Readiness()  # replaced by the lifespan's own at each start
     app.state.shutdown_failed = False
     app.state.connection_caps = caps
     app.state.tls_context = tls
@@ -135,6 +158,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if tokens:
         app.add_middleware(AuthMiddleware, tokens=tokens)
     return app
+
+
+def _warm_up_kernels(readiness: Readiness) -> None:
+    """Load (or compile) the numba kernels in a daemon thread, then mark them done in
+    ``readiness``; a failure fails the start-up (the server exits with code 3).
+
+    A thread of its own rather than the threadpool: nothing waits for it at shutdown (a kernel
+    half compiled is simply not cached), and it holds no worker that requests need.
+    """
+    warm_up = getattr(default_backend(), "warm_up", None)
+    if warm_up is None:  # the numpy backend: nothing to compile
+        readiness.done("kernels")
+        return
+
+    def run() -> None:
+        try:
+            summary = warm_up()
+        except Exception:
+            log.critical("cannot start: loading the kernels failed", exc_info=True)
+            readiness.fail()
+            return
+        readiness.done("kernels")
+        log.info("kernels ready: %s", summary)
+        if readiness.ready:
+            log.info("paramserver %s ready", __version__)
+
+    threading.Thread(target=run, name="paramserver-warm-up", daemon=True).start()
 
 
 async def _snapshot_periodically(
@@ -156,7 +206,7 @@ async def _snapshot_periodically(
 
 def _announce_access(settings: Settings, has_tokens: bool) -> None:
     if has_tokens:
-        log.info("authentication on: every endpoint but /health needs a bearer token")
+        log.info("authentication on: every endpoint but /health and /ready needs a bearer token")
         warn_if_tokens_travel_in_clear(settings, has_tokens)
         return
     loopback = settings.host in LOOPBACK_HOSTS

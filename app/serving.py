@@ -5,6 +5,10 @@ run, so both have the same timeouts, cap and TLS. TLS is Python's ``ssl`` under 
 layer (:class:`paramserver.server.connections.GuardedTLSProtocol`), built from
 ``--ssl-certfile`` / ``--ssl-keyfile`` and, for client certificates, ``--ssl-ca-certs`` with
 ``--ssl-client-cert required|optional``.
+
+:class:`Readiness` is what ``GET /ready`` reports: the port opens once the sessions are
+recovered (uvicorn binds after the app's start-up), and the kernels load after that, while
+``/health`` already answers.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import resource
 import socket
 import ssl
+import threading
 from typing import Any
 
 import uvicorn
@@ -100,13 +105,87 @@ def connection_cap(requested: int) -> int:
     return allowed
 
 
+class Readiness:
+    """Whether the server is ready for traffic, as ``GET /ready`` answers it.
+
+    Ready once nothing is pending: ``"recovery"`` (snapshots and the journal; done before the
+    port opens, since uvicorn binds only after the app's start-up) and ``"kernels"`` (the numba
+    kernels loaded or compiled, in a thread of their own after the port opens; done at once
+    with ``--no-warm-up-kernels``). Not ready again once the server stops or when its start-up
+    failed after the port opened (the server then exits). Thread-safe: the warm-up thread
+    reports here.
+    """
+
+    STEPS = ("recovery", "kernels")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = list(self.STEPS)
+        self._failed = False
+        self._stopping = False
+
+    def done(self, step: str) -> None:
+        """``step`` (one of :data:`STEPS`) is finished."""
+        if step not in self.STEPS:
+            raise ValueError(f"unknown start-up step {step!r}")
+        with self._lock:
+            if step in self._pending:
+                self._pending.remove(step)
+
+    def fail(self) -> None:
+        """The start-up failed after the port opened: never ready; :class:`_Server` exits."""
+        with self._lock:
+            self._failed = True
+
+    def stop(self) -> None:
+        """The server is shutting down: not ready any more."""
+        with self._lock:
+            self._stopping = True
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return not (self._pending or self._failed or self._stopping)
+
+    def status(self) -> dict[str, Any]:
+        """The body of ``GET /ready``: ``{"status": "ready"}``, else ``{"status": "starting",
+        "waiting_for": [...]}``, ``{"status": "failed"}`` or ``{"status": "stopping"}``."""
+        with self._lock:
+            if self._failed:
+                return {"status": "failed"}
+            if self._stopping:
+                return {"status": "stopping"}
+            if self._pending:
+                return {"status": "starting", "waiting_for": list(self._pending)}
+            return {"status": "ready"}
+
+
+def _readiness_of(app: Any) -> Readiness | None:
+    readiness = getattr(getattr(app, "state", None), "readiness", None)
+    return readiness if isinstance(readiness, Readiness) else None
+
+
 class _Server(uvicorn.Server):
-    """uvicorn's server, which at the start of a shutdown first ends the open sync rounds
-    (:meth:`SessionService.end_rounds`): their waiting pushes are answered 503 at once rather
-    than holding the graceful shutdown until its timeout."""
+    """uvicorn's server, which at the start of a shutdown first turns ``/ready`` to 503 and ends
+    the open sync rounds (:meth:`SessionService.end_rounds`): their waiting pushes are answered
+    503 at once rather than holding the graceful shutdown until its timeout. It also stops when
+    the app's start-up fails after the port opened (:meth:`Readiness.fail`)."""
+
+    async def on_tick(self, counter: int) -> bool:
+        readiness = _readiness_of(self.config.app)
+        if readiness is not None and readiness.failed:
+            return True  # should exit; the failure is logged where it happened
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         app = self.config.app
+        readiness = _readiness_of(app)
+        if readiness is not None:
+            readiness.stop()
         service = getattr(getattr(app, "state", None), "service", None)
         if service is not None:
             await run_in_threadpool(service.end_rounds)

@@ -126,6 +126,7 @@ def _state_of(world: World) -> dict[str, Any]:
 
 REQUESTS: dict[tuple[str, str], Call] = {
     ("GET", "/health"): Call(200, lambda w: {"url": "/health"}),
+    ("GET", "/ready"): Call(200, lambda w: {"url": "/ready"}),
     ("GET", "/data-plane"): Call(200, lambda w: {"url": "/data-plane"}),
     ("GET", "/openapi.json"): Call(200, lambda w: {"url": "/openapi.json"}),
     ("HEAD", "/openapi.json"): Call(200, lambda w: {"url": "/openapi.json"}),
@@ -170,7 +171,7 @@ REQUESTS: dict[tuple[str, str], Call] = {
 # Every route the app has, known to REQUESTS or not: a route without an entry is still called
 # with every credential (generically), and test_every_route_has_a_request fails for it.
 ROUTE_IDS = sorted(ROUTES | set(REQUESTS))
-PROTECTED = [r for r in ROUTE_IDS if r[1] != "/health"]
+PROTECTED = [r for r in ROUTE_IDS if r[1] not in auth.OPEN_PATHS]
 READS = [r for r in PROTECTED if r[0] in ("GET", "HEAD")]
 WRITES = [r for r in PROTECTED if r[0] not in ("GET", "HEAD")]
 
