@@ -68,11 +68,20 @@ RUN groupadd --system --gid 10001 paramserver \
 
 COPY --from=builder /opt/venv /opt/venv
 
+# The numba kernels, compiled now (5-10 s) instead of at every container start: into numba's
+# in-tree cache, the installed package's __pycache__ (NUMBA_CACHE_DIR is not set yet), which
+# is read-only at run time. At start-up the server copies them into NUMBA_CACHE_DIR and loads
+# them (0.3 s). They are built for this machine's CPU: on another CPU the server compiles its
+# own once into NUMBA_CACHE_DIR (docs/deployment.md, "Fast start and readiness").
+RUN /opt/venv/bin/python -c \
+        "from paramserver.server.optim.numba_kernels import build_cache; build_cache()"
+
 # A container must listen on all of its interfaces to be reachable from outside it (the
 # service's own default is 127.0.0.1). The server warns at start-up while no token is set:
 # set PARAMSERVER_TOKENS (or PARAMSERVER_TOKENS_FILE) wherever the port is reachable.
-# numba caches the compiled kernels; the installed package is read-only for this user, so the
-# cache lives under /tmp.
+# numba needs a writable cache directory even to load the kernels: /tmp (a tmpfs or an
+# emptyDir with a read-only root file system; if nothing is writable the server tries
+# /dev/shm, then compiles in memory).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -86,10 +95,11 @@ WORKDIR /tmp
 # 8000: the REST API; 8001: the data plane (push and pull at wire speed, docs/protocol.md).
 EXPOSE 8000 8001
 
-# GET /health on loopback (the slim image has no curl): follows PARAMSERVER_PORT, and speaks
-# https when a certificate is mounted and PARAMSERVER_SSL_CERTFILE names it (docs/deployment.md).
+# GET /ready on loopback (the slim image has no curl): healthy once the sessions are recovered
+# and the kernels loaded; follows PARAMSERVER_PORT, and speaks https when a certificate is
+# mounted and PARAMSERVER_SSL_CERTFILE names it (docs/deployment.md). Liveness is /health.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["paramserver", "health"]
+    CMD ["paramserver", "health", "--ready"]
 
 # Exec form: the server is PID 1 and gets SIGTERM from "docker stop" itself; it then finishes
 # the requests in flight, runs its shutdown (final snapshots) and exits 0.
