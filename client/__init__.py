@@ -73,6 +73,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .sharded import (
+    URLS_ENV,
     AsyncShardedClient,
     AsyncShardedSession,
     ShardedClient,
@@ -85,6 +86,7 @@ __all__ = [
     "DEFAULT_DEADLINE",
     "DEFAULT_RETRY_POLICY",
     "DEFAULT_TIMEOUT",
+    "URLS_ENV",
     "Async",
     "AsyncClient",
     "AsyncSession",

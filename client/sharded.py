@@ -32,8 +32,10 @@ asyncio twin with ``asyncio.gather``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import time
 import uuid
 from collections.abc import Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -109,8 +111,11 @@ class Outcome:
     error: BaseException | None = None
 
 
-#: A plan: yields ``[(shard index, call), ...]``, receives their outcomes, returns the result.
-Plan = Generator[list[tuple[int, Call[Any]]], list[Outcome], T]
+#: A plan: yields ``[(shard index, call), ...]`` and receives their outcomes, or yields a
+#: number of seconds to pause (and receives ``[]``); returns the result.
+Plan = Generator["list[tuple[int, Call[Any]]] | float", list[Outcome], T]
+#: Pauses between summaries or states asked again while a shard catches up.
+_PAUSES = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 #: Errors after which a shard has not applied a push and a retry with its key may: it is
 #: down, slow or busy.
@@ -205,7 +210,7 @@ def _merged_info(layout: Layout, infos: Sequence[SessionInfo]) -> SessionInfo:
     return SessionInfo(
         session_id=first.session_id,
         optimizer=first.optimizer,
-        iterations=first.iterations,
+        iterations=min(i.iterations for i in infos),
         parameters={name: Parameter(dtype, shape) for name, dtype, shape in layout.model},
         created_at=min(created) if created else None,
         updated_at=max(updated) if updated else None,
@@ -217,15 +222,33 @@ def _merged_info(layout: Layout, infos: Sequence[SessionInfo]) -> SessionInfo:
     )
 
 
+def _diverged(what: str, session_id: str, iterations: Sequence[int], why: str) -> None:
+    listed = ", ".join(f"shard {i}: {n}" for i, n in enumerate(iterations))
+    raise errors.ShardsDiverged(
+        f"{what}: the shards of session {session_id!r} are at different iterations "
+        f"({listed}); {why}",
+        iterations=dict(enumerate(iterations)),
+    )
+
+
+_BEHIND = (
+    "a shard stayed behind the others (restarted from an older snapshot?): their weights are "
+    "not one model's. Load a state into the session to go on"
+)
+
+
 def _same_iterations(what: str, session_id: str, iterations: Sequence[int]) -> None:
     if len(set(iterations)) > 1:
-        listed = ", ".join(f"shard {i}: {n}" for i, n in enumerate(iterations))
-        raise errors.ShardsDiverged(
-            f"{what}: the shards of session {session_id!r} are at different iterations "
-            f"({listed}); their weights are not one model's (a shard restarted from an older "
-            "snapshot?). Load a state into the session to go on",
-            iterations=dict(enumerate(iterations)),
-        )
+        _diverged(what, session_id, iterations, _BEHIND)
+
+
+def _caught_up(iterations: Sequence[int], target: int, *, exact: bool) -> bool:
+    """Sync rounds (``exact``): every shard at one iteration. Async: every shard has reached
+    ``target``, the furthest one at the first answer (pushes in flight may carry some past
+    it: each shard applies asynchronous pushes as they arrive)."""
+    if exact:
+        return len(set(iterations)) == 1
+    return min(iterations) >= target
 
 
 def _values(outcomes: Sequence[Outcome]) -> list[Any]:
@@ -423,38 +446,61 @@ class _ShardedCore:
     ) -> Plan[Any]:
         targets = self._targets_by_name(out)
         out_parts = self.layout.split(targets) if targets is not None else None
-        wanted: list[int | None] = [min_iterations] * len(self._subs)
-        waits: list[float | None] = [wait] * len(self._subs)
+        exact = isinstance(self.training, modes.Sync)
         answers: list[Any] = [None] * len(self._subs)
         got: list[int] = [-1] * len(self._subs)
-        pending = list(range(len(self._subs)))
-        for _ in range(8):
+        calls: list[tuple[int, Call[Any]]] = [
+            (
+                i,
+                sub._pull_call(
+                    None if out_parts is None else out_parts[i],
+                    min_iterations=min_iterations,
+                    wait=wait,
+                ),
+            )
+            for i, sub in enumerate(self._subs)
+        ]
+        target = -1
+        deadline = time.monotonic() + catch_up
+        while True:
+            outcomes = yield calls
+            for (i, _), value in zip(calls, _values(outcomes), strict=True):
+                answers[i] = value
+                got[i] = self._subs[i].last_iterations or 0
+            if target < 0:
+                target = max(got)
+            if _caught_up(got, target, exact=exact):
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _diverged("pull", self.id, got, _BEHIND)
+            # A shard behind may be applying a push the others have applied: ask it again,
+            # answered once it reaches them (or when catch_up_seconds are over).
+            top = max(got) if exact else target
             calls = [
                 (
                     i,
                     self._subs[i]._pull_call(
                         None if out_parts is None else out_parts[i],
-                        min_iterations=wanted[i],
-                        wait=waits[i],
+                        min_iterations=top,
+                        wait=remaining,
                     ),
                 )
-                for i in pending
+                for i, n in enumerate(got)
+                if n < top or (exact and n != top)
             ]
-            outcomes = yield calls
-            for (i, _), value in zip(calls, _values(outcomes), strict=True):
-                answers[i] = value
-                got[i] = self._subs[i].last_iterations or 0
-            top = max(got)
-            pending = [i for i, n in enumerate(got) if n < top]
-            if not pending:
-                break
-            # A shard behind the others may be applying a push they have applied already:
-            # ask it again, answering once it reaches them (or after catch_up seconds).
-            for i in pending:
-                wanted[i], waits[i] = top, catch_up
-        else:
-            pending = []
-        _same_iterations("pull", self.id, got)
+            if exact and not calls:  # a shard ahead of the furthest? ask every shard again
+                calls = [
+                    (
+                        i,
+                        sub._pull_call(
+                            None if out_parts is None else out_parts[i],
+                            min_iterations=top,
+                            wait=remaining,
+                        ),
+                    )
+                    for i, sub in enumerate(self._subs)
+                ]
         self._seen_all(got, has_weights=True)
         joined = self.layout.join(answers, out=targets)
         if out is not None and targets is not None:
@@ -466,24 +512,60 @@ class _ShardedCore:
 
     # --- summaries, states, delete ---
 
-    def _info_plan(self) -> Plan[SessionInfo]:
-        outcomes = yield [(i, sub._info_call()) for i, sub in enumerate(self._subs)]
-        infos = _values(outcomes)
+    def _settled(
+        self, what: str, ask: Any, iterations_of: Any, *, catch_up: float, exact: bool
+    ) -> Generator[Any, list[Outcome], list[Any]]:
+        """Every shard's answer to ``ask(sub)``, asked again (after short pauses) until the
+        shards are caught up (:func:`_caught_up`; ``exact``: at one iteration) or
+        ``catch_up`` seconds are over (``ShardsDiverged``)."""
+        deadline = time.monotonic() + catch_up
+        target = -1
+        for attempt in itertools.count():
+            outcomes = yield [(i, ask(sub)) for i, sub in enumerate(self._subs)]
+            answers = _values(outcomes)
+            iterations = [iterations_of(a) for a in answers]
+            if target < 0:
+                target = max(iterations)
+            if _caught_up(iterations, target, exact=exact):
+                return answers
+            if time.monotonic() >= deadline:
+                why = _BEHIND
+                if min(iterations) >= target:
+                    why = (
+                        "they kept moving apart while pushes were applied: export a state "
+                        "while no worker pushes"
+                    )
+                _diverged(what, self.id, iterations, why)
+            yield _PAUSES[min(attempt, len(_PAUSES) - 1)]
+        raise AssertionError("unreachable")
+
+    def _info_plan(self, catch_up: float) -> Plan[SessionInfo]:
+        infos = yield from self._settled(
+            "info",
+            lambda sub: sub._info_call(),
+            lambda info: info.iterations,
+            catch_up=catch_up,
+            exact=isinstance(self.training, modes.Sync),
+        )
         layout = _layout_of(infos, self.urls)
         if layout.digest != self.layout.digest:
             raise errors.LayoutMismatch(
                 f"session {self.id!r} now has layout {layout.digest}, this handle "
                 f"{self.layout.digest}: its state was replaced; join it again"
             )
-        _same_iterations("info", self.id, [i.iterations for i in infos])
         self.training = infos[0].training
-        self.last_iterations = infos[0].iterations
+        self.last_iterations = min(i.iterations for i in infos)
         return _merged_info(layout, infos)
 
-    def _state_plan(self) -> Plan[SessionState]:
-        outcomes = yield [(i, sub._state_call()) for i, sub in enumerate(self._subs)]
-        states: list[SessionState] = _values(outcomes)
-        _same_iterations("state", self.id, [s.iterations for s in states])
+    def _state_plan(self, catch_up: float) -> Plan[SessionState]:
+        # One state of the whole session needs every shard at one iteration.
+        states: list[SessionState] = yield from self._settled(
+            "state",
+            lambda sub: sub._state_call(),
+            lambda state: state.iterations,
+            catch_up=catch_up,
+            exact=True,
+        )
         scalars = [s.scalars for s in states]
         if any(s != scalars[0] for s in scalars):
             raise errors.ShardsDiverged(
@@ -715,8 +797,7 @@ class _ShardedClientCore:
                 layout = _layout_of(complete, self.urls)
             except errors.LayoutMismatch:
                 continue
-            if len({i.iterations for i in complete}) == 1:
-                out.append(_merged_info(layout, complete))
+            out.append(_merged_info(layout, complete))
         return out
 
     def _health_plan(self) -> Plan[dict[str, Any]]:
@@ -763,7 +844,9 @@ class ShardedSession(_ShardedCore, Session[Any]):
         base_iterations: int | None = None,
     ) -> Any:
         """One step on every shard (see :meth:`Session.push`); a shard that stays down
-        raises ``PushIncomplete`` (push again with its ``idempotency_key``)."""
+        raises ``PushIncomplete`` (push again with its ``idempotency_key``). With other
+        workers pushing asynchronously, the shards' answers may be a push or two apart
+        (each applies pushes as they arrive); ``last_iterations`` is the lowest."""
         iterations, weights = self._client._drive(
             self._push_plan(
                 gradients,
@@ -786,8 +869,9 @@ class ShardedSession(_ShardedCore, Session[Any]):
         min_iterations: int | None = None,
         wait: float | None = None,
     ) -> Any:
-        """Every shard's weights, checked to be of one iteration (``ShardsDiverged`` if a
-        shard stays behind the others for ``catch_up_seconds``)."""
+        """Every shard's weights; a shard behind the others is asked again until it reaches
+        them (sync rounds: one iteration), ``ShardsDiverged`` if it stays behind for
+        ``catch_up_seconds``."""
         return self._client._drive(
             self._pull_plan(
                 out,
@@ -798,12 +882,12 @@ class ShardedSession(_ShardedCore, Session[Any]):
         )
 
     def info(self) -> SessionInfo:
-        return self._client._drive(self._info_plan())
+        return self._client._drive(self._info_plan(self._client.catch_up_seconds))
 
     def state(self) -> SessionState:
         """The whole session's state, as one server would export it (it loads into a
         sharded session of any shard count, or into one server)."""
-        return self._client._drive(self._state_plan())
+        return self._client._drive(self._state_plan(self._client.catch_up_seconds))
 
     def load_state(self, state: SessionState) -> SessionInfo:
         return self._client._drive(self._load_state_plan(state))
@@ -875,9 +959,13 @@ class ShardedClient(_ShardedClientCore, Client):
 
     def _drive(self, plan: Plan[T]) -> T:
         try:
-            calls = next(plan)
+            step = next(plan)
             while True:
-                calls = plan.send(self._fan_out(calls))
+                if isinstance(step, float):
+                    time.sleep(step)
+                    step = plan.send([])
+                else:
+                    step = plan.send(self._fan_out(step))
         except StopIteration as stop:
             return cast(T, stop.value)
 
@@ -980,10 +1068,10 @@ class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
         )
 
     async def info(self) -> SessionInfo:
-        return await self._client._drive(self._info_plan())
+        return await self._client._drive(self._info_plan(self._client.catch_up_seconds))
 
     async def state(self) -> SessionState:
-        return await self._client._drive(self._state_plan())
+        return await self._client._drive(self._state_plan(self._client.catch_up_seconds))
 
     async def load_state(self, state: SessionState) -> SessionInfo:
         return await self._client._drive(self._load_state_plan(state))
@@ -1041,9 +1129,13 @@ class AsyncShardedClient(_ShardedClientCore, AsyncClient):
 
     async def _drive(self, plan: Plan[T]) -> T:
         try:
-            calls = next(plan)
+            step = next(plan)
             while True:
-                calls = plan.send(await self._fan_out(calls))
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                    step = plan.send([])
+                else:
+                    step = plan.send(await self._fan_out(step))
         except StopIteration as stop:
             return cast(T, stop.value)
 

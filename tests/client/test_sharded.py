@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -342,7 +343,7 @@ def _round(sessions: list[Any], grads: list[dict[str, np.ndarray]]) -> list[Any]
     def work(i: int) -> None:
         try:
             results[i] = sessions[i].push(grads[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             results[i] = exc
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
@@ -462,3 +463,39 @@ def test_a_tfoptimizer_session_keeps_every_tensor_whole(
     assert all(p.rows is None for p in s.layout.pieces)
     for step in range(2):
         assert_same(s.push(gradients(step)), one.push(gradients(step)))
+
+
+def test_reads_while_other_workers_push_are_not_divergence(
+    sharded: ShardedClient, shards: list[ServerThread]
+) -> None:
+    """Pushes in flight carry some shards ahead for a moment: a pull, a summary and the list
+    wait for the others to catch up instead of calling it divergence."""
+    s = sharded.create_session(WEIGHTS, "adam")
+    stop = threading.Event()
+    pushed = [0, 0, 0]
+
+    def worker(i: int) -> None:
+        with Client([u.url for u in shards], slice_bytes=SLICE) as own:
+            session = own.session(s.id)
+            while not stop.is_set():
+                session.push(gradients(i, scale=0.01))
+                pushed[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 3
+        reads = 0
+        while time.monotonic() < deadline:
+            s.pull()
+            assert s.info().iterations >= 0
+            assert s.id in {info.session_id for info in sharded.sessions()}
+            reads += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert reads > 3 and sum(pushed) > 10
+    assert s.info().iterations == sum(pushed)
+    assert s.state().iterations == sum(pushed)  # at rest: one iteration on every shard
