@@ -133,19 +133,28 @@ class HeldWarmUp:
         return "held kernels"
 
 
-def test_ready_only_once_the_kernels_are_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ready_only_once_the_kernels_are_loaded(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Also as the image's HEALTHCHECK asks: ``paramserver health --ready`` exits 1, then 0,
+    while ``paramserver health`` (liveness) exits 0 all along."""
     backend = HeldWarmUp()
     monkeypatch.setattr(main, "default_backend", lambda: backend)
     server = start_server_thread(warm_up_kernels=True)
+    monkeypatch.setenv("PARAMSERVER_PORT", server.url.rsplit(":", 1)[1])
     try:
         assert backend.started.wait(30)
         assert_not_ready(ready(server.url), STARTING)
         assert HTTP.get(f"{server.url}/health").status_code == 200
+        assert cli.main(["health"]) == 0
+        assert cli.main(["health", "--ready"]) == 1
+        assert "GET /ready answered 503" in capsys.readouterr().err
         # requests are served meanwhile (a kernel is compiled on first use if need be)
         assert HTTP.get(f"{server.url}/sessions").status_code == 200
         backend.release()
         answers = wait_ready(server.url, timeout=30)
         assert answers[-1].json() == {"status": "ready"}
+        assert cli.main(["health", "--ready"]) == 0
     finally:
         backend.release()
         server.stop()
