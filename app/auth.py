@@ -25,6 +25,16 @@ __all__ = ["AuthMiddleware", "TokenTable", "load_tokens"]
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 OPEN_PATHS = frozenset({"/health", "/ready"})
+#: The dashboard's page and static files: a browser cannot send a bearer header when it opens
+#: a page; the data the page fetches needs a token as usual.
+OPEN_PREFIXES = ("/dashboard",)
+
+
+def is_open(path: str, *, metrics_public: bool = False) -> bool:
+    """Whether ``path`` is served without a token."""
+    if path in OPEN_PATHS or (metrics_public and path == "/metrics"):
+        return True
+    return any(path == p or path.startswith(p + "/") for p in OPEN_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -89,12 +99,15 @@ def _error(
 class AuthMiddleware:
     """401 without a valid bearer token; 403 for a read-only token on a write."""
 
-    def __init__(self, app: ASGIApp, tokens: TokenTable) -> None:
+    def __init__(self, app: ASGIApp, tokens: TokenTable, *, metrics_public: bool = False) -> None:
         self.app = app
         self.tokens = tokens
+        self.metrics_public = metrics_public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan" or (scope["type"] == "http" and scope["path"] in OPEN_PATHS):
+        if scope["type"] == "lifespan" or (
+            scope["type"] == "http" and is_open(scope["path"], metrics_public=self.metrics_public)
+        ):
             await self.app(scope, receive, send)
             return
         if scope["type"] != "http":

@@ -97,10 +97,18 @@ def serve(settings: Settings, *, demo: bool = False, tokens_in_argv: bool = Fals
     from .main import create_app
     from .serving import http_server
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    as_json = settings.log_format == "json"
+    if as_json:
+        from .observability import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    else:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the demo worker's requests
     if tokens_in_argv:
         logging.getLogger("paramserver").warning(
@@ -109,7 +117,10 @@ def serve(settings: Settings, *, demo: bool = False, tokens_in_argv: bool = Fals
         )
     try:
         app = create_app(settings)  # loads the certificate, if any
-        server = http_server(app, settings, access_log=not demo)  # keep the demo readable
+        # json: uvicorn's loggers go through the root handler (log_config=None), and the
+        # access lines are ours (RequestMetrics), with the request's fields
+        extra: dict[str, Any] = {"log_config": None, "access_log": False} if as_json else {}
+        server = http_server(app, settings, **{"access_log": not demo, **extra})
     except ValueError as exc:  # a certificate that does not load
         print(f"paramserver: invalid settings: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -205,6 +205,7 @@ class _Connection:
         self._can_write = not plane.tokens
         self._pending: memoryview | None = None
         self._failed: OSError | None = None
+        self._sent_locked = 0  # the body bytes of the last answer sent under the lock
         self._direct_send = plane.tls is None  # a TLS socket has no non-blocking sendmsg
 
     # -- the guard's side ----------------------------------------------------------------------
@@ -468,7 +469,10 @@ class _Connection:
         base = header.get("base_iterations")
         squares = header.get("sum_squares")
         order = header.get("round_order")
+        reported = header.get("metrics")
         try:
+            if reported is not None:
+                reported = messages.decode_metrics(reported)
             if base is not None:
                 base = base_iterations(base)
             if squares is not None:
@@ -499,6 +503,7 @@ class _Connection:
             base_iterations=base,
             sum_squares=squares,
             round_order=order,
+            metrics=reported,
             wait=settings.request_timeout_seconds,
         )
         if isinstance(outcome, Ticket):
@@ -509,6 +514,7 @@ class _Connection:
                 weights = result.weights()
                 specs = frames.specs_of(weights)
                 body_views = frames.buffers_of(list(weights.values()))
+                session.stats.sent(sum(len(b) for b in body_views))
                 self._send_frame(
                     request_id,
                     {"status": 200, "iterations": result.iterations, "tensors": specs},
@@ -523,9 +529,11 @@ class _Connection:
             )
             return True
         if direct:
+            session.stats.sent(self._sent_locked)
             self._finish_locked_send()
             return True
         assert outcome.value is not None
+        session.stats.sent(outcome.value[2])
         self._send_answer(request_id, outcome.value)
         return True
 
@@ -543,6 +551,7 @@ class _Connection:
         answer = self.plane.service.read_weights(
             session, self._copy_weights, wait=self.plane.settings.request_timeout_seconds
         )
+        session.stats.sent(answer[2])
         self._send_answer(request_id, answer)
         return True
 
@@ -567,9 +576,8 @@ class _Connection:
             {"status": 200, "iterations": trainer.iterations, "tensors": frames.specs_of(weights)}
         )
         body = frames.buffers_of(list(weights.values()))
-        prefix = frames.pack_prefix(
-            frames.RESPONSE, request_id, len(head), sum(len(b) for b in body)
-        )
+        self._sent_locked = sum(len(b) for b in body)
+        prefix = frames.pack_prefix(frames.RESPONSE, request_id, len(head), self._sent_locked)
         self._pending = None
         self._failed = None
         try:

@@ -24,12 +24,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from paramserver import __version__
 
-from .api import health, sessions
+from .api import health, observability, sessions
 from .api.schemas import CreateSessionRequest
 from .auth import AuthMiddleware, load_tokens
 from .backpressure import ConcurrencyLimitMiddleware
 from .dataplane import DataPlane
 from .errors import install_error_handlers
+from .observability import RequestMetrics, ServerMetrics
 from .optim import default_backend
 from .persistence import Durability, FinalSnapshotsFailed
 from .service import SessionService
@@ -67,6 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_total_bytes=settings.max_total_bytes,
         )
         durability = Durability(settings) if settings.snapshot_dir is not None else None
+        if durability is not None:
+            durability.observe_fsync = metrics.fsync_seconds.observe
+            durability.observe_snapshot = metrics.snapshot_written
         service = SessionService(store, settings, durability)
         app.state.service = service
         readiness = app.state.readiness = Readiness()
@@ -149,14 +153,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.connection_caps = caps
     app.state.tls_context = tls
     app.state.data_plane = None
+    metrics = app.state.metrics = ServerMetrics(lambda: getattr(app.state, "service", None))
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(sessions.router)
+    app.include_router(observability.router)
     _document_json_models(app)
     if settings.limit_concurrency is not None:
         app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.limit_concurrency)
     if tokens:
-        app.add_middleware(AuthMiddleware, tokens=tokens)
+        app.add_middleware(AuthMiddleware, tokens=tokens, metrics_public=settings.metrics_public)
+    # outermost: counts and logs every answer, the middlewares' refusals included
+    app.add_middleware(RequestMetrics, metrics=metrics, access_log=settings.log_format == "json")
     return app
 
 

@@ -111,6 +111,11 @@ class Entry:
         #: What the round's sum orders this gradient by: the push's ``round_order`` (a
         #: sharded push's whole digest) or its own digest, as hex.
         self.order = digest.hex() if order is None else order
+        #: When the push arrived (monotonic), its gradients' bytes and the metrics it
+        #: reports: recorded once the round is applied.
+        self.arrived = time.monotonic()
+        self.nbytes = 0
+        self.metrics: Mapping[str, float] | None = None
         self.key = key
         self.remember = remember
         self.result: RoundResult | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -221,14 +221,18 @@ class SessionService:
             base_iterations=message.base_iterations,
             sum_squares=message.sum_squares,
             round_order=message.round_order,
+            metrics=message.metrics,
         )
         if isinstance(outcome, Ticket):
             return outcome
         if outcome.replayed:
-            if outcome.remembered is not None:
-                return outcome.remembered, True
-            return encode_weights(outcome.iterations, None), True
+            content = outcome.remembered
+            if content is None:
+                content = encode_weights(outcome.iterations, None)
+            session.stats.sent(len(content))
+            return content, True
         assert outcome.value is not None
+        session.stats.sent(len(outcome.value))
         return outcome.value, False
 
     def push_gradients(
@@ -244,6 +248,7 @@ class SessionService:
         base_iterations: int | None = None,
         sum_squares: float | None = None,
         round_order: str | None = None,
+        metrics: Mapping[str, float] | None = None,
         wait: float | None = None,
     ) -> PushOutcome[T] | Ticket:
         """One step of decoded gradients, for every transport: checks, idempotency, journal.
@@ -264,8 +269,61 @@ class SessionService:
         ``sum_squares``: the whole push's sum of squares, sent with each shard's part of a
         sharded push; clipnorm clips with it (:func:`with_sum_squares`). ``round_order``: the
         key a sync round orders this gradient by (a sharded push's whole digest), by default
-        its own digest.
+        its own digest. ``metrics``: what the worker reports with the push, recorded once the
+        push is applied (:class:`~paramserver.server.observability.WorkerPoints`).
         """
+        started = time.monotonic()
+        nbytes = sum(g.nbytes for g in grads.values())
+        try:
+            outcome = self._push(
+                session,
+                grads,
+                journal_body=journal_body,
+                idempotency_key=idempotency_key,
+                answer=answer,
+                remember=remember,
+                round_remember=round_remember,
+                base_iterations=base_iterations,
+                sum_squares=sum_squares,
+                round_order=round_order,
+                metrics=metrics,
+                wait=wait,
+                started=started,
+                nbytes=nbytes,
+            )
+        except StaleGradient:
+            session.stats.refused_stale()
+            raise
+        if isinstance(outcome, PushOutcome):
+            session.stats.pushed(time.monotonic() - started, nbytes, replayed=outcome.replayed)
+            if metrics and not outcome.replayed:
+                self._record_points(session, metrics, outcome.iterations)
+        return outcome
+
+    def _record_points(
+        self, session: Session, metrics: Mapping[str, float], iterations: int
+    ) -> None:
+        session.points.allocate(self.store.points_budget(session))
+        session.points.add(metrics, iterations)
+
+    def _push(
+        self,
+        session: Session,
+        grads: dict[str, np.ndarray],
+        *,
+        journal_body: Callable[[], bytes | bytearray | memoryview],
+        idempotency_key: str | None,
+        answer: Callable[[Trainer], T],
+        remember: Callable[[T], bytes | None],
+        round_remember: Callable[[RoundResult], bytes | None],
+        base_iterations: int | None,
+        sum_squares: float | None,
+        round_order: str | None,
+        metrics: Mapping[str, float] | None,
+        wait: float | None,
+        started: float,
+        nbytes: int,
+    ) -> PushOutcome[T] | Ticket:
         digest = None if idempotency_key is None else push_digest(grads)
         if not session.persisted.is_set():
             # Created a moment ago and its create record is being written: a push journaled
@@ -277,6 +335,7 @@ class SessionService:
                     headers={"Retry-After": "1"},
                 )
         completing: tuple[list[Entry], RoundResult, int] | None = None
+        round_started = 0.0
         with session.locked(wait) as trainer:
             if session.deleted:  # deleted while this push waited for the lock
                 raise SessionNotFound(f"no session {session.id!r}")
@@ -308,6 +367,12 @@ class SessionService:
                         headers={"Retry-After": str(int(exc.retry_after))},
                     ) from None
             self._check_base(session, trainer, base_iterations)
+            if metrics and not session.points.fits(metrics):
+                raise InvalidRequest(
+                    f"session {session.id!r} already has {len(session.points.names)} metric "
+                    f"names, at most {session.points.MAX_NAMES}; report fewer distinct names",
+                    code=ErrorCode.INVALID_METRICS,
+                )
             if trainer.iterations >= MAX_ITERATIONS - 1:
                 raise IterationsExhausted(
                     f"session {session.id!r} is at iteration {trainer.iterations}, the most a "
@@ -329,10 +394,12 @@ class SessionService:
                     round_remember,
                     order=round_order,
                 )
+                entry.arrived, entry.nbytes, entry.metrics = started, nbytes, metrics
                 serial, full = current.add(entry, prepared.flat)
                 ticket = Ticket(current, entry, serial, current.deadline())
                 if full is None:
                     return ticket
+                round_started = current.started
                 completing = self._complete_round(session, trainer, current, full)
             else:
                 lsn = self._step(session, trainer, prepared, journal_body, idempotency_key, digest)
@@ -356,7 +423,12 @@ class SessionService:
                 for waiter in entries:
                     waiter.resolve(None, error)
                 raise
+            now = time.monotonic()
+            session.stats.round_applied(now - round_started)
             for waiter in entries:  # the round is durable: answer every push of it
+                session.stats.pushed(now - waiter.arrived, waiter.nbytes)
+                if waiter.metrics:
+                    self._record_points(session, waiter.metrics, result.iterations)
                 waiter.resolve(result)
             return ticket
         if self.journal is not None:
@@ -521,7 +593,9 @@ class SessionService:
         with session.locked() as trainer:
             if session.deleted:  # deleted while the pull waited
                 raise SessionNotFound(f"no session {session.id!r}")
-            return encode_weights(trainer.iterations, trainer.weights())
+            content = encode_weights(trainer.iterations, trainer.weights())
+        session.stats.sent(len(content))
+        return content
 
     def check_wait(self, min_iterations: int | None, wait_seconds: float) -> None:
         """A pull may wait at most the request timeout for ``min_iterations``."""

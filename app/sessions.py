@@ -28,6 +28,7 @@ from .errors import (
     SessionExists,
     SessionNotFound,
 )
+from .observability import SessionStats, WorkerPoints
 from .rounds import Round, held_bytes
 from .training import Trainer
 
@@ -70,6 +71,13 @@ class Session:
         self._watch_lock = threading.Lock()
         self._round: Round | None = None
         self._new_round()
+        #: Counters for /metrics and /stats, and the points workers report with pushes.
+        self.stats = SessionStats()
+        self.points = WorkerPoints()
+
+    def held_bytes(self) -> int:
+        """What the session holds: weights, slots, a sync round's rows, reported points."""
+        return held_bytes(self.trainer) + self.points.nbytes
 
     def _new_round(self) -> None:
         """A round of its own for a sync session (made with the trainer, under the lock or
@@ -235,7 +243,17 @@ class SessionStore:
     def total_bytes(self) -> int:
         with self._lock:
             sessions = list(self._sessions.values())
-        return sum(held_bytes(s.trainer) for s in sessions)
+        return sum(s.held_bytes() for s in sessions)
+
+    def points_budget(self, session: Session) -> int | None:
+        """Bytes the session's reported points may take: what its quota and the server's
+        leave (None: no limit)."""
+        budgets = []
+        if self.max_session_bytes is not None:
+            budgets.append(self.max_session_bytes - held_bytes(session.trainer))
+        if self.max_total_bytes is not None:
+            budgets.append(self.max_total_bytes - self.total_bytes())
+        return None if not budgets else max(0, min(budgets))
 
     def add(
         self, session_id: str, build: Callable[[], Trainer], *, persisted: bool = True
@@ -285,7 +303,7 @@ class SessionStore:
             )
         if self.max_total_bytes is None:
             return
-        used = sum(held_bytes(s.trainer) for s in self._sessions.values()) - replacing
+        used = sum(s.held_bytes() for s in self._sessions.values()) - replacing
         if used + needed > self.max_total_bytes:
             raise InsufficientStorage(
                 f"the session needs {needed} bytes; the server holds {used} of its "

@@ -26,6 +26,16 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="critical, error, warning, info or debug."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="'text' lines, or 'json': one object a line (time, level, message, and "
+        "for requests request_id, session_id, method, path, status, duration_ms, bytes).",
+    )
+    metrics_public: bool = Field(
+        False,
+        description="Serve GET /metrics without a token even when tokens are configured "
+        "(for a Prometheus that cannot send one).",
+    )
 
     max_body_bytes: int = Field(
         512 * MiB, ge=1024, description="Largest request body, enforced while it streams in."

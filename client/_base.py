@@ -686,6 +686,7 @@ class SessionCore(Generic[W]):
         base_iterations: int | None = None,
         sum_squares: float | None = None,
         round_order: str | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> Call[tuple[int, W | None]]:
         """The push; its answer is ``(iterations, weights or None)``.
 
@@ -694,8 +695,10 @@ class SessionCore(Generic[W]):
         they are written into those arrays, which are returned. ``base_iterations`` defaults
         to the handle's for the sessions that need it (sync, and ``max_staleness``).
         ``sum_squares`` and ``round_order``: a sharded push's part carries the whole push's
-        sum of squares (clipnorm) and digest (the order of a sync round's sum).
+        sum of squares (clipnorm) and digest (the order of a sync round's sum). ``metrics``:
+        what the worker reports (``{"loss": 0.31}``), recorded once the push is applied.
         """
+        reported = None if not metrics else messages.decode_metrics(dict(metrics))
         grads, _ = named_arrays(gradients, self.names, "gradients")
         if self._float64 and not self._warned_float64:
             self._warn_float64(grads)
@@ -734,13 +737,17 @@ class SessionCore(Generic[W]):
             header["sum_squares"] = float(sum_squares)
         if round_order is not None:
             header["round_order"] = round_order
+        if reported:
+            header["metrics"] = reported
         training = self.training
         return Call(
             "POST",
             session_path(self.id, "gradients"),
             parse,
             params=None if return_weights else {"return_weights": "false"},
-            encode=lambda: messages.encode_push(grads, base_iterations, sum_squares, round_order),
+            encode=lambda: messages.encode_push(
+                grads, base_iterations, sum_squares, round_order, reported
+            ),
             idempotency_key=key,
             lean=LeanRequest(header, list(grads.values()), targets),
             parse_lean=parse_lean,

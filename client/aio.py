@@ -70,6 +70,7 @@ class AsyncSession(_base.SessionCore[W]):
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
         base_iterations: int | None = ...,
+        metrics: Mapping[str, float] | None = ...,
     ) -> W: ...
 
     @overload
@@ -81,6 +82,7 @@ class AsyncSession(_base.SessionCore[W]):
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
         base_iterations: int | None = ...,
+        metrics: Mapping[str, float] | None = ...,
     ) -> int: ...
 
     @overload
@@ -92,6 +94,7 @@ class AsyncSession(_base.SessionCore[W]):
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
         base_iterations: int | None = ...,
+        metrics: Mapping[str, float] | None = ...,
     ) -> W | int: ...
 
     async def push(
@@ -102,6 +105,7 @@ class AsyncSession(_base.SessionCore[W]):
         idempotency_key: str | None = None,
         out: Weights | None = None,
         base_iterations: int | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> W | int:
         """Apply one optimizer step; returns the new weights, or the iteration count.
 
@@ -130,6 +134,7 @@ class AsyncSession(_base.SessionCore[W]):
                 idempotency_key=idempotency_key,
                 out=out,
                 base_iterations=base_iterations,
+                metrics=metrics,
             )
         )
         if not return_weights:

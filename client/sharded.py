@@ -362,6 +362,7 @@ class _ShardedCore:
         idempotency_key: str | None,
         out: Weights | None,
         base_iterations: int | None,
+        metrics: Mapping[str, float] | None = None,
     ) -> Plan[tuple[int, Any]]:
         grads = self._gradients(gradients)
         core = cast(Any, self)
@@ -385,6 +386,7 @@ class _ShardedCore:
                     base_iterations=base_iterations,
                     sum_squares=squares,
                     round_order=order,
+                    metrics=metrics if i == 0 else None,  # recorded once: by shard 0
                 ),
             )
             for i, sub in enumerate(self._subs)
@@ -842,6 +844,7 @@ class ShardedSession(_ShardedCore, Session[Any]):
         idempotency_key: str | None = None,
         out: Weights | None = None,
         base_iterations: int | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> Any:
         """One step on every shard (see :meth:`Session.push`); a shard that stays down
         raises ``PushIncomplete`` (push again with its ``idempotency_key``). With other
@@ -854,6 +857,7 @@ class ShardedSession(_ShardedCore, Session[Any]):
                 idempotency_key=idempotency_key,
                 out=out,
                 base_iterations=base_iterations,
+                metrics=metrics,
             )
         )
         if not return_weights:
@@ -1035,6 +1039,7 @@ class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
         idempotency_key: str | None = None,
         out: Weights | None = None,
         base_iterations: int | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> Any:
         iterations, weights = await self._client._drive(
             self._push_plan(
@@ -1043,6 +1048,7 @@ class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
                 idempotency_key=idempotency_key,
                 out=out,
                 base_iterations=base_iterations,
+                metrics=metrics,
             )
         )
         if not return_weights:

@@ -69,6 +69,7 @@ class Session(_base.SessionCore[W]):
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
         base_iterations: int | None = ...,
+        metrics: Mapping[str, float] | None = ...,
     ) -> W: ...
 
     @overload
@@ -80,6 +81,7 @@ class Session(_base.SessionCore[W]):
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
         base_iterations: int | None = ...,
+        metrics: Mapping[str, float] | None = ...,
     ) -> int: ...
 
     @overload
@@ -91,6 +93,7 @@ class Session(_base.SessionCore[W]):
         idempotency_key: str | None = ...,
         out: Weights | None = ...,
         base_iterations: int | None = ...,
+        metrics: Mapping[str, float] | None = ...,
     ) -> W | int: ...
 
     def push(
@@ -101,6 +104,7 @@ class Session(_base.SessionCore[W]):
         idempotency_key: str | None = None,
         out: Weights | None = None,
         base_iterations: int | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> W | int:
         """Apply one optimizer step; returns the new weights, or the iteration count.
 
@@ -121,6 +125,10 @@ class Session(_base.SessionCore[W]):
         timeout and deadline grow by the round timeout); a gradient of older weights raises
         ``StaleGradient`` (its ``iterations`` is the session's: pull and compute again), a
         round that does not fill in time ``RoundTimeout``.
+
+        ``metrics`` (``{"loss": 0.31, "accuracy": 0.9}``: at most 16 names of at most 64
+        characters, finite numbers) are recorded by the server with the iteration the push
+        applied (``GET /sessions/{id}/metrics``, the dashboard); a replay records none.
         """
         iterations, weights = self._client._run(
             self._push_call(
@@ -129,6 +137,7 @@ class Session(_base.SessionCore[W]):
                 idempotency_key=idempotency_key,
                 out=out,
                 base_iterations=base_iterations,
+                metrics=metrics,
             )
         )
         if not return_weights:

@@ -70,6 +70,7 @@ class ErrorCode(str, enum.Enum):
     INVALID_CONSTRAINT = "invalid_constraint"
     MISSING_BASE_ITERATIONS = "missing_base_iterations"
     INVALID_BASE_ITERATIONS = "invalid_base_iterations"
+    INVALID_METRICS = "invalid_metrics"
     # 500
     INTERNAL_ERROR = "internal_error"
     # 503: not processed; retry later (Retry-After)
@@ -125,6 +126,7 @@ STATUS: dict[ErrorCode, int] = {
     _C.INVALID_CONSTRAINT: 422,
     _C.MISSING_BASE_ITERATIONS: 422,
     _C.INVALID_BASE_ITERATIONS: 422,
+    _C.INVALID_METRICS: 422,
     _C.INTERNAL_ERROR: 500,
     _C.SERVICE_UNAVAILABLE: 503,
     _C.SESSION_BUSY: 503,

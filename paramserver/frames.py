@@ -83,6 +83,7 @@ OPS: Mapping[str, frozenset[str]] = {
             "base_iterations",
             "sum_squares",
             "round_order",
+            "metrics",
         }
     ),
     "pull": frozenset({"session", "min_iterations", "wait_seconds"}),

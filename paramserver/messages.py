@@ -145,6 +145,46 @@ class PushMessage:
     #: The key a sync round orders this gradient by (a sharded push: the whole push's
     #: :func:`push_digest`, hex); by default the push's own digest.
     round_order: str | None = None
+    #: What the worker reports with the push (``{"loss": 0.31}``: :func:`decode_metrics`).
+    metrics: dict[str, float] | None = None
+
+
+#: A push's ``metrics``: at most this many names, of at most this many characters.
+MAX_METRICS = 16
+MAX_METRIC_NAME = 64
+
+
+def decode_metrics(value: Any) -> dict[str, float]:
+    """A push's ``metrics``: ``{name: finite number}``, at most :data:`MAX_METRICS` names of
+    1-:data:`MAX_METRIC_NAME` printable characters (422 ``invalid_metrics``)."""
+
+    def refuse(message: str) -> MessageError:
+        return MessageError(message[:300], code=ErrorCode.INVALID_METRICS)
+
+    if not isinstance(value, dict):
+        raise refuse("'metrics' must be a map of name -> number, e.g. {'loss': 0.31}")
+    if len(value) > MAX_METRICS:
+        raise refuse(f"'metrics' holds {len(value)} names; at most {MAX_METRICS}")
+    out: dict[str, float] = {}
+    for name, number in value.items():
+        if (
+            not isinstance(name, str)
+            or not 1 <= len(name) <= MAX_METRIC_NAME
+            or not name.isprintable()
+        ):
+            raise refuse(
+                f"metrics: names are 1-{MAX_METRIC_NAME} printable characters, got {name!r}"
+            )
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise refuse(f"metrics[{name!r}] must be a number, got {number!r}")
+        try:
+            as_float = float(number)
+        except OverflowError:
+            as_float = math.inf
+        if not math.isfinite(as_float):
+            raise refuse(f"metrics[{name!r}] must be finite, got {number!r}")
+        out[name] = as_float
+    return out
 
 
 def push_digest(gradients: Mapping[str, np.ndarray]) -> bytes:
@@ -286,7 +326,7 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     obj = _top_level(
         _load(body, "msgpack", limits),
         required=frozenset({"gradients"}),
-        optional=frozenset({"base_iterations", "sum_squares", "round_order"}),
+        optional=frozenset({"base_iterations", "sum_squares", "round_order", "metrics"}),
     )
     base = obj.get("base_iterations")
     if base is not None:
@@ -297,8 +337,9 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     order = obj.get("round_order")
     if order is not None:
         order = decode_round_order(order)
+    metrics = decode_metrics(obj["metrics"]) if "metrics" in obj else None
     gradients = _tensors(obj["gradients"], field="gradients", limits=limits)
-    return PushMessage(gradients, base, squares, order)
+    return PushMessage(gradients, base, squares, order, metrics)
 
 
 def decode_push(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
@@ -469,6 +510,7 @@ def encode_push(
     base_iterations: int | None = None,
     sum_squares: float | None = None,
     round_order: str | None = None,
+    metrics: Mapping[str, float] | None = None,
 ) -> bytes:
     message: dict[str, Any] = {"gradients": arrays(gradients, "gradients")}
     if base_iterations is not None:
@@ -477,6 +519,8 @@ def encode_push(
         message["sum_squares"] = float(sum_squares)
     if round_order is not None:
         message["round_order"] = round_order
+    if metrics:
+        message["metrics"] = decode_metrics(dict(metrics))
     return wire.pack(message)
 
 

@@ -215,6 +215,7 @@ async def push_gradients(
         # session's turn (the other pushes of the round need it); only the round's timeout
         # bounds this wait.
         content, replayed = round_answer(await outcome.wait_async(), return_weights), False
+        session.stats.sent(len(content))
     else:
         content, replayed = outcome
     return MsgpackResponse(content, headers={"Idempotent-Replayed": "true"} if replayed else None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,6 +87,9 @@ class Durability:
         self._marks: weakref.WeakKeyDictionary[Session, tuple[int, int, datetime]] = (
             weakref.WeakKeyDictionary()
         )
+        #: Told the seconds of each journal fsync and of each snapshot written (/metrics).
+        self.observe_fsync: Callable[[float], None] | None = None
+        self.observe_snapshot: Callable[[float], None] | None = None
 
     @property
     def store(self) -> SessionStore:
@@ -146,6 +150,7 @@ class Durability:
                 fsync_interval_seconds=self.settings.journal_fsync_interval_seconds,
                 pending=replayed.pending,
             )
+            self.journal.observe_fsync = self.observe_fsync
         else:
             self._base_lsn = next_lsn - 1
         if replayed.applied:
@@ -200,6 +205,7 @@ class Durability:
             # After a journal failure the memory may hold a step that was never made durable
             # (its fsync failed): it must not reach disk through a snapshot either.
             self.journal.check()
+        started = time.monotonic()
         with session.locked() as trainer:
             if session.deleted:
                 return None
@@ -222,6 +228,8 @@ class Durability:
             body = encode_state(trainer.state())
         written = self.snapshots.write(reservation, header, body)
         if written is not None:
+            if self.observe_snapshot is not None:
+                self.observe_snapshot(time.monotonic() - started)
             self._marks[session] = mark
             if self.journal is not None:
                 self.journal.covered(session.id, lsn)

@@ -41,8 +41,9 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -153,6 +154,8 @@ class Journal:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.always = fsync == "always"
+        #: Told the seconds of every fsync of a commit (/metrics).
+        self.observe_fsync: Callable[[float], None] | None = None
         self.segment_bytes = segment_bytes
         self._lock = threading.Lock()  # order: _sync_lock before _lock
         self._sync_lock = threading.Lock()
@@ -246,6 +249,7 @@ class Journal:
                 self.check()
                 target = self._last_lsn
                 fd = os.dup(self._fd)  # a rotation may close self._fd meanwhile
+            started = time.monotonic()
             try:
                 os.fdatasync(fd)
             except OSError as exc:
@@ -254,6 +258,8 @@ class Journal:
                 raise JournalFailed(f"the journal cannot be synced: {exc}") from None
             finally:
                 os.close(fd)
+            if self.observe_fsync is not None:
+                self.observe_fsync(time.monotonic() - started)
             self._durable = max(self._durable, target)
 
     def _sync_periodically(self, interval: float) -> None:

@@ -166,12 +166,19 @@ REQUESTS: dict[tuple[str, str], Call] = {
     ("POST", "/sessions/{session_id}/snapshot"): Call(
         409, lambda w: {"url": f"/sessions/{w.session_id}/snapshot"}
     ),
+    ("GET", "/metrics"): Call(200, lambda w: {"url": "/metrics"}),
+    ("GET", "/stats"): Call(200, lambda w: {"url": "/stats"}),
+    ("GET", "/sessions/{session_id}/metrics"): Call(
+        200, lambda w: {"url": f"/sessions/{w.session_id}/metrics"}
+    ),
+    ("GET", "/dashboard"): Call(200, lambda w: {"url": "/dashboard"}),
+    ("GET", "/dashboard/{name}"): Call(200, lambda w: {"url": "/dashboard/dashboard.js"}),
 }
 
 # Every route the app has, known to REQUESTS or not: a route without an entry is still called
 # with every credential (generically), and test_every_route_has_a_request fails for it.
 ROUTE_IDS = sorted(ROUTES | set(REQUESTS))
-PROTECTED = [r for r in ROUTE_IDS if r[1] not in auth.OPEN_PATHS]
+PROTECTED = [r for r in ROUTE_IDS if not auth.is_open(r[1])]
 READS = [r for r in PROTECTED if r[0] in ("GET", "HEAD")]
 WRITES = [r for r in PROTECTED if r[0] not in ("GET", "HEAD")]
 
