@@ -131,6 +131,8 @@ def test_points_are_recorded_once_per_applied_push(srv: ServerThread) -> None:
             with pytest.raises((InvalidRequest, ValueError)):
                 s.push(G, metrics=bad)
         assert s.info().iterations == 6
+    with Client(srv.url, data_plane=False) as over_http:  # the same over HTTP
+        over_http.session("points").push(G, metrics={"loss": 0.25})
     for bad in ({"loss": True}, [1.0], {"": 1.0}, {"loss": float("inf")}):
         body = messages.wire.pack({"gradients": G, "metrics": bad})
         r = httpx.post(f"{srv.url}/sessions/points/gradients", content=body, headers=MSGPACK)
@@ -138,20 +140,21 @@ def test_points_are_recorded_once_per_applied_push(srv: ServerThread) -> None:
     answer = httpx.get(f"{srv.url}/sessions/points/metrics", timeout=30).json()
     assert answer["names"] == ["loss", "accuracy"]
     losses = [p for p in answer["points"] if p["name"] == "loss"]
-    assert [p["iterations"] for p in losses] == [1, 2, 3, 4, 5, 6]
-    assert [p["value"] for p in losses][:2] == [1.0, 0.5] and losses[-1]["value"] == 9.0
-    assert httpx.get(f"{srv.url}/sessions/points", timeout=30).json()["iterations"] == 6
+    assert [p["iterations"] for p in losses] == [1, 2, 3, 4, 5, 6, 7]
+    assert [p["value"] for p in losses][:2] == [1.0, 0.5] and losses[-2]["value"] == 9.0
+    assert losses[-1]["value"] == 0.25
+    assert httpx.get(f"{srv.url}/sessions/points", timeout=30).json()["iterations"] == 7
     only = httpx.get(
         f"{srv.url}/sessions/points/metrics",
         params={"name": "loss", "since_iterations": 4, "limit": 1},
         timeout=30,
     ).json()["points"]
-    assert [(p["name"], p["iterations"]) for p in only] == [("loss", 6)]
+    assert [(p["name"], p["iterations"]) for p in only] == [("loss", 7)]
     state = messages.decode_state(
         httpx.get(f"{srv.url}/sessions/points/state", timeout=30).content,
         messages.ANSWER_LIMITS,
     )
-    assert state.iterations == 6  # the state carries no points
+    assert state.iterations == 7  # the state carries no points
     assert httpx.get(f"{srv.url}/sessions/none/metrics", timeout=30).status_code == 404
 
 
