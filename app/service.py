@@ -58,6 +58,10 @@ log = logging.getLogger("paramserver")
 T = TypeVar("T")
 
 
+def trainer_specs(trainer: Trainer) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    return {name: (shape, dtype) for name, (dtype, shape) in trainer.parameters().items()}
+
+
 def _key_reused(session: Session, key: str, iterations: int | None) -> InvalidRequest:
     where = "waiting in the open round" if iterations is None else f"applied as step {iterations}"
     return InvalidRequest(
@@ -141,6 +145,7 @@ class SessionService:
                     training=message.training,
                     constraints=message.constraints,
                     shard=message.shard,
+                    sparse_updates=message.sparse_updates,
                 )
             except (StateError, GradientError) as exc:
                 code = getattr(exc, "code", None) or ErrorCode.INVALID_WEIGHTS
@@ -395,7 +400,8 @@ class SessionService:
                     order=round_order,
                 )
                 entry.arrived, entry.nbytes, entry.metrics = started, nbytes, metrics
-                serial, full = current.add(entry, prepared.flat)
+                # a round's rows are dense: a row-sparse gradient is written out whole
+                serial, full = current.add(entry, prepared.dense(trainer_specs(trainer)))
                 ticket = Ticket(current, entry, serial, current.deadline())
                 if full is None:
                     return ticket

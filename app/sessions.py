@@ -187,6 +187,7 @@ class Session:
             "iterations": trainer.iterations,
             "refuse_non_finite": trainer.refuse_non_finite,
             "training": trainer.training.to_dict(),
+            "sparse_updates": trainer.sparse_updates,
             "constraints": {name: c.to_dict() for name, c in trainer.constraints.items()},
             "parameters": {
                 name: {"dtype": str(dtype), "shape": list(shape)}

@@ -341,6 +341,9 @@ class TFTrainer:
 
     #: TensorFlow applies a step in place: there is no saved copy to go back to.
     refuse_non_finite = False
+    #: Row-sparse gradients are applied as their dense equivalent (TensorFlow's optimizers
+    #: would otherwise take their own sparse paths, with their own semantics).
+    sparse_updates = "exact"
 
     def __init__(
         self,
@@ -480,7 +483,7 @@ class TFTrainer:
 
     def apply(self, prepared: PreparedGradients) -> None:
         """One ``apply_gradients`` with the prepared gradients (cast to the parameters' dtypes)."""
-        flat = prepared.flat
+        flat = prepared.dense(self._specs)  # a row-sparse gradient as its dense equivalent
         tensors = [
             self._tf.convert_to_tensor(flat[n].reshape(shape))
             for n, (shape, _dtype) in self._specs.items()

@@ -60,6 +60,11 @@ class Trainer(Protocol):
     #: Which part of a sharded session this is (None: a whole session); carried by the state.
     shard: Shard | None
 
+    @property
+    def sparse_updates(self) -> str:
+        """How row-sparse gradients update: "exact" or "lazy" (carried by the state)."""
+        ...
+
     def parameters(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Name -> (dtype, shape) of every parameter, in the model's order."""
         ...
@@ -144,6 +149,10 @@ class KerasTrainer:
         return self._refuse_non_finite
 
     @property
+    def sparse_updates(self) -> str:
+        return self.engine.sparse_updates
+
+    @property
     def iterations(self) -> int:
         return self.engine.iterations
 
@@ -213,6 +222,7 @@ class KerasTrainer:
             training=self.training,
             constraints=dict(self.constraints),
             shard=self.shard,
+            sparse_updates=self.engine.sparse_updates,
         )
 
     def load_state(self, state: SessionState) -> None:
@@ -256,9 +266,26 @@ def build_trainer(
     training: Training | None = None,
     constraints: Mapping[str, Constraint] | None = None,
     shard: Shard | None = None,
+    sparse_updates: str = "exact",
 ) -> Trainer:
     """A fresh trainer for ``optimizer`` over copies of ``weights`` (``training``: the
-    session's mode, default asynchronous; ``shard``: the part of a sharded session it is)."""
+    session's mode, default asynchronous; ``shard``: the part of a sharded session it is;
+    ``sparse_updates``: how row-sparse gradients update, "exact" or "lazy")."""
+    if sparse_updates == "lazy":
+        if isinstance(optimizer, TFOptimizer):
+            raise StateError(
+                "sparse_updates 'lazy' is for Keras 2.2 optimizers; a TFOptimizer applies "
+                "row-sparse gradients as their dense equivalent (use 'exact')",
+                code=ErrorCode.INVALID_OPTIMIZER,
+            )
+        normed = sorted(n for n, c in (constraints or {}).items() if c.norm_based)
+        if normed:
+            raise StateError(
+                f"sparse_updates 'lazy' cannot keep norm-based constraints ({', '.join(normed)}):"
+                " their norms span rows a lazy step leaves alone; use 'exact' or constrain on "
+                "the worker",
+                code=ErrorCode.INVALID_CONSTRAINT,
+            )
     if shard is not None:
         check_shardable(optimizer, training)
         try:
@@ -278,6 +305,8 @@ def build_trainer(
         constraints=constraints,
     )
     trainer.shard = shard
+    if isinstance(trainer, KerasTrainer):
+        trainer.engine.sparse_updates = sparse_updates
     return trainer
 
 
@@ -380,6 +409,7 @@ def restore_trainer(state: SessionState) -> Trainer:
         training=state.training,
         constraints=state.constraints,
         shard=state.shard,
+        sparse_updates=state.sparse_updates,
     )
     trainer.load_state(state)
     return trainer

@@ -46,6 +46,7 @@ from .codes import ErrorCode, MessageError
 from .constraints import Constraint, decode_constraints
 from .optimizers import InvalidOptimizerConfig, Optimizer, UnknownOptimizer
 from .sharding import Shard, decode_round_order, decode_shard, decode_sum_squares
+from .sparse import Rows
 from .training import Async, Training, decode_training
 
 __all__ = [
@@ -109,6 +110,8 @@ class SessionState:
     training: Training = field(default_factory=Async)
     constraints: dict[str, Constraint] = field(default_factory=dict)
     shard: Shard | None = None
+    #: How row-sparse gradients update: "exact" (every row, Keras 2.2) or "lazy".
+    sparse_updates: str = "exact"
 
     def to_bytes(self) -> bytes:
         return encode_state(self)
@@ -130,6 +133,7 @@ class CreateMessage:
     training: Training = field(default_factory=Async)
     constraints: dict[str, Constraint] = field(default_factory=dict)
     shard: Shard | None = None
+    sparse_updates: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -193,7 +197,17 @@ def push_digest(gradients: Mapping[str, np.ndarray]) -> bytes:
     same client, which chose the key (~0.06 ms for 4 MB), and orders a sync round's sum."""
     digest = xxhash.xxh3_128()
     for name in sorted(gradients):
-        array = np.ascontiguousarray(gradients[name])
+        value = gradients[name]
+        if isinstance(value, Rows):  # row-sparse: its shape, indices and rows
+            values = np.ascontiguousarray(value.values)
+            digest.update(
+                f"{len(name)}:{name}|rows|{values.dtype.str}|{value.shape}|{values.shape}|".encode()
+            )
+            digest.update(np.ascontiguousarray(value.indices, np.int64).view(np.uint8).data)
+            if values.size:
+                digest.update(values.reshape(-1).view(np.uint8).data)
+            continue
+        array = np.ascontiguousarray(value)
         digest.update(f"{len(name)}:{name}|{array.dtype.str}|{array.shape}|".encode())
         if array.size:
             digest.update(array.reshape(-1).view(np.uint8).data)
@@ -262,10 +276,15 @@ def _top_level(
 
 
 def _tensors(
-    obj: Any, *, field: str, limits: wire.DecodeLimits, json_body: bool = False
-) -> dict[str, np.ndarray]:
+    obj: Any,
+    *,
+    field: str,
+    limits: wire.DecodeLimits,
+    json_body: bool = False,
+    rows: bool = False,
+) -> dict[str, Any]:
     try:
-        return wire.decode_tensor_map(obj, field=field, limits=limits, json=json_body)
+        return wire.decode_tensor_map(obj, field=field, limits=limits, json=json_body, rows=rows)
     except wire.TensorError as exc:
         raise MessageError(str(exc), code=ErrorCode.INVALID_TENSOR) from None
 
@@ -300,7 +319,16 @@ def decode_create(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> Crea
     obj = _top_level(
         _load(body, kind, limits),
         required=frozenset({"optimizer", "weights"}),
-        optional=frozenset({"session_id", "refuse_non_finite", "training", "constraints", "shard"}),
+        optional=frozenset(
+            {
+                "session_id",
+                "refuse_non_finite",
+                "training",
+                "constraints",
+                "shard",
+                "sparse_updates",
+            }
+        ),
     )
     optimizer = decode_optimizer(obj["optimizer"])
     weights = _tensors(obj["weights"], field="weights", limits=limits, json_body=kind == "json")
@@ -308,9 +336,24 @@ def decode_create(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> Crea
     mode = decode_training(obj["training"]) if "training" in obj else Async()
     constraints = decode_constraints(obj["constraints"]) if "constraints" in obj else {}
     shard = decode_shard(obj["shard"]) if "shard" in obj else None
+    sparse = decode_sparse_updates(obj.get("sparse_updates", "exact"))
     return CreateMessage(
-        obj.get("session_id"), optimizer, weights, refuse, mode, constraints, shard
+        obj.get("session_id"), optimizer, weights, refuse, mode, constraints, shard, sparse
     )
+
+
+#: How a session applies row-sparse gradients.
+SPARSE_UPDATES = ("exact", "lazy")
+
+
+def decode_sparse_updates(value: Any, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> str:
+    """``"exact"`` (default: every row updated, Keras 2.2) or ``"lazy"`` (only the rows a
+    gradient has, as TensorFlow's LazyAdam); 422 otherwise."""
+    if value not in SPARSE_UPDATES or not isinstance(value, str):
+        raise MessageError(
+            f"'sparse_updates' must be 'exact' or 'lazy', got {value!r}"[:200], code=code
+        )
+    return value
 
 
 def _flag(obj: dict[str, Any], key: str, code: ErrorCode) -> bool:
@@ -338,7 +381,7 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     if order is not None:
         order = decode_round_order(order)
     metrics = decode_metrics(obj["metrics"]) if "metrics" in obj else None
-    gradients = _tensors(obj["gradients"], field="gradients", limits=limits)
+    gradients = _tensors(obj["gradients"], field="gradients", limits=limits, rows=True)
     return PushMessage(gradients, base, squares, order, metrics)
 
 
@@ -382,7 +425,9 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
         required=_STATE_KEYS,
         # refuse_non_finite: absent in states of version 0.1; training: absent for async
         # sessions and in states before training modes
-        optional=frozenset({"refuse_non_finite", "training", "constraints", "shard"}),
+        optional=frozenset(
+            {"refuse_non_finite", "training", "constraints", "shard", "sparse_updates"}
+        ),
     )
     iterations = _iterations(obj["iterations"], ErrorCode.INVALID_STATE)
     optimizer = decode_optimizer(obj["optimizer"])
@@ -414,6 +459,9 @@ def decode_state(body: Body, limits: wire.DecodeLimits) -> SessionState:
         training=_state_training(obj),
         constraints=_state_constraints(obj),
         shard=_state_shard(obj),
+        sparse_updates=decode_sparse_updates(
+            obj.get("sparse_updates", "exact"), ErrorCode.INVALID_STATE
+        ),
     )
 
 
@@ -460,6 +508,10 @@ def arrays(values: Mapping[str, Any], what: str) -> dict[str, np.ndarray]:
                 "optimizers (momentum, moments and decay still move a parameter), so give it a "
                 "gradient or leave it out of the session"
             )
+        if isinstance(value, Rows):  # row-sparse: its rows travel as they are
+            wire.dtype_name(value.values.dtype, f"{what}[{name!r}]")
+            out[name] = value  # type: ignore[assignment]
+            continue
         array = value if isinstance(value, np.ndarray) else np.asarray(value)
         wire.dtype_name(array.dtype, f"{what}[{name!r}]")  # a dtype that cannot travel, named
         out[name] = array
@@ -475,6 +527,7 @@ def encode_create(
     training: Any = None,
     constraints: Mapping[str, Any] | None = None,
     shard: Shard | None = None,
+    sparse_updates: str = "exact",
 ) -> bytes:
     """The create body; the optimizer, the training mode and the constraints are validated
     (and normalised) on the way."""
@@ -493,6 +546,8 @@ def encode_create(
         message["constraints"] = _constraints_out(constraints)
     if shard is not None:
         message["shard"] = shard.to_dict()
+    if sparse_updates != "exact":
+        message["sparse_updates"] = decode_sparse_updates(sparse_updates)
     return wire.pack(message)
 
 
@@ -550,4 +605,6 @@ def encode_state(state: SessionState) -> bytes:
         message["constraints"] = _constraints_out(state.constraints)
     if state.shard is not None:
         message["shard"] = state.shard.to_dict()
+    if state.sparse_updates != "exact":  # an exact state reads as before sparse rows
+        message["sparse_updates"] = decode_sparse_updates(state.sparse_updates)
     return wire.pack(message)

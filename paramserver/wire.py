@@ -32,6 +32,8 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
+from .sparse import Rows
+
 __all__ = [
     "MSGPACK_CONTENT_TYPES",
     "MSGPACK_MEDIA_TYPE",
@@ -378,14 +380,58 @@ def decode_json_tensor(
         raise TensorError(f"{where}: 'data' cannot be read as {obj['dtype']}: {exc}") from None
 
 
+_ROWS_KEYS = frozenset({"dtype", "shape", "indices", "data"})
+_INDEX = np.dtype("<i8")
+
+
+def decode_rows(obj: Any, *, where: str = "tensor", limits: DecodeLimits = DecodeLimits()) -> Any:
+    """A row-sparse tensor map ``{dtype, shape, indices, data}``
+    (:class:`paramserver.sparse.Rows`, viewing the body's bytes). Everything is checked
+    before any allocation: the keys, the dtype, the shape (at least one dimension), 8 bytes
+    per index, as many rows as indices, at most ``max_elements`` elements of data, and every
+    index in ``[0, shape[0])``."""
+    if not isinstance(obj, dict) or set(obj) != _ROWS_KEYS:
+        raise TensorError(f"{where}: a row-sparse tensor is a map {{dtype, shape, indices, data}}")
+    dtype = _check_dtype(obj["dtype"], where)
+    shape = _check_shape(obj["shape"], where, limits)
+    if not shape:
+        raise TensorError(f"{where}: a row-sparse tensor has at least one dimension")
+    indices, data = obj["indices"], obj["data"]
+    for key, value in (("indices", indices), ("data", data)):
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TensorError(f"{where}: {key!r} must be msgpack bin, got {type(value).__name__}")
+    if len(indices) % 8:
+        raise TensorError(f"{where}: 'indices' holds {len(indices)} bytes, not int64s")
+    n = len(indices) // 8
+    row = math.prod(shape[1:])
+    if limits.max_elements is not None and n * max(row, 1) > limits.max_elements:
+        raise TensorError(f"{where}: {n} rows; at most {limits.max_elements} elements allowed")
+    expected = n * row * dtype.itemsize
+    if len(data) != expected:
+        raise TensorError(
+            f"{where}: 'data' holds {len(data)} bytes; {n} rows of {list(shape[1:])} "
+            f"{obj['dtype']} need {expected}"
+        )
+    index = np.frombuffer(indices, dtype=_INDEX)
+    if n and (int(index.min()) < 0 or int(index.max()) >= shape[0]):
+        bad = index[(index < 0) | (index >= shape[0])][0]
+        raise TensorError(
+            f"{where}: index {int(bad)} is out of range for {shape[0]} rows (0..{shape[0] - 1})"
+        )
+    values = np.frombuffer(data, dtype=dtype).reshape((n, *shape[1:]))
+    return Rows(index, values, shape)
+
+
 def decode_tensor_map(
     obj: Any,
     *,
     field: str,
     limits: DecodeLimits = DecodeLimits(),
     json: bool = False,
-) -> dict[str, np.ndarray]:
-    """Decode ``{name: tensor}``; names are 1-256 printable characters."""
+    rows: bool = False,
+) -> dict[str, Any]:
+    """Decode ``{name: tensor}``; names are 1-256 printable characters. With ``rows`` a
+    tensor may be row-sparse (:func:`decode_rows`)."""
     if not isinstance(obj, dict):
         raise TensorError(f"'{field}' must be a map of name to tensor, got {type(obj).__name__}")
     if limits.max_tensors is not None and len(obj) > limits.max_tensors:
@@ -396,6 +442,9 @@ def decode_tensor_map(
     for name, tensor in obj.items():
         check_parameter_name(name)
         where = f"{field}[{name!r}]"
+        if rows and not json and isinstance(tensor, dict) and "indices" in tensor:
+            out[name] = decode_rows(tensor, where=where, limits=limits)
+            continue
         out[name] = (
             decode_json_tensor(tensor, where=where, limits=limits)
             if json
@@ -481,9 +530,38 @@ def _tensor_chunks(arr: np.ndarray, out: list[Any], key: str | None = None) -> N
         out.append(arr.reshape(-1).view(np.uint8).data)
 
 
+_ROWS_HEAD = _map_header(4) + _packb("dtype")
+_INDICES_KEY = _packb("indices")
+
+
+def _rows_chunks(rows: Any, out: list[Any], key: str | None = None) -> None:
+    """A row-sparse tensor map: dtype, shape (the whole tensor's), indices, data."""
+    if rows.shape is None:
+        raise TypeError(f"the rows {key or ''} need the tensor's shape to travel".strip())
+    values = rows.values
+    name = dtype_name(values.dtype, key)
+    if values.dtype.byteorder == ">" or not values.flags.c_contiguous:
+        values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    index = np.ascontiguousarray(rows.indices, dtype=_INDEX)
+    out.append(_ROWS_HEAD)
+    out.append(_packb(name))
+    out.append(_SHAPE_KEY)
+    out.append(_packb(list(rows.shape)))
+    out.append(_INDICES_KEY)
+    out.append(_bin_header(index.nbytes))
+    if index.nbytes:
+        out.append(index.view(np.uint8).data)
+    out.append(_DATA_KEY)
+    out.append(_bin_header(values.nbytes))
+    if values.nbytes:
+        out.append(values.reshape(-1).view(np.uint8).data)
+
+
 def _chunks(obj: Any, out: list[Any]) -> None:
     if isinstance(obj, np.ndarray):
         _tensor_chunks(obj, out)
+    elif isinstance(obj, Rows):
+        _rows_chunks(obj, out)
     elif isinstance(obj, Mapping):
         out.append(_map_header(len(obj)))
         for key, value in obj.items():
@@ -492,6 +570,8 @@ def _chunks(obj: Any, out: list[Any]) -> None:
             out.append(_packb(key))
             if isinstance(value, np.ndarray):
                 _tensor_chunks(value, out, repr(key))
+            elif isinstance(value, Rows):
+                _rows_chunks(value, out, repr(key))
             else:
                 _chunks(value, out)
     elif isinstance(obj, (list, tuple)):

@@ -58,6 +58,14 @@ class CreateSessionRequest(BaseModel):
         "{'mode': 'sync', 'replicas_to_aggregate', 'total_num_replicas'?, "
         "'round_timeout_seconds'?}. 422 invalid_training when invalid.",
     )
+    sparse_updates: Literal["exact", "lazy"] = Field(
+        "exact",
+        description="How row-sparse gradients ({dtype, shape, indices, data}) update: "
+        "'exact' (default), as their dense equivalent with zeros elsewhere (Keras 2.2: every "
+        "row's slots decay); 'lazy', only the rows present (TensorFlow's LazyAdam), differing "
+        "from Keras 2.2 for untouched rows. 'lazy' is refused with a norm-based constraint "
+        "(422 invalid_constraint) and for TFOptimizer (422 invalid_optimizer).",
+    )
     shard: ShardSpec | None = Field(
         None,
         description="This session is part index of count of a sharded session (the client "
@@ -167,6 +175,9 @@ class CreateSessionResponse(BaseModel):
         default_factory=dict, description="Parameter name -> its constraint."
     )
     round: RoundStatus | None = Field(None, description="Sync sessions: the open round.")
+    sparse_updates: Literal["exact", "lazy"] = Field(
+        "exact", description="How row-sparse gradients update."
+    )
     shard: ShardSpec | None = Field(None, description="A shard of a sharded session: which one.")
     parameters: dict[str, TensorMeta]
 

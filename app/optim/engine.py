@@ -29,6 +29,8 @@ import numpy as np
 from paramserver.codes import ErrorCode
 from paramserver.optimizers import Optimizer as OptimizerConfig
 from paramserver.optimizers import TFOptimizer
+from paramserver.sparse import Rows, combine
+from paramserver.sparse import sum_squares as sparse_sum_squares
 
 from .kernels import CHUNK_ELEMENTS, FLOAT_DTYPES, KernelBackend, NumpyBackend, UpdateKernel
 from .rules import RULES
@@ -46,11 +48,16 @@ __all__ = [
     "NumpyBackend",
     "OptimizerState",
     "PreparedGradients",
+    "SparseGradient",
     "StateError",
     "check_weights",
     "default_backend",
     "prepare_gradients",
 ]
+
+
+#: Elements per chunk of an exact sparse step: a 256 KiB float32 gradient buffer, in cache.
+SPARSE_CHUNK_ELEMENTS = 1 << 16
 
 
 class GradientError(ValueError):
@@ -84,13 +91,42 @@ class OptimizerState:
 
 
 @dataclass(frozen=True)
+class SparseGradient:
+    """A row-sparse gradient checked against its parameter: sorted unique row ``indices``
+    and their ``rows`` (``(len(indices), width)``, the parameter's dtype, duplicates summed)."""
+
+    indices: np.ndarray
+    rows: np.ndarray
+    width: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.rows.nbytes + self.indices.nbytes)
+
+    def dense(self, size: int) -> np.ndarray:
+        """The flat dense gradient (zeros elsewhere): for the paths that need one."""
+        out = np.zeros(size, self.rows.dtype)
+        if self.indices.size:
+            out.reshape(-1, self.width)[self.indices] = self.rows
+        return out
+
+
+@dataclass(frozen=True)
 class PreparedGradients:
     """Gradients checked against the parameters: flat arrays of each parameter's dtype (in the
-    parameters' order) and their global sum of squares in float64. What ``check_gradients``
-    returns and ``apply`` takes, so a step prepares its gradients once."""
+    parameters' order), or :class:`SparseGradient` rows, and their global sum of squares in
+    float64 (a sparse gradient's as its dense equivalent's, bit for bit). What
+    ``check_gradients`` returns and ``apply`` takes, so a step prepares its gradients once."""
 
-    flat: dict[str, np.ndarray]
+    flat: dict[str, np.ndarray | SparseGradient]
     sum_squares: float
+
+    def dense(self, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, np.ndarray]:
+        """Every gradient flat and dense (a sparse one densified)."""
+        return {
+            name: g.dense(math.prod(specs[name][0])) if isinstance(g, SparseGradient) else g
+            for name, g in self.flat.items()
+        }
 
 
 def check_weights(weights: Mapping[str, np.ndarray], *, finite: bool = True) -> None:
@@ -148,9 +184,20 @@ def prepare_gradients(
             parts.append(f"gradient(s) for unknown parameter(s) {', '.join(map(repr, extra))}")
         raise GradientError("; ".join(parts))
     total = 0.0
-    flat: dict[str, np.ndarray] = {}
+    flat: dict[str, np.ndarray | SparseGradient] = {}
     for name, (shape, dtype) in specs.items():
         g = grads[name]
+        if isinstance(g, Rows):
+            sparse = _prepare_rows(name, g, shape, dtype)
+            flat[name] = sparse
+            sq = sparse_sum_squares(sparse.indices, sparse.rows, shape)
+            if not math.isfinite(sq):
+                raise GradientError(
+                    f"gradient {name!r} contains NaN or infinite values",
+                    code=ErrorCode.NON_FINITE_GRADIENT,
+                )
+            total += sq
+            continue
         if np.dtype(g.dtype) not in GRADIENT_DTYPES:
             raise GradientError(
                 f"gradient {name!r} has dtype {g.dtype}; supported: float16, float32, float64, "
@@ -179,6 +226,31 @@ def prepare_gradients(
     return PreparedGradients(flat, total)
 
 
+def _prepare_rows(name: str, g: Rows, shape: tuple[int, ...], dtype: np.dtype) -> SparseGradient:
+    """A row-sparse gradient checked against its parameter (``parameter_mismatch``), its rows
+    cast to the parameter's dtype and duplicates summed (:func:`paramserver.sparse.combine`)."""
+    if np.dtype(g.values.dtype) not in GRADIENT_DTYPES:
+        raise GradientError(
+            f"gradient {name!r} has dtype {g.values.dtype}; supported: float16, float32, "
+            "float64, bfloat16"
+        )
+    if g.shape is not None and tuple(g.shape) != shape:
+        raise GradientError(
+            f"gradient {name!r} has shape {list(g.shape)}, parameter has {list(shape)}"
+        )
+    if not shape or tuple(g.values.shape[1:]) != shape[1:]:
+        raise GradientError(
+            f"gradient {name!r}: rows of shape {list(g.values.shape[1:])} do not fit parameter "
+            f"{list(shape)} (a row-sparse gradient has rows of shape[1:])"
+        )
+    if g.indices.size and (int(g.indices.min()) < 0 or int(g.indices.max()) >= shape[0]):
+        raise GradientError(f"gradient {name!r}: a row index is outside [0, {shape[0]})")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused after
+        indices, rows = combine(g.indices, g.values, dtype)
+    width = math.prod(shape[1:])
+    return SparseGradient(indices, np.ascontiguousarray(rows).reshape(-1, width), width)
+
+
 class KerasOptimizer:
     """A Keras 2.2.4 optimizer bound to a model's parameters; it owns the optimizer state.
 
@@ -192,6 +264,7 @@ class KerasOptimizer:
         params: Mapping[str, np.ndarray],
         *,
         backend: KernelBackend | None = None,
+        sparse_updates: str = "exact",
     ) -> None:
         if isinstance(config, TFOptimizer) or config.class_name not in RULES:
             raise ValueError(f"{config.class_name} is not a Keras update rule")
@@ -225,6 +298,10 @@ class KerasOptimizer:
             k: self.compute_dtype.type(v) for k, v in self.rule.initial_scalars.items()
         }
         self._cast_buffers: dict[str, np.ndarray] = {}
+        #: "exact": a row-sparse gradient updates every row (Keras 2.2's dense semantics, the
+        #: untouched rows with a zero gradient); "lazy": only its rows (LazyAdam).
+        self.sparse_updates = sparse_updates
+        self._zeros: dict[np.dtype, np.ndarray] = {}
 
     # --- stepping ----------------------------------------------------------------------------
 
@@ -292,16 +369,89 @@ class KerasOptimizer:
             p = _flat(params[name])
             g = flat_grads[name]
             kcoeffs = coeffs if dtype == self.compute_dtype else _cast_coeffs(coeffs, ty)
-            self.kernels[name](
-                p,
-                g,
-                tuple(_flat(self.slots[s][name]) for s in self.slot_names),
-                kcoeffs,
-                None if grad_scale_c is None else ty(grad_scale_c),
-                None if clipvalue is None else ty(clipvalue),
-            )
+            slots = tuple(_flat(self.slots[s][name]) for s in self.slot_names)
+            scale = None if grad_scale_c is None else ty(grad_scale_c)
+            clip = None if clipvalue is None else ty(clipvalue)
+            if isinstance(g, SparseGradient):
+                if self.sparse_updates == "lazy":
+                    self._apply_lazy(self.kernels[name], p, g, slots, kcoeffs, scale, clip)
+                else:
+                    self._apply_exact(self.kernels[name], p, g, slots, kcoeffs, scale, clip)
+                continue
+            self.kernels[name](p, g, slots, kcoeffs, scale, clip)
         self.iterations += 1
         self.scalars.update(new_scalars)
+
+    def _apply_exact(
+        self,
+        kernel: UpdateKernel,
+        p: np.ndarray,
+        g: SparseGradient,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        scale: Any,
+        clip: Any,
+    ) -> None:
+        """The dense step of the gradient with zeros in the untouched rows, in one pass over
+        the parameter and its slots, a chunk of rows at a time: each chunk's gradient is a
+        zeroed buffer (in cache) with the chunk's touched rows written in; the dense
+        gradient is never made."""
+        width = g.width
+        if not width or not p.size:
+            return
+        total_rows = p.size // width
+        chunk_rows = max(1, SPARSE_CHUNK_ELEMENTS // width)
+        zeros = self._zeros.get(p.dtype)
+        if zeros is None or zeros.size < chunk_rows * width:
+            zeros = self._zeros[p.dtype] = np.zeros(chunk_rows * width, p.dtype)
+        starts = np.arange(0, total_rows + chunk_rows, chunk_rows)
+        bounds = np.searchsorted(g.indices, starts)
+        for c in range(len(starts) - 1):
+            start = int(starts[c])
+            stop = min(start + chunk_rows, total_rows)
+            if start >= stop:
+                break
+            lo, hi = int(bounds[c]), int(bounds[c + 1])
+            buf = zeros[: (stop - start) * width]
+            touched = None
+            if hi > lo:
+                touched = g.indices[lo:hi] - start
+                buf.reshape(-1, width)[touched] = g.rows[lo:hi]
+            a, b = start * width, stop * width
+            kernel(p[a:b], buf, tuple(s[a:b] for s in slots), coeffs, scale, clip)
+            if touched is not None:
+                buf.reshape(-1, width)[touched] = 0  # zeros again for the next chunk
+
+    def _apply_lazy(
+        self,
+        kernel: UpdateKernel,
+        p: np.ndarray,
+        g: SparseGradient,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        scale: Any,
+        clip: Any,
+    ) -> None:
+        """Only the touched rows: gathered, stepped, scattered back (LazyAdam's semantics;
+        the untouched rows' weights and slots stay as they are)."""
+        width = g.width
+        if not width or not g.indices.size:
+            return
+        idx = g.indices
+        rows = p.reshape(-1, width)
+        gathered = rows[idx]
+        slot_rows = [s.reshape(-1, width)[idx] for s in slots]
+        kernel(
+            gathered.reshape(-1),
+            g.rows.reshape(-1),
+            tuple(r.reshape(-1) for r in slot_rows),
+            coeffs,
+            scale,
+            clip,
+        )
+        rows[idx] = gathered
+        for s, r in zip(slots, slot_rows, strict=True):
+            s.reshape(-1, width)[idx] = r
 
     def _as_dtype(self, name: str, g: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """``g`` in ``dtype``: itself when it already is, else cast into a reused buffer."""

@@ -3,7 +3,7 @@
 File layout (all integers big-endian)::
 
     magic      8 bytes   b"PSSNAP\\r\\n"
-    format     u32       SNAPSHOT_FORMAT (4; formats 1 to 3 are still read)
+    format     u32       SNAPSHOT_FORMAT (5; formats 1 to 4 are still read)
     H          u32       length of the header
     header     H bytes   UTF-8 JSON: format, session_id, created_at, iterations, lsn,
                          session_created_at, session_updated_at, idempotency
@@ -51,15 +51,16 @@ __all__ = [
 log = logging.getLogger("paramserver.persistence")
 
 MAGIC = b"PSSNAP\r\n"
-#: The format written. 4: the state body may carry the session's ``training`` mode and
+#: The format written. 5: the state body may carry ``sparse_updates`` (absent: "exact", as
+#: in every earlier format). 4: the state body may carry the session's ``training`` mode and
 #: ``constraints`` (absent: asynchronous, none, as in every earlier format). 3: each
 #: remembered Idempotency-Key carries its push's digest (``[key, iterations, expires_at,
 #: digest_hex]``). 2: the state body carries ``refuse_non_finite`` and may hold non-finite
 #: weights and slots; keys are ``[key, iterations, expires_at]``. 1 (paramserver 0.1): as 2
 #: without ``refuse_non_finite``.
-#: All four are read.
-SNAPSHOT_FORMAT = 4
-READABLE_FORMATS = (1, 2, 3, 4)
+#: All five are read.
+SNAPSHOT_FORMAT = 5
+READABLE_FORMATS = (1, 2, 3, 4, 5)
 SUFFIX = ".snapshot"
 CORRUPT_SUFFIX = ".corrupt"
 TMP_SUFFIX = ".tmp"

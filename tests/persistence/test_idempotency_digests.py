@@ -44,7 +44,7 @@ def test_a_reused_key_is_refused_after_a_restart_from_snapshots(
     first.push("s", GRADS, key="k")
     first.close()  # final snapshot
     header, _ = decode_snapshot(_snapshot_files(first.settings.snapshot_dir)[-1].read_bytes())  # type: ignore[arg-type]
-    assert header["format"] == SNAPSHOT_FORMAT == 4
+    assert header["format"] == SNAPSHOT_FORMAT == 5
     (entry,) = header["idempotency"]
     assert entry[0] == "k" and entry[1] == 1 and len(entry[3]) == 32
     second = durable_services()

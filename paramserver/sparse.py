@@ -1,0 +1,132 @@
+"""Row-sparse tensors: the rows of an embedding table a batch touched, and nothing else.
+
+On the wire a row-sparse gradient (or a row subset of weights) is a tensor map with indices::
+
+    {"dtype": "float32", "shape": [1000000, 64], "indices": <bin, int64 little-endian>,
+     "data": <bin, len(indices) rows of shape[1:]>}
+
+:class:`Rows` is that value in memory: ``indices`` (int64, 1-D) and ``values`` (one row per
+index), and ``shape``, the whole tensor's shape (a client may leave it to the session). A
+gradient's duplicate indices are summed (as TensorFlow does when it densifies
+``IndexedSlices``): :func:`combine` sums them, in the parameter's dtype and in the order they
+come, into rows of sorted unique indices, so that a row-sparse push equals the dense push of
+``np.add.at(zeros, indices, values)``. :func:`sum_squares` gives that dense tensor's sum of
+squares bit for bit as :func:`paramserver.reductions.sum_squares` would (its lanes see the
+untouched elements as zeros, which add nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .reductions import LANES
+
+__all__ = ["Rows", "combine", "densify", "sum_squares"]
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """Rows ``indices`` of a tensor of ``shape`` (``None``: the session's parameter's), with
+    their ``values`` (``len(indices)`` rows of ``shape[1:]``)."""
+
+    indices: np.ndarray
+    values: np.ndarray
+    shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        indices = np.asarray(self.indices)
+        if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
+            raise ValueError(f"Rows: indices must be a 1-D integer array, got {indices.dtype}")
+        values = np.asarray(self.values)
+        if values.ndim < 1 or values.shape[0] != indices.shape[0]:
+            raise ValueError(
+                f"Rows: values must hold one row per index ({indices.shape[0]}), got shape "
+                f"{list(values.shape)}"
+            )
+        object.__setattr__(self, "indices", indices.astype(np.int64, copy=False))
+        object.__setattr__(self, "values", values)
+        if self.shape is not None:
+            shape = tuple(int(d) for d in self.shape)
+            if shape[1:] != tuple(values.shape[1:]):
+                raise ValueError(
+                    f"Rows: rows of shape {list(values.shape[1:])} do not fit a tensor of shape "
+                    f"{list(shape)}"
+                )
+            object.__setattr__(self, "shape", shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes + self.indices.nbytes)
+
+    def with_shape(self, shape: tuple[int, ...]) -> Rows:
+        return self if self.shape == tuple(shape) else Rows(self.indices, self.values, shape)
+
+    def dense(self) -> np.ndarray:
+        """The whole tensor, zeros elsewhere, duplicates summed (``np.add.at``)."""
+        if self.shape is None:
+            raise ValueError("Rows.dense() needs the tensor's shape")
+        return densify(self.indices, self.values, self.shape, self.values.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"Rows({self.indices.shape[0]} rows of {list(self.values.shape[1:])} "
+            f"{self.values.dtype}, shape={None if self.shape is None else list(self.shape)})"
+        )
+
+
+def densify(
+    indices: np.ndarray, values: np.ndarray, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
+    """``np.add.at(zeros(shape, dtype), indices, values)``: the dense equivalent."""
+    out = np.zeros(shape, dtype)
+    np.add.at(out, indices, values.astype(dtype, copy=False))
+    return out
+
+
+def combine(
+    indices: np.ndarray, values: np.ndarray, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique indices and their rows, duplicates summed in ``dtype`` in the order they
+    come (each unique row starts at +0.0, as the dense zeros do)."""
+    values = values.astype(dtype, copy=False)
+    if indices.size < 2 or (np.all(indices[1:] > indices[:-1])):
+        return indices, values  # already sorted and unique: nothing to sum
+    unique, inverse = np.unique(indices, return_inverse=True)
+    summed = np.zeros((unique.shape[0], *values.shape[1:]), dtype)
+    np.add.at(summed, inverse, values)
+    return unique, summed
+
+
+def sum_squares(indices: np.ndarray, rows: np.ndarray, shape: tuple[int, ...]) -> float:
+    """The float64 sum of squares of the dense tensor that sorted unique ``indices`` and their
+    ``rows`` stand for, in :func:`paramserver.reductions.sum_squares`'s order: element ``k`` of
+    the flat tensor goes to lane ``k % 64`` and each lane adds in order (the zeros in between
+    add nothing to a sum that is >= 0), the lanes combine pairwise, then the elements past the
+    last full row of 64 are added in order."""
+    size = math.prod(shape)
+    width = math.prod(shape[1:])
+    if not indices.size or not width:
+        return 0.0
+    body = size - size % LANES
+    positions = (indices[:, None] * width + np.arange(width)).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squares = rows.reshape(-1).astype(np.float64)
+        np.multiply(squares, squares, out=squares)
+    acc = np.zeros(LANES, np.float64)
+    inside = positions < body
+    np.add.at(acc, positions[inside] % LANES, squares[inside])  # in order, lane by lane
+    width_ = LANES
+    while width_ > 1:
+        width_ //= 2
+        acc[:width_] += acc[width_ : 2 * width_]
+    total = float(acc[0])
+    for x in squares[~inside]:
+        total += float(x)
+    return total
