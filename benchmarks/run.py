@@ -24,7 +24,12 @@ Runs, in this order, each against its reference measured in the same run:
 6. ``training_modes`` (:mod:`benchmarks.training_modes`): worker processes, each with its own
    client, pushing 1e6 parameters into one sync-mode session (rounds of one gradient per
    worker) and into one async session: steps and gradients per second, and the ratio of the
-   gradients per second (reported, no goal).
+   gradients per second (reported, no goal);
+7. ``shards`` (:mod:`benchmarks.shards`): 1 and 2 worker processes pushing a 1e7-parameter
+   model (seven tensors, Adam) into a sharded session over 1, 2 and 3 server processes, and
+   into an ordinary session with the plain client, the answers received into new arrays and
+   with ``out=``: pushes per second, p50, CPU per push, and the ratios to one shard and to
+   the plain client (reported, no goal; docs/scaling.md).
 
 It prints one table (figure, ours, reference, ratio, goal, verdict) and writes everything
 (the goals, every row of every benchmark, the machine and the command) to ``--json``
@@ -52,7 +57,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import concurrency, kernels, memory, push, throughput, training_modes
+from . import concurrency, kernels, memory, push, shards, throughput, training_modes
 
 __all__ = ["BENCHMARKS", "PLANS", "Plan", "goal_rows", "machine", "main", "run"]
 
@@ -87,6 +92,12 @@ class Plan:
     training_parameters: int
     training_seconds: float
     training_rounds: int
+    shards_counts: tuple[int, ...]
+    shards_workers: tuple[int, ...]
+    shards_receives: tuple[str, ...]
+    shards_parameters: int
+    shards_seconds: float
+    shards_rounds: int
 
 
 PLANS = {
@@ -114,6 +125,12 @@ PLANS = {
         training_parameters=10**6,
         training_seconds=2.0,
         training_rounds=3,
+        shards_counts=(1, 2, 3),
+        shards_workers=(1, 2),
+        shards_receives=("new", "out"),
+        shards_parameters=10**7,
+        shards_seconds=0.75,
+        shards_rounds=3,
     ),
     "quick": Plan(
         kernel_sizes=(10**6,),
@@ -139,6 +156,12 @@ PLANS = {
         training_parameters=10**6,
         training_seconds=1.0,
         training_rounds=2,
+        shards_counts=(1, 2, 3),
+        shards_workers=(1, 2),
+        shards_receives=("new", "out"),
+        shards_parameters=10**7,
+        shards_seconds=0.4,
+        shards_rounds=2,
     ),
 }
 
@@ -190,6 +213,17 @@ def _training_modes(plan: Plan) -> list[dict[str, Any]]:
     )
 
 
+def _shards(plan: Plan) -> list[dict[str, Any]]:
+    return shards.run(
+        shard_counts=plan.shards_counts,
+        worker_counts=plan.shards_workers,
+        receives=plan.shards_receives,
+        parameters=plan.shards_parameters,
+        seconds=plan.shards_seconds,
+        rounds=plan.shards_rounds,
+    )
+
+
 #: The benchmarks, in the order they run.
 BENCHMARKS: dict[str, Callable[[Plan], list[dict[str, Any]]]] = {
     "kernels": _kernels,
@@ -198,6 +232,7 @@ BENCHMARKS: dict[str, Callable[[Plan], list[dict[str, Any]]]] = {
     "throughput": _throughput,
     "memory": _memory,
     "training_modes": _training_modes,
+    "shards": _shards,
 }
 
 
@@ -454,6 +489,40 @@ def _training_mode_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     ]
 
 
+def _shards_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per worker count: pushes/s of each shard count against one shard, and of one shard
+    through the sharded client against the plain client (reported, no goal)."""
+    out = []
+    for r in rows:
+        size = f"{r['parameters']:.0e}"
+        who = f"{r['workers']} worker{'s' if r['workers'] != 1 else ''} pushing {size}"
+        if r["receive"] == "out":
+            who += " with out="
+        if r["transport"] != "data plane":
+            who += f" [{r['transport']}!]"
+        if r["client"] == "sharded" and r["shards"] > 1 and r["vs_one_shard"] is not None:
+            out.append(
+                _goal(
+                    f"{who} into {r['shards']} shards vs 1 shard (pushes/s, reported)",
+                    f"{r['pushes_per_s']:.1f}",
+                    f"{r['pushes_per_s'] / r['vs_one_shard']:.1f} 1 shard",
+                    r["vs_one_shard"],
+                    None,
+                )
+            )
+        elif r["client"] == "sharded" and r["shards"] == 1 and r["vs_plain"] is not None:
+            out.append(
+                _goal(
+                    f"{who} into 1 shard, sharded client vs plain Client (pushes/s, reported)",
+                    f"{r['pushes_per_s']:.1f}",
+                    f"{r['pushes_per_s'] / r['vs_plain']:.1f} plain",
+                    r["vs_plain"],
+                    None,
+                )
+            )
+    return out
+
+
 _GOALS: dict[str, Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]] = {
     "kernels": _kernel_goals,
     "push": _push_goals,
@@ -461,6 +530,7 @@ _GOALS: dict[str, Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]] = 
     "throughput": _throughput_goals,
     "memory": _memory_goals,
     "training_modes": _training_mode_goals,
+    "shards": _shards_goals,
 }
 
 
@@ -645,6 +715,11 @@ def _details(doc: dict[str, Any]) -> str:
         parts.append(
             "training modes (a sync step is a round of one gradient per worker):\n"
             + push.format_table(results["training_modes"], training_modes.COLUMNS)
+        )
+    if "shards" in results:
+        parts.append(
+            "sharded sessions (pushes/s of all workers; p50 of one push):\n"
+            + shards.format_rows(results["shards"])
         )
     return "\n\n".join(parts)
 

@@ -42,6 +42,12 @@ TINY = bench_run.Plan(
     training_parameters=1000,
     training_seconds=0.2,
     training_rounds=1,
+    shards_counts=(1, 2),
+    shards_workers=(1, 2),
+    shards_receives=("new", "out"),
+    shards_parameters=20_000,
+    shards_seconds=0.2,
+    shards_rounds=1,
 )
 
 
@@ -78,6 +84,7 @@ def test_document_describes_the_run(document: dict[str, Any]) -> None:
         "throughput",
         "memory",
         "training_modes",
+        "shards",
     }
     machine = document["machine"]
     assert machine["nproc"] >= 1
@@ -97,6 +104,7 @@ def test_goal_table_has_every_benchmark(document: dict[str, Any]) -> None:
         "throughput",
         "memory",
         "training_modes",
+        "shards",
     }
     for g in goals:
         assert set(g) == {"benchmark", "figure", "ours", "reference", "ratio", "goal", "verdict"}
@@ -204,3 +212,29 @@ def test_training_modes_rows(document: dict[str, Any]) -> None:
         _positive(row, "steps_per_s", "gradients_per_s")
     assert rows["sync"]["gradients_per_s"] == pytest.approx(2 * rows["sync"]["steps_per_s"])
     _positive(rows["sync"], "sync_vs_async_gradients")
+
+
+def test_shards_rows(document: dict[str, Any]) -> None:
+    rows = document["results"]["shards"]
+    assert [(r["way"], r["receive"], r["workers"]) for r in rows] == [
+        (way, receive, workers)
+        for workers in (1, 2)
+        for receive in ("new", "out")
+        for way in ("plain", "S=1", "S=2")
+    ]
+    for row in rows:
+        assert row["transport"] == "data plane"
+        assert row["tensors"] == 7 and 15_000 < row["parameters"] < 25_000
+        assert len(row["bytes_per_shard"]) == row["shards"]
+        assert sum(row["bytes_per_shard"]) == row["push_bytes"] == 4 * row["parameters"]
+        _positive(row, "pushes_per_s", "p50_ms", "p99_ms", "vs_one_shard", "vs_plain")
+        assert row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
+        assert row["server_cpu_per_push_ms"] >= 0 and row["worker_cpu_per_push_ms"] >= 0
+    one = [r for r in rows if r["way"] == "S=1"]
+    assert all(r["vs_one_shard"] == 1.0 for r in one)
+    assert {g["figure"] for g in document["goals"] if g["benchmark"] == "shards"} == {
+        f"{w} worker{'s' if w > 1 else ''} pushing 2e+04{out} into {what} (pushes/s, reported)"
+        for w in (1, 2)
+        for out in ("", " with out=")
+        for what in ("2 shards vs 1 shard", "1 shard, sharded client vs plain Client")
+    }
