@@ -96,6 +96,13 @@ def _error(
     return {"type": "http.response.start", "status": status, "headers": headers}, body
 
 
+def _is_read(scope: Scope) -> bool:
+    """GET and HEAD, and the partial pull (a POST that reads: its body names the rows)."""
+    if scope["method"] in READ_METHODS:
+        return True
+    return scope["method"] == "POST" and scope["path"].endswith("/weights/query")
+
+
 class AuthMiddleware:
     """401 without a valid bearer token; 403 for a read-only token on a write."""
 
@@ -131,7 +138,7 @@ class AuthMiddleware:
                 "a valid bearer token is required (Authorization: Bearer <token>)",
                 [(b"www-authenticate", b'Bearer realm="paramserver"')],
             )
-        elif not can_write and scope["method"] not in READ_METHODS:
+        elif not can_write and not _is_read(scope):
             start, body = _error(403, ErrorCode.FORBIDDEN, "this token is read-only")
         else:
             await self.app(scope, receive, send)

@@ -280,6 +280,8 @@ class Ticket:
     entry: Entry
     serial: int
     deadline: float  # monotonic
+    #: The push's ``return`` (the weights its answer carries), for the transport.
+    returns: Any = None
 
     def _outcome(self) -> RoundResult:
         if self.entry.error is not None:

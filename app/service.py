@@ -29,10 +29,12 @@ from paramserver.messages import (
     BodyKind,
     decode_create,
     decode_push_message,
+    decode_query_message,
     decode_state,
     encode_state,
     encode_weights,
 )
+from paramserver.sparse import Rows
 from paramserver.training import Sync
 
 from .errors import (
@@ -91,10 +93,59 @@ class PushOutcome(Generic[T]):
     remembered: bytes | None
 
 
-def round_answer(result: RoundResult, return_weights: bool) -> bytes:
-    """A sync push's answer: the round's weights (shared by every push of it), or only its
-    iteration count."""
-    return result.body if return_weights else encode_weights(result.iterations, None)
+def round_answer(
+    result: RoundResult,
+    return_weights: bool,
+    returns: Mapping[str, np.ndarray | None] | None = None,
+) -> bytes:
+    """A sync push's answer: the round's weights (shared by every push of it), the subset
+    its ``returns`` asked for, or only its iteration count."""
+    if not return_weights:
+        return encode_weights(result.iterations, None)
+    if returns is not None:
+        return encode_selection(result.iterations, select_weights(result.weights(), returns))
+    return result.body
+
+
+def check_selection(
+    parameters: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    spec: Mapping[str, np.ndarray | None],
+) -> None:
+    """A partial pull's (or a push's ``return``) names and rows against the parameters
+    (422 ``parameter_mismatch``, before anything is read or applied)."""
+    for name, rows in spec.items():
+        if name not in parameters:
+            raise InvalidRequest(
+                f"no parameter {name!r} in the session"[:300], code=ErrorCode.PARAMETER_MISMATCH
+            )
+        if rows is None:
+            continue
+        shape = parameters[name][1]
+        if not shape:
+            raise InvalidRequest(
+                f"{name!r} is a scalar: it has no rows", code=ErrorCode.PARAMETER_MISMATCH
+            )
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= shape[0]):
+            raise InvalidRequest(
+                f"rows of {name!r} must be in [0, {shape[0]})"[:300],
+                code=ErrorCode.PARAMETER_MISMATCH,
+            )
+
+
+def select_weights(
+    weights: Mapping[str, np.ndarray], spec: Mapping[str, np.ndarray | None]
+) -> dict[str, Any]:
+    """The weights ``spec`` asks for: whole tensors, or :class:`~paramserver.sparse.Rows` of
+    the rows asked (copies: the answer outlives the session's lock)."""
+    out: dict[str, Any] = {}
+    for name, rows in spec.items():
+        w = weights[name]
+        out[name] = w if rows is None else Rows(rows, w[rows], tuple(w.shape))
+    return out
+
+
+def encode_selection(iterations: int, selected: Mapping[str, Any]) -> bytes:
+    return wire.pack({"iterations": iterations, "weights": selected})
 
 
 class IterationsExhausted(ServiceError):
@@ -211,8 +262,15 @@ class SessionService:
         """
         message = _decoded(decode_push_message, body, self.limits)
         grads = message.gradients
+        returns = message.returns
+        if returns is not None:
+            check_selection(session.trainer.parameters(), returns)
 
         def answer(trainer: Trainer) -> bytes:
+            if returns is not None and return_weights:
+                return encode_selection(
+                    trainer.iterations, select_weights(trainer.weights(), returns)
+                )
             return encode_weights(trainer.iterations, trainer.weights() if return_weights else None)
 
         outcome = self.push_gradients(
@@ -222,13 +280,14 @@ class SessionService:
             idempotency_key=idempotency_key,
             answer=answer,
             remember=lambda encoded: encoded,
-            round_remember=lambda result: round_answer(result, return_weights),
+            round_remember=lambda result: round_answer(result, return_weights, returns),
             base_iterations=message.base_iterations,
             sum_squares=message.sum_squares,
             round_order=message.round_order,
             metrics=message.metrics,
         )
         if isinstance(outcome, Ticket):
+            outcome.returns = returns
             return outcome
         if outcome.replayed:
             content = outcome.remembered
@@ -600,6 +659,18 @@ class SessionService:
             if session.deleted:  # deleted while the pull waited
                 raise SessionNotFound(f"no session {session.id!r}")
             content = encode_weights(trainer.iterations, trainer.weights())
+        session.stats.sent(len(content))
+        return content
+
+    def query(self, session: Session, body: bytes | bytearray | memoryview) -> bytes:
+        """``POST /sessions/{id}/weights/query``: the tensors (and rows) the body names, of
+        one consistent view of the weights."""
+        spec = _decoded(decode_query_message, body, self.limits)
+        with session.locked() as trainer:
+            if session.deleted:
+                raise SessionNotFound(f"no session {session.id!r}")
+            check_selection(trainer.parameters(), spec)
+            content = encode_selection(trainer.iterations, select_weights(trainer.weights(), spec))
         session.stats.sent(len(content))
         return content
 

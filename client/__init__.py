@@ -28,6 +28,7 @@ See ``docs/client.md`` for the retry policy and the forms weights take.
 """
 
 from paramserver import optimizers, wire
+from paramserver.sparse import Rows
 from paramserver.training import Async, Sync
 
 from . import errors
@@ -114,6 +115,7 @@ __all__ = [
     "RoundAborted",
     "RoundFull",
     "RoundTimeout",
+    "Rows",
     "ServerError",
     "ServiceUnavailable",
     "Session",

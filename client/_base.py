@@ -57,6 +57,7 @@ from paramserver.codes import MessageError
 from paramserver.constraints import Constraint, decode_constraints
 from paramserver.messages import ANSWER_LIMITS, SessionState
 from paramserver.sharding import Shard, decode_shard
+from paramserver.sparse import Rows
 from paramserver.training import Training
 
 from . import errors
@@ -515,6 +516,8 @@ class SessionInfo:
     constraints: dict[str, Constraint] = field(default_factory=dict)
     #: Which shard of a sharded session this server's session is (``None``: a whole one).
     shard: Shard | None = None
+    #: How row-sparse gradients update: "exact" or "lazy".
+    sparse_updates: str = "exact"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -544,6 +547,7 @@ class SessionInfo:
             round=dict(obj["round"]) if isinstance(obj.get("round"), dict) else None,
             constraints=_known_constraints(obj.get("constraints")),
             shard=_shard(obj.get("shard")),
+            sparse_updates=str(obj.get("sparse_updates", "exact")),
         )
 
 
@@ -664,6 +668,8 @@ class SessionCore(Generic[W]):
         self.training: Training | None = None
         #: float64 parameters, and whether float32 gradients for them were warned about.
         self._float64: set[str] = set()
+        #: Each parameter's shape, from the last summary (fills a ``Rows``'s shape).
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self._warned_float64 = False
 
     def __repr__(self) -> str:
@@ -687,6 +693,7 @@ class SessionCore(Generic[W]):
         sum_squares: float | None = None,
         round_order: str | None = None,
         metrics: Mapping[str, float] | None = None,
+        returns: Mapping[str, Any] | None = None,
     ) -> Call[tuple[int, W | None]]:
         """The push; its answer is ``(iterations, weights or None)``.
 
@@ -700,6 +707,9 @@ class SessionCore(Generic[W]):
         """
         reported = None if not metrics else messages.decode_metrics(dict(metrics))
         grads, _ = named_arrays(gradients, self.names, "gradients")
+        sparse = any(isinstance(g, Rows) for g in grads.values())
+        if sparse:
+            grads = self._shaped_rows(grads)
         if self._float64 and not self._warned_float64:
             self._warn_float64(grads)
         targets = self._targets(out)
@@ -714,6 +724,8 @@ class SessionCore(Generic[W]):
             self._seen(iterations)
             if weights is None:
                 return iterations, None
+            if returns is not None:  # a subset: as the server answered it, by name
+                return iterations, cast(W, weights)
             self.base_iterations = iterations
             return iterations, self._deliver(weights, targets, out)
 
@@ -746,12 +758,51 @@ class SessionCore(Generic[W]):
             parse,
             params=None if return_weights else {"return_weights": "false"},
             encode=lambda: messages.encode_push(
-                grads, base_iterations, sum_squares, round_order, reported
+                grads, base_iterations, sum_squares, round_order, reported, returns
             ),
             idempotency_key=key,
-            lean=LeanRequest(header, list(grads.values()), targets),
+            # rows and subsets travel over HTTP (the data plane's frames carry dense tensors)
+            lean=None
+            if sparse or returns is not None
+            else LeanRequest(header, list(grads.values()), targets),
             parse_lean=parse_lean,
             wait=training.round_timeout_seconds if isinstance(training, modes.Sync) else 0.0,
+        )
+
+    def _shaped_rows(self, grads: dict[str, Any]) -> dict[str, Any]:
+        """``Rows`` gradients given their tensor's shape (from the session's summary)."""
+        out = dict(grads)
+        for name, g in grads.items():
+            if isinstance(g, Rows) and g.shape is None:
+                shape = self._shapes.get(name)
+                if shape is None:
+                    raise ValueError(
+                        f"gradients[{name!r}]: Rows without a shape, and this handle does not "
+                        "know the parameter's: give Rows(indices, values, shape) or call "
+                        "session.info() first"
+                    )
+                out[name] = g.with_shape(shape)
+        return out
+
+    def _query_call(self, tensors: Mapping[str, Any]) -> Call[dict[str, Any]]:
+        """``POST .../weights/query``: the tensors named (name -> row indices, or None for
+        the whole tensor); row subsets come back as ``Rows``."""
+        if not isinstance(tensors, Mapping) or not tensors:
+            raise ValueError("name at least one tensor: {name: row indices or None}")
+        body = wire.pack({"tensors": messages.encode_query(tensors)})
+
+        def parse(reply: Reply) -> dict[str, Any]:
+            iterations, weights = _weights_message(reply)
+            self._seen(iterations)
+            if weights is None:
+                raise KeyError("the answer has no 'weights'")
+            return weights
+
+        return Call(
+            "POST",
+            session_path(self.id, "weights", "query"),
+            parse,
+            body=body,
         )
 
     def _warn_float64(self, grads: Mapping[str, np.ndarray]) -> None:
@@ -859,6 +910,7 @@ class SessionCore(Generic[W]):
             info = SessionInfo.from_json(_json(reply))
             self._seen(info.iterations)
             self.training = info.training
+            self._shapes = {n: p.shape for n, p in info.parameters.items()}
             return info
 
         return Call("GET", session_path(self.id), parse)
@@ -1078,6 +1130,7 @@ class ClientCore(Generic[S]):
             session._seen(info.iterations)
             session.training = info.training
             session._float64 = {n for n, p in info.parameters.items() if p.dtype == "float64"}
+            session._shapes = {n: p.shape for n, p in info.parameters.items()}
             if has_weights:
                 session.base_iterations = info.iterations
             return session
@@ -1093,6 +1146,7 @@ class ClientCore(Generic[S]):
         refuse_non_finite: bool = False,
         training: Any = None,
         constraints: Mapping[str, Any] | None = None,
+        sparse_updates: str = "exact",
     ) -> Call[S]:
         arrays, as_list = named_arrays(weights, None, "weights")
         body = messages.encode_create(
@@ -1102,6 +1156,7 @@ class ClientCore(Generic[S]):
             refuse_non_finite=refuse_non_finite,
             training=modes.get(training),
             constraints=constraints,
+            sparse_updates=sparse_updates,
         )
 
         return Call(

@@ -71,6 +71,7 @@ class AsyncSession(_base.SessionCore[W]):
         out: Weights | None = ...,
         base_iterations: int | None = ...,
         metrics: Mapping[str, float] | None = ...,
+        returns: Mapping[str, Any] | None = ...,
     ) -> W: ...
 
     @overload
@@ -83,6 +84,7 @@ class AsyncSession(_base.SessionCore[W]):
         out: Weights | None = ...,
         base_iterations: int | None = ...,
         metrics: Mapping[str, float] | None = ...,
+        returns: Mapping[str, Any] | None = ...,
     ) -> int: ...
 
     @overload
@@ -95,6 +97,7 @@ class AsyncSession(_base.SessionCore[W]):
         out: Weights | None = ...,
         base_iterations: int | None = ...,
         metrics: Mapping[str, float] | None = ...,
+        returns: Mapping[str, Any] | None = ...,
     ) -> W | int: ...
 
     async def push(
@@ -106,6 +109,7 @@ class AsyncSession(_base.SessionCore[W]):
         out: Weights | None = None,
         base_iterations: int | None = None,
         metrics: Mapping[str, float] | None = None,
+        returns: Mapping[str, Any] | None = None,
     ) -> W | int:
         """Apply one optimizer step; returns the new weights, or the iteration count.
 
@@ -135,6 +139,7 @@ class AsyncSession(_base.SessionCore[W]):
                 out=out,
                 base_iterations=base_iterations,
                 metrics=metrics,
+                returns=returns,
             )
         )
         if not return_weights:
@@ -149,11 +154,17 @@ class AsyncSession(_base.SessionCore[W]):
         out: Weights | None = None,
         min_iterations: int | None = None,
         wait: float | None = None,
+        rows: Mapping[str, Any] | None = None,
     ) -> W:
         """The current weights (dict, or list in the session's order); with ``out``, written
         into those arrays, which are returned. With ``min_iterations`` (and ``wait`` seconds,
         at most the server's request timeout) the server answers once the session reaches
-        that iteration, or after ``wait`` with what it has: compare ``last_iterations``."""
+        that iteration, or after ``wait`` with what it has: compare ``last_iterations``.
+        ``rows=``: a partial pull (see ``Session.pull``)."""
+        if rows is not None:
+            if out is not None or min_iterations is not None:
+                raise TypeError("rows= is a partial pull: without out= or min_iterations=")
+            return await self._client._run(self._query_call(rows))  # type: ignore[return-value]
         return await self._client._run(
             self._pull_call(out, min_iterations=min_iterations, wait=wait)
         )
@@ -270,6 +281,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         refuse_non_finite: bool = ...,
         training: TrainingLike | None = ...,
         constraints: Mapping[str, Any] | None = ...,
+        sparse_updates: str = ...,
         **training_options: Any,
     ) -> AsyncSession[DictWeights]: ...
 
@@ -283,6 +295,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         refuse_non_finite: bool = ...,
         training: TrainingLike | None = ...,
         constraints: Mapping[str, Any] | None = ...,
+        sparse_updates: str = ...,
         **training_options: Any,
     ) -> AsyncSession[ListWeights]: ...
 
@@ -295,6 +308,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
         refuse_non_finite: bool = False,
         training: TrainingLike | None = None,
         constraints: Mapping[str, Any] | None = None,
+        sparse_updates: str = "exact",
         **training_options: Any,
     ) -> AsyncSession[Any]:
         """Create a session from initial weights and an optimizer; returns its handle.
@@ -324,6 +338,7 @@ class AsyncClient(_base.ClientCore["AsyncSession[Any]"]):
                 refuse_non_finite=refuse_non_finite,
                 training=_base.training_of(training, training_options),
                 constraints=constraints,
+                sparse_updates=sparse_updates,
             )
         )
 

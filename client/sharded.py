@@ -46,7 +46,7 @@ from typing import Any, TypeVar, cast
 import httpx
 import numpy as np
 
-from paramserver import optimizers, wire
+from paramserver import optimizers, sparse, wire
 from paramserver import training as modes
 from paramserver.constraints import Constraint
 from paramserver.constraints import get as get_constraint
@@ -60,6 +60,7 @@ from paramserver.sharding import (
     layout_of_shards,
     partition,
 )
+from paramserver.sparse import Rows
 
 from . import _base, errors
 from ._base import (
@@ -219,6 +220,7 @@ def _merged_info(layout: Layout, infos: Sequence[SessionInfo]) -> SessionInfo:
         round=first.round,
         constraints=_join_constraints(layout, [i.constraints for i in infos]),
         shard=None,
+        sparse_updates=first.sparse_updates,
     )
 
 
@@ -326,6 +328,8 @@ class _ShardedCore:
                 f"a sharded push needs every parameter's gradient; missing {missing[:5]}"
             )
         for name, g in grads.items():
+            if isinstance(g, Rows):
+                grads[name] = g = g.with_shape(shapes[name]) if g.shape is None else g
             if tuple(g.shape) != shapes[name]:
                 raise ValueError(
                     f"gradients[{name!r}] has shape {list(g.shape)}; the parameter has "
@@ -345,9 +349,15 @@ class _ShardedCore:
             and not isinstance(self._optimizer, optimizers.TFOptimizer)
         ):
             dtypes = {name: dtype for name, dtype, _ in self.layout.model}
-            squares = push_sum_squares(
-                np.asarray(grads[name], wire.TENSOR_DTYPES[dtypes[name]]) for name in self.names
-            )
+            squares = 0.0
+            for name in self.names:  # as the single server sums them: in parameter order
+                dtype = wire.TENSOR_DTYPES[dtypes[name]]
+                g = grads[name]
+                if isinstance(g, Rows):
+                    indices, rows = sparse.combine(g.indices, g.values, dtype)
+                    squares += sparse.sum_squares(indices, rows, g.shape or ())
+                else:
+                    squares += push_sum_squares([np.asarray(g, dtype)])
         order = push_digest(grads).hex() if sync else None
         return squares, order
 
@@ -512,6 +522,74 @@ class _ShardedCore:
             return out
         return shape_weights(joined, self.names, self.as_list)
 
+    def _query_plan(self, tensors: Mapping[str, Any]) -> Plan[dict[str, Any]]:
+        """A partial pull over the shards: each piece asked for its part of the rows."""
+        if not isinstance(tensors, Mapping) or not tensors:
+            raise ValueError("name at least one tensor: {name: row indices or None}")
+        shapes = {name: shape for name, _, shape in self.layout.model}
+        unknown = [n for n in tensors if n not in shapes]
+        if unknown:
+            raise ValueError(f"the session has no parameters {unknown[:5]}")
+        wanted = {
+            n: None if r is None else np.asarray(r, dtype=np.int64).reshape(-1)
+            for n, r in tensors.items()
+        }
+        asks: list[dict[str, Any]] = [{} for _ in self._subs]
+        placed: list[tuple[Any, Any]] = []  # (piece, mask of the wanted rows it holds)
+        for piece in self.layout.pieces:
+            if piece.source not in wanted:
+                continue
+            rows = wanted[piece.source]
+            if piece.rows is None:
+                asks[piece.shard][piece.name] = rows
+                placed.append((piece, None))
+            elif rows is None:
+                asks[piece.shard][piece.name] = None
+                placed.append((piece, None))
+            else:
+                a, b = piece.rows
+                mask = (rows >= a) & (rows < b)
+                if mask.any():
+                    asks[piece.shard][piece.name] = rows[mask] - a
+                    placed.append((piece, mask))
+        for name, rows in wanted.items():
+            if rows is not None and rows.size and (rows.min() < 0 or rows.max() >= shapes[name][0]):
+                raise ValueError(f"rows of {name!r} must be in [0, {shapes[name][0]})")
+        calls = [(i, sub._query_call(asks[i])) for i, sub in enumerate(self._subs) if asks[i]]
+        outcomes = yield calls
+        answers: dict[int, dict[str, Any]] = {
+            i: value for (i, _), value in zip(calls, _values(outcomes), strict=True)
+        }
+        iterations = [self._subs[i].last_iterations or 0 for i, _ in calls]
+        if isinstance(self.training, modes.Sync):
+            _same_iterations("pull", self.id, iterations)
+        self.last_iterations = min(iterations) if iterations else self.last_iterations
+        out: dict[str, Any] = {}
+        for name, rows in wanted.items():
+            shape = shapes[name]
+            pieces = [(p, m) for p, m in placed if p.source == name]
+            if rows is None:
+                whole = [answers[p.shard][p.name] for p, _ in pieces]
+                if len(whole) == 1 and pieces[0][0].rows is None:
+                    out[name] = whole[0]
+                else:
+                    out[name] = np.concatenate(whole, axis=0) if whole else np.empty(shape)
+                continue
+            values = None
+            for piece, mask in pieces:
+                got = answers[piece.shard][piece.name]
+                if mask is None:  # a whole tensor on one shard
+                    values = got.values
+                    break
+                if values is None:
+                    values = np.empty((rows.size, *shape[1:]), got.values.dtype)
+                values[mask] = got.values
+            if values is None:  # no rows asked
+                dtype = dict((n, d) for n, d, _ in self.layout.model)[name]
+                values = np.empty((0, *shape[1:]), wire.TENSOR_DTYPES[dtype])
+            out[name] = Rows(rows, values, shape)
+        return out
+
     # --- summaries, states, delete ---
 
     def _settled(
@@ -590,6 +668,7 @@ class _ShardedCore:
             refuse_non_finite=first.refuse_non_finite,
             training=first.training,
             constraints=_join_constraints(self.layout, [s.constraints for s in states]),
+            sparse_updates=first.sparse_updates,
         )
 
     def _join_slot(
@@ -690,6 +769,7 @@ class _ShardedClientCore:
         training: modes.Training,
         constraints: Mapping[str, Any] | None,
         slice_bytes: int,
+        sparse_updates: str = "exact",
     ) -> Plan[Any]:
         arrays, as_list = named_arrays(weights, None, "weights")
         opt = optimizers.get(optimizer)
@@ -708,6 +788,7 @@ class _ShardedClientCore:
                 training=training,
                 constraints=per_constraints[i],
                 shard=layout.shard(i),
+                sparse_updates=sparse_updates,
             )
             call = Call(
                 "POST",
@@ -772,6 +853,7 @@ class _ShardedClientCore:
                 training=state.training,
                 constraints=per_constraints[i],
                 shard=layout.shard(i),
+                sparse_updates=state.sparse_updates,
             )
             calls.append((i, _base.load_state_call(session_id, part, _summary)))
         return layout, calls
@@ -872,10 +954,14 @@ class ShardedSession(_ShardedCore, Session[Any]):
         out: Weights | None = None,
         min_iterations: int | None = None,
         wait: float | None = None,
+        rows: Mapping[str, Any] | None = None,
     ) -> Any:
         """Every shard's weights; a shard behind the others is asked again until it reaches
         them (sync rounds: one iteration), ``ShardsDiverged`` if it stays behind for
-        ``catch_up_seconds``."""
+        ``catch_up_seconds``. ``rows=``: a partial pull (see ``Session.pull``), each shard
+        asked for the rows it holds."""
+        if rows is not None:
+            return self._client._drive(self._query_plan(rows))
         return self._client._drive(
             self._pull_plan(
                 out,
@@ -982,6 +1068,7 @@ class ShardedClient(_ShardedClientCore, Client):
         refuse_non_finite: bool = False,
         training: TrainingLike | None = None,
         constraints: Mapping[str, Any] | None = None,
+        sparse_updates: str = "exact",
         **training_options: Any,
     ) -> ShardedSession:
         """Create the session on every shard, each with its part of ``weights`` (see
@@ -995,6 +1082,7 @@ class ShardedClient(_ShardedClientCore, Client):
                 training=_base.training_of(training, training_options),
                 constraints=constraints,
                 slice_bytes=self.slice_bytes,
+                sparse_updates=sparse_updates,
             )
         )
 
@@ -1063,7 +1151,10 @@ class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
         out: Weights | None = None,
         min_iterations: int | None = None,
         wait: float | None = None,
+        rows: Mapping[str, Any] | None = None,
     ) -> Any:
+        if rows is not None:
+            return await self._client._drive(self._query_plan(rows))
         return await self._client._drive(
             self._pull_plan(
                 out,
@@ -1154,6 +1245,7 @@ class AsyncShardedClient(_ShardedClientCore, AsyncClient):
         refuse_non_finite: bool = False,
         training: TrainingLike | None = None,
         constraints: Mapping[str, Any] | None = None,
+        sparse_updates: str = "exact",
         **training_options: Any,
     ) -> AsyncShardedSession:
         return await self._drive(
@@ -1165,6 +1257,7 @@ class AsyncShardedClient(_ShardedClientCore, AsyncClient):
                 training=_base.training_of(training, training_options),
                 constraints=constraints,
                 slice_bytes=self.slice_bytes,
+                sparse_updates=sparse_updates,
             )
         )
 

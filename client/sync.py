@@ -70,6 +70,7 @@ class Session(_base.SessionCore[W]):
         out: Weights | None = ...,
         base_iterations: int | None = ...,
         metrics: Mapping[str, float] | None = ...,
+        returns: Mapping[str, Any] | None = ...,
     ) -> W: ...
 
     @overload
@@ -82,6 +83,7 @@ class Session(_base.SessionCore[W]):
         out: Weights | None = ...,
         base_iterations: int | None = ...,
         metrics: Mapping[str, float] | None = ...,
+        returns: Mapping[str, Any] | None = ...,
     ) -> int: ...
 
     @overload
@@ -94,6 +96,7 @@ class Session(_base.SessionCore[W]):
         out: Weights | None = ...,
         base_iterations: int | None = ...,
         metrics: Mapping[str, float] | None = ...,
+        returns: Mapping[str, Any] | None = ...,
     ) -> W | int: ...
 
     def push(
@@ -105,6 +108,7 @@ class Session(_base.SessionCore[W]):
         out: Weights | None = None,
         base_iterations: int | None = None,
         metrics: Mapping[str, float] | None = None,
+        returns: Mapping[str, Any] | None = None,
     ) -> W | int:
         """Apply one optimizer step; returns the new weights, or the iteration count.
 
@@ -126,6 +130,11 @@ class Session(_base.SessionCore[W]):
         ``StaleGradient`` (its ``iterations`` is the session's: pull and compute again), a
         round that does not fill in time ``RoundTimeout``.
 
+        A gradient may be ``paramserver.client.Rows(indices, values)``: only those rows of
+        an embedding table (duplicates summed; over HTTP). ``returns={"emb": indices,
+        "dense/kernel": None}`` asks for only those weights in the answer (a dict, row
+        subsets as ``Rows``) instead of all of them.
+
         ``metrics`` (``{"loss": 0.31, "accuracy": 0.9}``: at most 16 names of at most 64
         characters, finite numbers) are recorded by the server with the iteration the push
         applied (``GET /sessions/{id}/metrics``, the dashboard); a replay records none.
@@ -138,6 +147,7 @@ class Session(_base.SessionCore[W]):
                 out=out,
                 base_iterations=base_iterations,
                 metrics=metrics,
+                returns=returns,
             )
         )
         if not return_weights:
@@ -152,11 +162,20 @@ class Session(_base.SessionCore[W]):
         out: Weights | None = None,
         min_iterations: int | None = None,
         wait: float | None = None,
+        rows: Mapping[str, Any] | None = None,
     ) -> W:
         """The current weights (dict, or list in the session's order); with ``out``, written
         into those arrays, which are returned. With ``min_iterations`` (and ``wait`` seconds,
         at most the server's request timeout) the server answers once the session reaches
-        that iteration, or after ``wait`` with what it has: compare ``last_iterations``."""
+        that iteration, or after ``wait`` with what it has: compare ``last_iterations``.
+
+        ``rows={"emb": indices, "dense/kernel": None}``: a partial pull of only those tensors
+        (over HTTP): a dict with ``Rows(indices, values)`` for the tensors given indices and
+        whole arrays for those given ``None``."""
+        if rows is not None:
+            if out is not None or min_iterations is not None:
+                raise TypeError("rows= is a partial pull: without out= or min_iterations=")
+            return self._client._run(self._query_call(rows))  # type: ignore[return-value]
         return self._client._run(self._pull_call(out, min_iterations=min_iterations, wait=wait))
 
     def info(self) -> SessionInfo:
@@ -270,6 +289,7 @@ class Client(_base.ClientCore["Session[Any]"]):
         refuse_non_finite: bool = ...,
         training: TrainingLike | None = ...,
         constraints: Mapping[str, Any] | None = ...,
+        sparse_updates: str = ...,
         **training_options: Any,
     ) -> Session[DictWeights]: ...
 
@@ -283,6 +303,7 @@ class Client(_base.ClientCore["Session[Any]"]):
         refuse_non_finite: bool = ...,
         training: TrainingLike | None = ...,
         constraints: Mapping[str, Any] | None = ...,
+        sparse_updates: str = ...,
         **training_options: Any,
     ) -> Session[ListWeights]: ...
 
@@ -295,6 +316,7 @@ class Client(_base.ClientCore["Session[Any]"]):
         refuse_non_finite: bool = False,
         training: TrainingLike | None = None,
         constraints: Mapping[str, Any] | None = None,
+        sparse_updates: str = "exact",
         **training_options: Any,
     ) -> Session[Any]:
         """Create a session from initial weights and an optimizer; returns its handle.
@@ -324,6 +346,7 @@ class Client(_base.ClientCore["Session[Any]"]):
                 refuse_non_finite=refuse_non_finite,
                 training=_base.training_of(training, training_options),
                 constraints=constraints,
+                sparse_updates=sparse_updates,
             )
         )
 

@@ -151,6 +151,8 @@ class PushMessage:
     round_order: str | None = None
     #: What the worker reports with the push (``{"loss": 0.31}``: :func:`decode_metrics`).
     metrics: dict[str, float] | None = None
+    #: The weights to answer instead of all of them (``"return"``: :func:`decode_query`).
+    returns: dict[str, np.ndarray | None] | None = None
 
 
 #: A push's ``metrics``: at most this many names, of at most this many characters.
@@ -369,7 +371,7 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     obj = _top_level(
         _load(body, "msgpack", limits),
         required=frozenset({"gradients"}),
-        optional=frozenset({"base_iterations", "sum_squares", "round_order", "metrics"}),
+        optional=frozenset({"base_iterations", "sum_squares", "round_order", "metrics", "return"}),
     )
     base = obj.get("base_iterations")
     if base is not None:
@@ -381,8 +383,62 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     if order is not None:
         order = decode_round_order(order)
     metrics = decode_metrics(obj["metrics"]) if "metrics" in obj else None
+    returns = decode_query(obj["return"], limits, field="return") if "return" in obj else None
     gradients = _tensors(obj["gradients"], field="gradients", limits=limits, rows=True)
-    return PushMessage(gradients, base, squares, order, metrics)
+    return PushMessage(gradients, base, squares, order, metrics, returns)
+
+
+def decode_query_message(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray | None]:
+    """``POST /sessions/{id}/weights/query``: msgpack ``{"tensors": {name: {"rows"?: bin}}}``."""
+    obj = _top_level(_load(body, "msgpack", limits), required=frozenset({"tensors"}))
+    return decode_query(obj["tensors"], limits, field="tensors")
+
+
+def decode_query(
+    obj: Any, limits: wire.DecodeLimits, *, field: str
+) -> dict[str, np.ndarray | None]:
+    """Which weights to answer: ``{name: {}}`` for a whole tensor, ``{name: {"rows": <bin,
+    int64 little-endian>}}`` for those rows of it (name -> row indices, or None). The names
+    and the ranges are checked against the session by the server (422)."""
+    if not isinstance(obj, dict) or not obj:
+        raise MessageError(
+            f"'{field}' must be a non-empty map of parameter name -> {{}} or {{'rows': bin}}"
+        )
+    if limits.max_tensors is not None and len(obj) > limits.max_tensors:
+        raise MessageError(f"'{field}' names {len(obj)} tensors; at most {limits.max_tensors}")
+    out: dict[str, np.ndarray | None] = {}
+    for name, spec in obj.items():
+        try:
+            wire.check_parameter_name(name)
+        except wire.TensorError as exc:
+            raise MessageError(str(exc)) from None
+        if not isinstance(spec, dict) or not set(spec) <= {"rows"}:
+            raise MessageError(f"{field}[{name!r}] must be {{}} or {{'rows': bin}}"[:300])
+        rows = spec.get("rows")
+        if rows is None:
+            out[name] = None
+            continue
+        if not isinstance(rows, (bytes, bytearray, memoryview)) or len(rows) % 8:
+            raise MessageError(f"{field}[{name!r}]['rows'] must be bin of int64s"[:300])
+        if limits.max_elements is not None and len(rows) // 8 > limits.max_elements:
+            raise MessageError(f"{field}[{name!r}]: at most {limits.max_elements} rows"[:300])
+        out[name] = np.frombuffer(rows, dtype="<i8")
+    return out
+
+
+def encode_query(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``tensors``/``return`` map for :func:`decode_query`: name -> row indices (any
+    integer array-like) or None for the whole tensor."""
+    out: dict[str, Any] = {}
+    for name, rows in tensors.items():
+        if rows is None:
+            out[name] = {}
+        else:
+            index = np.ascontiguousarray(np.asarray(rows), dtype="<i8")
+            if index.ndim != 1:
+                raise ValueError(f"rows of {name!r} must be a 1-D integer array")
+            out[name] = {"rows": index.view(np.uint8).tobytes()}
+    return out
 
 
 def decode_push(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray]:
@@ -410,7 +466,7 @@ def decode_weights(
     iterations = _iterations(obj["iterations"], ErrorCode.INVALID_REQUEST)
     if "weights" not in obj:
         return iterations, None
-    return iterations, _tensors(obj["weights"], field="weights", limits=limits)
+    return iterations, _tensors(obj["weights"], field="weights", limits=limits, rows=True)
 
 
 _STATE_KEYS = frozenset({"iterations", "optimizer", "weights", "slots", "scalars"})
@@ -566,6 +622,7 @@ def encode_push(
     sum_squares: float | None = None,
     round_order: str | None = None,
     metrics: Mapping[str, float] | None = None,
+    returns: Mapping[str, Any] | None = None,
 ) -> bytes:
     message: dict[str, Any] = {"gradients": arrays(gradients, "gradients")}
     if base_iterations is not None:
@@ -576,6 +633,8 @@ def encode_push(
         message["round_order"] = round_order
     if metrics:
         message["metrics"] = decode_metrics(dict(metrics))
+    if returns is not None:
+        message["return"] = encode_query(returns)
     return wire.pack(message)
 
 

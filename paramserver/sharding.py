@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .codes import ErrorCode, MessageError
+from .sparse import Rows
 from .wire import TENSOR_DTYPES
 
 __all__ = [
@@ -285,7 +286,16 @@ class Layout:
         for p in self.pieces:
             if p.source in arrays:
                 value = arrays[p.source]
-                out[p.shard][p.name] = value if p.rows is None else value[p.rows[0] : p.rows[1]]
+                if p.rows is None:
+                    out[p.shard][p.name] = value
+                elif isinstance(value, Rows):  # a row-sparse gradient: the rows in the slice
+                    a, b = p.rows
+                    keep = (value.indices >= a) & (value.indices < b)
+                    out[p.shard][p.name] = Rows(
+                        value.indices[keep] - a, value.values[keep], (b - a, *p.shape[1:])
+                    )
+                else:
+                    out[p.shard][p.name] = value[p.rows[0] : p.rows[1]]
         return out
 
     def join(

@@ -296,12 +296,54 @@ def msgpack_response_doc(schema: dict[str, Any], description: str) -> dict[str, 
     return {"description": description, "content": {MSGPACK_MEDIA_TYPE: {"schema": schema}}}
 
 
+_ROWS_MSGPACK = {
+    "type": "object",
+    "description": "A row-sparse tensor: rows 'indices' of a tensor of 'shape'.",
+    "required": ["dtype", "shape", "indices", "data"],
+    "properties": {
+        "dtype": {"type": "string", "enum": ["float32", "float64", "float16", "bfloat16"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "indices": {
+            "type": "string",
+            "format": "binary",
+            "description": "msgpack bin: int64 little-endian row indices in [0, shape[0])",
+        },
+        "data": {
+            "type": "string",
+            "format": "binary",
+            "description": "msgpack bin: len(indices) rows of shape[1:], little-endian",
+        },
+    },
+}
+_SELECTION = {
+    "type": "object",
+    "description": "name -> {} (the whole tensor) or {'rows': bin of int64} (those rows)",
+    "additionalProperties": {
+        "type": "object",
+        "properties": {"rows": {"type": "string", "format": "binary"}},
+    },
+}
 GRADIENTS_BODY = msgpack_body(
     {
         "type": "object",
         "required": ["gradients"],
-        "properties": {"gradients": {"type": "object", "additionalProperties": _TENSOR_MSGPACK}},
+        "properties": {
+            "gradients": {
+                "type": "object",
+                "additionalProperties": {"oneOf": [_TENSOR_MSGPACK, _ROWS_MSGPACK]},
+            },
+            "base_iterations": {"type": "integer", "minimum": 0},
+            "metrics": {
+                "type": "object",
+                "description": "what the worker measured: at most 16 names -> finite numbers",
+                "additionalProperties": {"type": "number"},
+            },
+            "return": _SELECTION,
+        },
     }
+)
+QUERY_BODY = msgpack_body(
+    {"type": "object", "required": ["tensors"], "properties": {"tensors": _SELECTION}}
 )
 CREATE_BODY = msgpack_body(
     {

@@ -214,7 +214,8 @@ async def push_gradients(
         # A sync round: wait for it here, on the event loop, holding no thread and not the
         # session's turn (the other pushes of the round need it); only the round's timeout
         # bounds this wait.
-        content, replayed = round_answer(await outcome.wait_async(), return_weights), False
+        result = await outcome.wait_async()
+        content, replayed = round_answer(result, return_weights, outcome.returns), False
         session.stats.sent(len(content))
     else:
         content, replayed = outcome
@@ -256,6 +257,27 @@ async def get_weights(
         await session.wait_for_async(min_iterations, wait_seconds)
     async with turn(session, service):
         return MsgpackResponse(await run_in_threadpool(service.weights, session))
+
+
+@router.post(
+    "/{session_id}/weights/query",
+    summary="Pull some weights: whole tensors, or only some rows of them",
+    description="A partial pull (a read: a read-only token may call it). The msgpack body "
+    "{'tensors': {name: {}, name: {'rows': <bin, int64 little-endian>}}} names the tensors "
+    "to answer, and for each with 'rows' the rows to answer of it: the answer "
+    "{'iterations', 'weights'} holds those tensors only, a row subset as {'dtype', 'shape' "
+    "(the whole tensor's), 'indices', 'data' (len(rows) rows)}. Unknown names and rows out of "
+    "range are 422 parameter_mismatch.",
+    openapi_extra=schemas.QUERY_BODY,
+    response_class=Response,
+    responses={200: schemas.WEIGHTS_RESPONSE, **schemas.error_responses(404, 413, 415, 422)},
+)
+async def query_weights(request: Request, session: SessionDep, service: ServiceDep) -> Response:
+    body_kind(request.headers.get("content-type"), allow_json=False)
+    body = await body_of(request, service)
+    async with turn(session, service):
+        content = await run_in_threadpool(service.query, session, body)
+    return MsgpackResponse(content)
 
 
 @router.get(

@@ -499,3 +499,27 @@ def test_reads_while_other_workers_push_are_not_divergence(
     assert reads > 3 and sum(pushed) > 10
     assert s.info().iterations == sum(pushed)
     assert s.state().iterations == sum(pushed)  # at rest: one iteration on every shard
+
+
+def test_row_sparse_pushes_and_partial_pulls_over_shards(
+    sharded: ShardedClient, plain: Client
+) -> None:
+    from paramserver.client import Rows
+
+    opt = {"class_name": "Adam", "config": {"clipnorm": 1.0}}
+    s = sharded.create_session(WEIGHTS, opt, sparse_updates="lazy")
+    one = plain.create_session(WEIGHTS, opt, sparse_updates="lazy")
+    assert s.info().sparse_updates == "lazy"
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        idx = rng.integers(0, 64, size=30)
+        rows = Rows(idx, rng.standard_normal((30, 64)).astype(np.float32))
+        g = {**gradients(step), "emb": rows}  # "emb" is split into 4 slices
+        assert_same(s.push(g), one.push(g))
+    asked = [63, 0, 17, 17, 40]
+    mine = s.pull(rows={"emb": asked, "dense/bias": None})
+    theirs = one.pull(rows={"emb": asked, "dense/bias": None})
+    assert mine["emb"].indices.tolist() == asked
+    assert mine["emb"].values.tobytes() == theirs["emb"].values.tobytes()
+    assert mine["dense/bias"].tobytes() == theirs["dense/bias"].tobytes()
+    assert s.state().sparse_updates == "lazy"

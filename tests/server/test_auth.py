@@ -166,6 +166,14 @@ REQUESTS: dict[tuple[str, str], Call] = {
     ("POST", "/sessions/{session_id}/snapshot"): Call(
         409, lambda w: {"url": f"/sessions/{w.session_id}/snapshot"}
     ),
+    ("POST", "/sessions/{session_id}/weights/query"): Call(
+        200,
+        lambda w: {
+            "url": f"/sessions/{w.session_id}/weights/query",
+            "content": wire.pack({"tensors": {"w": {}}}),
+            "headers": MSGPACK,
+        },
+    ),
     ("GET", "/metrics"): Call(200, lambda w: {"url": "/metrics"}),
     ("GET", "/stats"): Call(200, lambda w: {"url": "/stats"}),
     ("GET", "/sessions/{session_id}/metrics"): Call(
@@ -179,8 +187,10 @@ REQUESTS: dict[tuple[str, str], Call] = {
 # with every credential (generically), and test_every_route_has_a_request fails for it.
 ROUTE_IDS = sorted(ROUTES | set(REQUESTS))
 PROTECTED = [r for r in ROUTE_IDS if not auth.is_open(r[1])]
-READS = [r for r in PROTECTED if r[0] in ("GET", "HEAD")]
-WRITES = [r for r in PROTECTED if r[0] not in ("GET", "HEAD")]
+#: A partial pull is a POST that reads (its body names the rows): read-only tokens may call it.
+QUERY = ("POST", "/sessions/{session_id}/weights/query")
+READS = [r for r in PROTECTED if r[0] in ("GET", "HEAD") or r == QUERY]
+WRITES = [r for r in PROTECTED if r not in READS]
 
 
 def route_id(route: tuple[str, str]) -> str:

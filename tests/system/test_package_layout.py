@@ -267,6 +267,9 @@ MATH_MAY_IMPORT = {
     "paramserver.constraints",
     "paramserver.reductions",
     "paramserver.codes",
+    # row-sparse gradients: the Rows type and the duplicate-summing of paramserver.sparse
+    # (numpy only)
+    "paramserver.sparse",
 }
 
 
@@ -281,7 +284,8 @@ def test_the_math_imports_only_numpy_numba_and_the_shared_configs(tmp_path: Path
             top = imported.split(".")[0]
             if (
                 imported in MATH_MAY_IMPORT
-                or top in ("numpy", "numba", "ml_dtypes", "__future__")
+                # llvmlite: numba's own backend, asked which CPU the kernel cache is for
+                or top in ("numpy", "numba", "llvmlite", "ml_dtypes", "__future__")
                 or top in sys.stdlib_module_names
                 or imported.startswith("paramserver.server.optim")
             ):
@@ -297,6 +301,7 @@ def test_the_math_imports_only_numpy_numba_and_the_shared_configs(tmp_path: Path
         "paramserver.constraints",
         "paramserver.optimizers",
         "paramserver.reductions",
+        "paramserver.sparse",
         "paramserver.server",
     } | {m for m in ours if m.startswith("paramserver.server.optim")}
     assert not loaded & {"fastapi", "starlette", "httpx", "msgpack", "pydantic", "uvicorn"}
