@@ -118,6 +118,7 @@ class SessionStats:
         self.round_seconds = _Histogram()
         self.last_push: float | None = None  # time.time() of the last applied push
         self._recent: deque[tuple[float, float]] = deque(maxlen=WINDOW_PUSHES)
+        self._created = time.monotonic()
 
     def pushed(self, seconds: float, nbytes: int, *, replayed: bool = False) -> None:
         """A push answered (applied, joined to a round that was applied, or replayed)."""
@@ -160,7 +161,12 @@ class SessionStats:
                 "bytes_out": self.bytes_out,
             }
         if recent:
-            span = WINDOW_SECONDS if len(recent) < WINDOW_PUSHES else max(now - recent[0][0], 1e-3)
+            # the last minute, or the session's life when it is younger; the window's own
+            # span when it holds its most pushes
+            span = min(WINDOW_SECONDS, now - self._created)
+            if len(recent) == WINDOW_PUSHES:
+                span = now - recent[0][0]
+            span = max(span, 1e-3)
             durations = np.array([d for _, d in recent])
             p50, p99 = (float(x) for x in np.percentile(durations, [50, 99]))
             rate = len(recent) / span

@@ -30,8 +30,10 @@ nothing). ``docs/frameworks.md`` has the whole story; in short:
 * **Non-trainable state stays on the worker**: BatchNormalization's moving mean and variance,
   and any other non-trainable variable, are updated locally by the forward pass and never sent;
   each worker process keeps its own.
-* **Gradients**: an ``IndexedSlices`` gradient (an Embedding layer's) is made dense with
-  ``tf.convert_to_tensor`` (rows of repeated indices summed); a variable without a gradient
+* **Gradients**: an ``IndexedSlices`` gradient (an Embedding layer's) travels as its rows
+  (``paramserver.client.Rows``: only the rows the batch touched; the server sums repeated
+  indices, as densifying would, and by default applies the dense step: docs/protocol.md,
+  "Row-sparse tensors"); a variable without a gradient
   (``None``: the loss does not depend on it) is refused before anything is sent, naming it,
   since zeros are not a neutral step for momentum or Adam.
 * **Constraints**: each trainable variable's constraint (``kernel_constraint=`` and co.:
@@ -68,6 +70,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from paramserver import constraints as weight_constraints
 from paramserver import optimizers
+from paramserver.sparse import Rows
 
 from . import errors
 from ._base import DictWeights, OptimizerLike, TrainingLike
@@ -379,10 +382,20 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
                 "are not a neutral step for momentum or Adam. Use the layer, or make it "
                 "non-trainable (layer.trainable = False) before making the session"
             )
-        dense = [
-            tf.convert_to_tensor(g, dtype_hint=v.dtype)  # IndexedSlices: duplicates summed
-            for g, v in zip(by_position, self._binding.variables, strict=True)
-        ]
+        # An IndexedSlices gradient (an Embedding's) travels as its rows (Rows: the server
+        # sums duplicates, as densifying would); the others as dense tensors. The layout is
+        # fixed when the step is traced; the py_function gets the flat list of tensors.
+        dense: list[Any] = []
+        layout: list[bool] = []
+        for g, v in zip(by_position, self._binding.variables, strict=True):
+            if isinstance(g, tf.IndexedSlices) and len(v.shape) >= 1:
+                dense.append(tf.cast(g.indices, tf.int64))
+                dense.append(tf.cast(g.values, v.dtype))
+                layout.append(True)
+            else:
+                dense.append(tf.convert_to_tensor(g, dtype_hint=v.dtype))
+                layout.append(False)
+        self._rows_layout = layout
         targets = self._binding.variables
         if tf.executing_eagerly():
             weights = self._exchange(*dense)
@@ -425,7 +438,15 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         session = self._binding.session
         names = self._binding.names
         try:
-            arrays = {name: np.asarray(g) for name, g in zip(names, grads, strict=True)}
+            arrays: dict[str, Any] = {}
+            flat = iter(grads)
+            layout = getattr(self, "_rows_layout", None) or [False] * len(names)
+            for name, as_rows in zip(names, layout, strict=True):
+                if as_rows:
+                    indices = np.asarray(next(flat))
+                    arrays[name] = Rows(indices, np.asarray(next(flat)))
+                else:
+                    arrays[name] = np.asarray(next(flat))
             try:
                 weights = session.push(arrays)
             except errors.StaleGradient:

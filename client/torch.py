@@ -58,6 +58,7 @@ except ImportError as exc:  # the extra is optional: say how to get it
     ) from exc
 
 from paramserver.messages import SessionState
+from paramserver.sparse import Rows
 
 from ._base import DictWeights, OptimizerLike, Parameter
 from .sync import Client, Session
@@ -241,7 +242,15 @@ class RemoteOptimizer(torch.optim.Optimizer):
         for name, param in self._named:
             grad = param.grad
             assert grad is not None
-            if grad.layout != torch.strided:  # sparse gradients (Embedding(sparse=True))
+            if grad.layout == torch.sparse_coo and grad.sparse_dim() == 1:
+                # Embedding(sparse=True): only the rows the batch touched travel (the server
+                # sums repeated indices, as to_dense() would)
+                gradients[name] = Rows(
+                    grad._indices()[0].detach().cpu().numpy(),
+                    grad._values().detach().cpu().numpy(),
+                )
+                continue
+            if grad.layout != torch.strided:  # other sparse layouts: dense
                 grad = grad.to_dense()
             gradients[name] = grad.detach().cpu().numpy()
         return gradients

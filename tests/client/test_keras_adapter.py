@@ -599,3 +599,25 @@ def test_a_saved_model_is_loaded_without_compiling_and_joined(
     for a, b in zip(model.trainable_variables, loaded.trainable_variables, strict=True):
         assert np.array_equal(a.numpy(), b.numpy())
     remote.session.delete()
+
+
+def test_indexed_slices_travel_as_their_rows(tf: Any, keras: Any, psk: Any, client: Client) -> None:
+    """An Embedding's gradient is pushed as the rows the batch looked up (Rows), not as the
+    whole table: the server received 3 rows of 8 float32 and their indices, not 1000 rows."""
+    import httpx
+
+    keras.utils.set_random_seed(6)
+    ids = keras.Input((3,), dtype="int32")
+    model = keras.Model(ids, keras.layers.Embedding(1000, 8)(ids))
+    before = psk.model_weights(model)["embedding/embeddings"]
+    remote = psk.create_session(client, model, optimizers.SGD(lr=1.0))
+    model.compile(optimizer=remote, loss=lambda _, y_pred: keras.ops.sum(y_pred, axis=(1, 2)))
+    model.fit(np.array([[1, 1, 3]], np.int32), np.zeros(1, np.float32), batch_size=1, verbose=0)
+    base = str(client.base_url).rstrip("/")
+    stats = {s["session_id"]: s for s in httpx.get(f"{base}/stats", timeout=30).json()["sessions"]}
+    assert stats[remote.session.id]["bytes_in"] == 3 * 8 * 4 + 3 * 8
+    moved = before - remote.session.pull()["embedding/embeddings"]
+    np.testing.assert_allclose(moved[1], 2 * np.ones(8), rtol=1e-6)
+    np.testing.assert_allclose(moved[3], np.ones(8), rtol=1e-6)
+    assert not moved[np.setdiff1d(np.arange(1000), [1, 3])].any()
+    remote.session.delete()

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -448,3 +449,42 @@ def test_without_torch_the_adapter_says_how_to_install_it() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert "pip install 'paramserver[torch]'" in done.stdout, done.stdout + done.stderr
+
+
+@needs_torch
+def test_sparse_embedding_gradients_travel_as_rows_and_match_the_dense_step(
+    client: Client,
+) -> None:
+    """Embedding(sparse=True) pushes only the rows the batch touched (repeated ids summed by
+    the server); the step is the dense one, bit for bit (Adam moves every row's moments)."""
+
+    def train(sparse: bool) -> tuple[list[bytes], str]:
+        emb = torch.nn.Embedding(200, 4, sparse=sparse)
+        head = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            emb.weight.copy_(torch.arange(800, dtype=torch.float32).reshape(200, 4) / 800)
+            head.weight.fill_(0.1)
+            head.bias.zero_()
+        model = torch.nn.Sequential(emb, head)
+        opt = RemoteOptimizer(model, create_session(client, model, "adam"))
+        for _ in range(3):
+            opt.zero_grad()
+            x, y = torch.tensor([[1, 2, 2, 7], [3, 1, 9, 9]]), torch.tensor([0, 1])
+            torch.nn.functional.cross_entropy(model(x).mean(1), y).backward()
+            opt.step()
+        return [p.detach().numpy().tobytes() for p in model.parameters()], opt.session.id
+
+    sparse, sparse_id = train(True)
+    dense, dense_id = train(False)
+    assert sparse == dense
+    stats = {
+        s["session_id"]: s
+        for s in httpx.get(f"{str(client.base_url).rstrip('/')}/stats", timeout=30).json()[
+            "sessions"
+        ]
+    }
+    table = 200 * 4 * 4
+    assert stats[dense_id]["bytes_in"] >= 3 * table
+    # 8 looked-up rows (repeats included: torch's sparse gradient is uncoalesced) of 4
+    # float32 and their int64 indices, plus the Linear's 8 + 2 floats, per push
+    assert stats[sparse_id]["bytes_in"] == 3 * (8 * 4 * 4 + 8 * 8 + 2 * 4 * 4 + 2 * 4)
