@@ -214,7 +214,11 @@ async def _snapshot_periodically(
 
 def _announce_access(settings: Settings, has_tokens: bool) -> None:
     if has_tokens:
-        log.info("authentication on: every endpoint but /health and /ready needs a bearer token")
+        log.info(
+            "authentication on: every endpoint but /health, /ready and /dashboard needs a "
+            "bearer token%s",
+            " (/metrics is public: --metrics-public)" if settings.metrics_public else "",
+        )
         warn_if_tokens_travel_in_clear(settings, has_tokens)
         return
     loopback = settings.host in LOOPBACK_HOSTS

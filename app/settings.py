@@ -131,7 +131,8 @@ class Settings(BaseSettings):
         None,
         description="Comma-separated bearer tokens; 'SECRET' or 'SECRET:rw' may write, "
         "'SECRET:ro' may only read. When set (here or in tokens_file) every endpoint but "
-        "/health needs 'Authorization: Bearer SECRET'.",
+        "/health, /ready and the dashboard's page needs 'Authorization: Bearer SECRET' "
+        "(/metrics too, unless metrics_public).",
     )
     tokens_file: Path | None = Field(
         None, description="A file of tokens, one per line (same forms as tokens; # comments)."
