@@ -37,10 +37,13 @@ included.
 Figures per row: pushes per second (all workers together), p50 and p99 of one push as a worker
 sees it, CPU per push of the server processes involved (every thread, read from their CPU-time
 clocks over the measured pushes only) and of the workers (``time.process_time``, which counts
-the sharded client's pool threads), and the ratio of the pushes per second to ``S=1`` (and to
-``plain``) with as many workers. No goal: these are the measured points of docs/scaling.md's
-model. On a machine with fewer cores than servers plus workers the shards and workers share
-the CPUs, which bounds what more shards can give; the row records ``nproc``.
+the sharded client's pool threads), the ratio of the pushes per second to ``S=1`` (and to
+``plain``) with as many workers, and the minor page faults per push of the servers and of the
+workers (each a 4 KiB page of fresh memory that the kernel zeroes first: memory a push
+allocated after the allocator had given it back to the system). No goal: these are the
+measured points of docs/scaling.md's model. On a machine with fewer cores than servers plus
+workers the shards and workers share the CPUs, which bounds what more shards can give; the
+row records ``nproc``.
 
 Run ``python -m benchmarks.shards`` (``--help`` for options); ``run()`` returns the rows.
 """
@@ -53,11 +56,13 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import resource
 import statistics
 import time
 import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,6 +81,7 @@ __all__ = [
     "PushResult",
     "ShardPushPool",
     "main",
+    "minor_faults",
     "model_shapes",
     "run",
 ]
@@ -127,8 +133,8 @@ class PushJob:
 @dataclasses.dataclass(frozen=True)
 class PushResult:
     """One worker's burst: ``pushes`` answered in ``seconds`` (start to last answer), each
-    push's ``latencies`` (seconds), its client's ``transport`` and its process's CPU seconds
-    over the burst (every thread)."""
+    push's ``latencies`` (seconds), its client's ``transport``, and its process's CPU seconds
+    and minor page faults over the burst (every thread)."""
 
     process: int
     pushes: int
@@ -136,6 +142,7 @@ class PushResult:
     latencies: tuple[float, ...]
     transport: str
     cpu_seconds: float
+    minor_faults: int
 
     @property
     def rate(self) -> float:
@@ -180,7 +187,7 @@ class _Pusher:
     def run(self, index: int, start_at: float, seconds: float) -> PushResult:
         latencies: list[float] = []
         deadline = start_at + seconds
-        cpu0 = time.process_time()
+        cpu0, faults0 = time.process_time(), _own_minor_faults()
         time.sleep(max(0.0, start_at - time.monotonic()))
         end = start_at
         while time.monotonic() < deadline:
@@ -188,13 +195,24 @@ class _Pusher:
             self.push()
             latencies.append(time.perf_counter() - t0)
             end = time.monotonic()
-        cpu = time.process_time() - cpu0
+        cpu, faults = time.process_time() - cpu0, _own_minor_faults() - faults0
         return PushResult(
-            index, len(latencies), end - start_at, tuple(latencies), self.transport(), cpu
+            index, len(latencies), end - start_at, tuple(latencies), self.transport(), cpu, faults
         )
 
     def close(self) -> None:
         self.client.close()
+
+
+def _own_minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (every thread; ``/proc/<pid>/stat``): a
+    fault per 4 KiB page of fresh memory touched, which the kernel zeroes first."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7])
 
 
 def _worker_main(conn: Connection, index: int) -> None:  # pragma: no cover - a child process
@@ -264,19 +282,21 @@ class ShardPushPool(WorkerPool):
 
     def measure(
         self, job: PushJob, workers: int, seconds: float, servers: Sequence[ServerProcess]
-    ) -> tuple[list[PushResult], float]:
+    ) -> tuple[list[PushResult], float, int]:
         """The first ``workers`` processes push ``job`` for ``seconds``, all starting at once
-        once all are connected and warmed up; their results, and the CPU seconds ``servers``
-        used meanwhile."""
+        once all are connected and warmed up; their results, and the CPU seconds and minor
+        page faults of ``servers`` meanwhile."""
         if not 1 <= workers <= self.processes:
             raise ValueError(f"{workers} workers from a pool of {self.processes}")
         self._exchange(workers, ("setup", job), TIMEOUT)
         cpu0 = sum(s.cpu_seconds() for s in servers)
+        faults0 = sum(minor_faults(s.pid) for s in servers)
         start_at = time.monotonic() + 0.05
         answers = self._exchange(workers, ("run", start_at, seconds), seconds + TIMEOUT)
         used = sum(s.cpu_seconds() for s in servers) - cpu0
+        faults = sum(minor_faults(s.pid) for s in servers) - faults0
         self._exchange(workers, ("teardown",), TIMEOUT)
-        return [r for per_process in answers for r in per_process], used
+        return [r for per_process in answers for r in per_process], used, faults
 
 
 # --- the benchmark -------------------------------------------------------------------------
@@ -406,7 +426,7 @@ def _burst(
         way.job_urls, way.sharded, way.session.id, tuple(shapes.items()), out=receive == "out"
     )
     before = way.session.info().iterations
-    results, server_cpu = pool.measure(job, workers, seconds, way.servers)
+    results, server_cpu, server_faults = pool.measure(job, workers, seconds, way.servers)
     advanced = way.session.info().iterations - before
     pushes = sum(r.pushes for r in results)
     if advanced != pushes + workers * WARM_UP_PUSHES:
@@ -415,11 +435,14 @@ def _burst(
             f"session by {advanced} iterations"
         )
     worker_cpu = sum(r.cpu_seconds for r in results)
+    worker_faults = sum(r.minor_faults for r in results)
     return {
         "pushes_per_s": sum(r.rate for r in results),
         "latencies": [t for r in results for t in r.latencies],
         "server_cpu_ms": 1e3 * server_cpu / pushes if pushes else float("nan"),
         "worker_cpu_ms": 1e3 * worker_cpu / pushes if pushes else float("nan"),
+        "server_faults": server_faults / pushes if pushes else float("nan"),
+        "worker_faults": worker_faults / pushes if pushes else float("nan"),
         "transports": {r.transport for r in results},
     }
 
@@ -448,6 +471,8 @@ def _row(way: _Way, receive: str, workers: int, bursts: Sequence[dict[str, Any]]
         "server_cpu_per_push_ms": server,
         "worker_cpu_per_push_ms": worker,
         "cpu_per_push_ms": server + worker,
+        "server_faults_per_push": statistics.median(b["server_faults"] for b in bursts),
+        "worker_faults_per_push": statistics.median(b["worker_faults"] for b in bursts),
     }
 
 
@@ -465,6 +490,8 @@ COLUMNS = [
     ("server_cpu_per_push_ms", "server cpu/push ms", "{:.1f}"),
     ("worker_cpu_per_push_ms", "worker cpu/push ms", "{:.1f}"),
     ("cpu_per_push_ms", "cpu/push ms", "{:.1f}"),
+    ("server_faults_per_push", "server faults/push", "{:.0f}"),
+    ("worker_faults_per_push", "worker faults/push", "{:.0f}"),
 ]
 
 

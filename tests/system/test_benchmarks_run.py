@@ -230,6 +230,7 @@ def test_shards_rows(document: dict[str, Any]) -> None:
         _positive(row, "pushes_per_s", "p50_ms", "p99_ms", "vs_one_shard", "vs_plain")
         assert row["min_ms"] <= row["p50_ms"] <= row["p99_ms"]
         assert row["server_cpu_per_push_ms"] >= 0 and row["worker_cpu_per_push_ms"] >= 0
+        assert row["server_faults_per_push"] >= 0 and row["worker_faults_per_push"] >= 0
     one = [r for r in rows if r["way"] == "S=1"]
     assert all(r["vs_one_shard"] == 1.0 for r in one)
     assert {g["figure"] for g in document["goals"] if g["benchmark"] == "shards"} == {
