@@ -101,9 +101,9 @@ def serve(settings: Settings, *, demo: bool = False, tokens_in_argv: bool = Fals
     if as_json:
         from .observability import JsonFormatter
 
-        handler = logging.StreamHandler()
-        handler.setFormatter(JsonFormatter())
-        logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+        json_lines = logging.StreamHandler()
+        json_lines.setFormatter(JsonFormatter())
+        logging.basicConfig(level=settings.log_level.upper(), handlers=[json_lines], force=True)
     else:
         logging.basicConfig(
             level=settings.log_level.upper(),

@@ -160,6 +160,9 @@ class SessionStats:
                 "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out,
             }
+        p50: float | None = None
+        p99: float | None = None
+        rate = 0.0
         if recent:
             # the last minute, or the session's life when it is younger; the window's own
             # span when it holds its most pushes
@@ -170,9 +173,6 @@ class SessionStats:
             durations = np.array([d for _, d in recent])
             p50, p99 = (float(x) for x in np.percentile(durations, [50, 99]))
             rate = len(recent) / span
-        else:
-            p50 = p99 = None
-            rate = 0.0
         return {
             **totals,
             "steps_per_second": round(rate, 3),

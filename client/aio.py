@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Literal, TypeVar, overload
+from typing import Any, ClassVar, Literal, TypeVar, cast, overload
 
 import anyio
 import anyio.to_thread
@@ -145,6 +145,8 @@ class AsyncSession(_base.SessionCore[W]):
         if not return_weights:
             return iterations
         if weights is None:  # a replay whose weights the server no longer kept: applied once
+            if returns is not None:
+                return await self.pull(rows=returns)
             return await self.pull(out=out)
         return weights
 
@@ -164,7 +166,8 @@ class AsyncSession(_base.SessionCore[W]):
         if rows is not None:
             if out is not None or min_iterations is not None:
                 raise TypeError("rows= is a partial pull: without out= or min_iterations=")
-            return await self._client._run(self._query_call(rows))  # type: ignore[return-value]
+            selected: Any = await self._client._run(self._query_call(rows))
+            return cast(W, selected)
         return await self._client._run(
             self._pull_call(out, min_iterations=min_iterations, wait=wait)
         )

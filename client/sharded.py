@@ -373,6 +373,7 @@ class _ShardedCore:
         out: Weights | None,
         base_iterations: int | None,
         metrics: Mapping[str, float] | None = None,
+        returns: Mapping[str, Any] | None = None,
     ) -> Plan[tuple[int, Any]]:
         grads = self._gradients(gradients)
         core = cast(Any, self)
@@ -383,6 +384,7 @@ class _ShardedCore:
         if base_iterations is None and self.training is not None and self.training.needs_base:
             base_iterations = self.base_iterations
         squares, order = self._extras(grads)
+        selection = None if returns is None else self._selection(returns)
         parts = self.layout.split(grads)
         out_parts = self.layout.split(targets) if targets is not None else None
         calls = [
@@ -390,13 +392,15 @@ class _ShardedCore:
                 i,
                 sub._push_call(
                     parts[i],
-                    return_weights=return_weights,
+                    # with returns=, a shard holding none of them answers its iterations only
+                    return_weights=return_weights and (selection is None or bool(selection[1][i])),
                     idempotency_key=key,
                     out=None if out_parts is None else out_parts[i],
                     base_iterations=base_iterations,
                     sum_squares=squares,
                     round_order=order,
                     metrics=metrics if i == 0 else None,  # recorded once: by shard 0
+                    returns=None if selection is None or not selection[1][i] else selection[1][i],
                 ),
             )
             for i, sub in enumerate(self._subs)
@@ -435,6 +439,12 @@ class _ShardedCore:
         self.last_iterations = min(iterations)
         if not return_weights:
             return min(iterations), None
+        if selection is not None:
+            wanted, asks, placed = selection
+            answers = {i: weights[i] for i in range(len(weights)) if asks[i]}
+            if any(w is None for w in answers.values()):
+                return min(iterations), None  # a replay kept without weights
+            return min(iterations), self._joined_selection(wanted, placed, answers)
         if any(w is None for w in weights):
             return min(iterations), None  # a replay kept without weights: the twin pulls
         self.base_iterations = min(iterations)
@@ -516,35 +526,39 @@ class _ShardedCore:
         self._seen_all(got, has_weights=True)
         joined = self.layout.join(answers, out=targets)
         if out is not None and targets is not None:
-            for name, target in targets.items():
-                if joined[name] is not target:
-                    np.copyto(target, joined[name], casting="same_kind")
+            for name, array in targets.items():
+                if joined[name] is not array:
+                    np.copyto(array, joined[name], casting="same_kind")
             return out
         return shape_weights(joined, self.names, self.as_list)
 
-    def _query_plan(self, tensors: Mapping[str, Any]) -> Plan[dict[str, Any]]:
-        """A partial pull over the shards: each piece asked for its part of the rows."""
+    def _selection(
+        self, tensors: Mapping[str, Any]
+    ) -> tuple[dict[str, np.ndarray | None], list[dict[str, Any]], list[tuple[Any, Any]]]:
+        """A partial pull's (or a push's ``returns``) tensors and rows, split by shard: the
+        rows asked of each model tensor, what to ask each shard, and which piece answers
+        which of the rows."""
         if not isinstance(tensors, Mapping) or not tensors:
             raise ValueError("name at least one tensor: {name: row indices or None}")
         shapes = {name: shape for name, _, shape in self.layout.model}
         unknown = [n for n in tensors if n not in shapes]
         if unknown:
             raise ValueError(f"the session has no parameters {unknown[:5]}")
-        wanted = {
+        wanted: dict[str, np.ndarray | None] = {
             n: None if r is None else np.asarray(r, dtype=np.int64).reshape(-1)
             for n, r in tensors.items()
         }
+        for name, rows in wanted.items():
+            if rows is not None and rows.size and (rows.min() < 0 or rows.max() >= shapes[name][0]):
+                raise ValueError(f"rows of {name!r} must be in [0, {shapes[name][0]})")
         asks: list[dict[str, Any]] = [{} for _ in self._subs]
         placed: list[tuple[Any, Any]] = []  # (piece, mask of the wanted rows it holds)
         for piece in self.layout.pieces:
             if piece.source not in wanted:
                 continue
             rows = wanted[piece.source]
-            if piece.rows is None:
+            if piece.rows is None or rows is None:
                 asks[piece.shard][piece.name] = rows
-                placed.append((piece, None))
-            elif rows is None:
-                asks[piece.shard][piece.name] = None
                 placed.append((piece, None))
             else:
                 a, b = piece.rows
@@ -552,28 +566,25 @@ class _ShardedCore:
                 if mask.any():
                     asks[piece.shard][piece.name] = rows[mask] - a
                     placed.append((piece, mask))
-        for name, rows in wanted.items():
-            if rows is not None and rows.size and (rows.min() < 0 or rows.max() >= shapes[name][0]):
-                raise ValueError(f"rows of {name!r} must be in [0, {shapes[name][0]})")
-        calls = [(i, sub._query_call(asks[i])) for i, sub in enumerate(self._subs) if asks[i]]
-        outcomes = yield calls
-        answers: dict[int, dict[str, Any]] = {
-            i: value for (i, _), value in zip(calls, _values(outcomes), strict=True)
-        }
-        iterations = [self._subs[i].last_iterations or 0 for i, _ in calls]
-        if isinstance(self.training, modes.Sync):
-            _same_iterations("pull", self.id, iterations)
-        self.last_iterations = min(iterations) if iterations else self.last_iterations
+        return wanted, asks, placed
+
+    def _joined_selection(
+        self,
+        wanted: Mapping[str, np.ndarray | None],
+        placed: Sequence[tuple[Any, Any]],
+        answers: Mapping[int, Mapping[str, Any]],
+    ) -> dict[str, Any]:
+        """The shards' answers to :meth:`_selection`'s asks, as one answer by model name."""
+        shapes = {name: shape for name, _, shape in self.layout.model}
+        dtypes = {name: dtype for name, dtype, _ in self.layout.model}
         out: dict[str, Any] = {}
         for name, rows in wanted.items():
             shape = shapes[name]
             pieces = [(p, m) for p, m in placed if p.source == name]
             if rows is None:
                 whole = [answers[p.shard][p.name] for p, _ in pieces]
-                if len(whole) == 1 and pieces[0][0].rows is None:
-                    out[name] = whole[0]
-                else:
-                    out[name] = np.concatenate(whole, axis=0) if whole else np.empty(shape)
+                single = len(whole) == 1 and pieces[0][0].rows is None
+                out[name] = whole[0] if single else np.concatenate(whole, axis=0)
                 continue
             values = None
             for piece, mask in pieces:
@@ -585,10 +596,22 @@ class _ShardedCore:
                     values = np.empty((rows.size, *shape[1:]), got.values.dtype)
                 values[mask] = got.values
             if values is None:  # no rows asked
-                dtype = dict((n, d) for n, d, _ in self.layout.model)[name]
-                values = np.empty((0, *shape[1:]), wire.TENSOR_DTYPES[dtype])
+                values = np.empty((0, *shape[1:]), wire.TENSOR_DTYPES[dtypes[name]])
             out[name] = Rows(rows, values, shape)
         return out
+
+    def _query_plan(self, tensors: Mapping[str, Any]) -> Plan[dict[str, Any]]:
+        """A partial pull over the shards: each piece asked for its part of the rows."""
+        wanted, asks, placed = self._selection(tensors)
+        calls = [(i, sub._query_call(asks[i])) for i, sub in enumerate(self._subs) if asks[i]]
+        outcomes = yield calls
+        answers = {i: value for (i, _), value in zip(calls, _values(outcomes), strict=True)}
+        iterations = [self._subs[i].last_iterations or 0 for i, _ in calls]
+        if isinstance(self.training, modes.Sync):
+            _same_iterations("pull", self.id, iterations)
+        if iterations:
+            self.last_iterations = min(iterations)
+        return self._joined_selection(wanted, placed, answers)
 
     # --- summaries, states, delete ---
 
@@ -927,6 +950,7 @@ class ShardedSession(_ShardedCore, Session[Any]):
         out: Weights | None = None,
         base_iterations: int | None = None,
         metrics: Mapping[str, float] | None = None,
+        returns: Mapping[str, Any] | None = None,
     ) -> Any:
         """One step on every shard (see :meth:`Session.push`); a shard that stays down
         raises ``PushIncomplete`` (push again with its ``idempotency_key``). With other
@@ -940,12 +964,13 @@ class ShardedSession(_ShardedCore, Session[Any]):
                 out=out,
                 base_iterations=base_iterations,
                 metrics=metrics,
+                returns=returns,
             )
         )
         if not return_weights:
             return iterations
-        if weights is None:
-            return self.pull(out=out)
+        if weights is None:  # a replay whose weights were not kept
+            return self.pull(rows=returns) if returns is not None else self.pull(out=out)
         return weights
 
     def pull(
@@ -1128,6 +1153,7 @@ class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
         out: Weights | None = None,
         base_iterations: int | None = None,
         metrics: Mapping[str, float] | None = None,
+        returns: Mapping[str, Any] | None = None,
     ) -> Any:
         iterations, weights = await self._client._drive(
             self._push_plan(
@@ -1137,11 +1163,14 @@ class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
                 out=out,
                 base_iterations=base_iterations,
                 metrics=metrics,
+                returns=returns,
             )
         )
         if not return_weights:
             return iterations
-        if weights is None:
+        if weights is None:  # a replay whose weights were not kept
+            if returns is not None:
+                return await self.pull(rows=returns)
             return await self.pull(out=out)
         return weights
 

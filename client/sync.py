@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Literal, TypeVar, overload
+from typing import Any, ClassVar, Literal, TypeVar, cast, overload
 
 import httpx
 
@@ -153,7 +153,7 @@ class Session(_base.SessionCore[W]):
         if not return_weights:
             return iterations
         if weights is None:  # a replay whose weights the server no longer kept: applied once
-            return self.pull(out=out)
+            return self.pull(rows=returns) if returns is not None else self.pull(out=out)
         return weights
 
     def pull(
@@ -175,7 +175,8 @@ class Session(_base.SessionCore[W]):
         if rows is not None:
             if out is not None or min_iterations is not None:
                 raise TypeError("rows= is a partial pull: without out= or min_iterations=")
-            return self._client._run(self._query_call(rows))  # type: ignore[return-value]
+            selected: Any = self._client._run(self._query_call(rows))
+            return cast(W, selected)
         return self._client._run(self._pull_call(out, min_iterations=min_iterations, wait=wait))
 
     def info(self) -> SessionInfo:

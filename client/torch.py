@@ -227,7 +227,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 np.copyto(array, state.weights[name])
             self._host.written()
 
-    def _gradients(self) -> DictWeights:
+    def _gradients(self) -> dict[str, Any]:
         """Every parameter's gradient as a numpy array (a view of ``.grad`` on CPU)."""
         missing = [name for name, param in self._named if param.grad is None]
         if missing:
@@ -238,7 +238,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "(momentum and Adam still move such a weight): use the parameter in the "
                 "loss, or freeze it (requires_grad_(False)) before creating the session"
             )
-        gradients: DictWeights = {}
+        gradients: dict[str, Any] = {}
         for name, param in self._named:
             grad = param.grad
             assert grad is not None

@@ -523,3 +523,18 @@ def test_row_sparse_pushes_and_partial_pulls_over_shards(
     assert mine["emb"].values.tobytes() == theirs["emb"].values.tobytes()
     assert mine["dense/bias"].tobytes() == theirs["dense/bias"].tobytes()
     assert s.state().sparse_updates == "lazy"
+
+
+def test_a_sharded_push_may_answer_only_some_rows(sharded: ShardedClient, plain: Client) -> None:
+    from paramserver.client import Rows
+
+    s = sharded.create_session(WEIGHTS, "sgd")
+    one = plain.create_session(WEIGHTS, "sgd")
+    g = {**gradients(0), "emb": Rows(np.array([3, 60]), np.ones((2, 64), np.float32))}
+    mine = s.push(g, returns={"emb": [60, 3, 3], "out/kernel": None})
+    theirs = one.push(g, returns={"emb": [60, 3, 3], "out/kernel": None})
+    assert set(mine) == {"emb", "out/kernel"}
+    assert mine["emb"].indices.tolist() == [60, 3, 3]
+    assert mine["emb"].values.tobytes() == theirs["emb"].values.tobytes()
+    assert mine["out/kernel"].tobytes() == theirs["out/kernel"].tobytes()
+    assert s.info().iterations == 1
