@@ -364,6 +364,15 @@ class _ShardedCore:
     def _targets_by_name(self, out: Weights | None) -> dict[str, np.ndarray] | None:
         return cast(Any, self)._targets(out)
 
+    def _fresh(self) -> dict[str, np.ndarray]:
+        """New arrays for every parameter, for the shards' answers to be received into
+        (the caller's to keep): each split tensor is received once, in place, instead of
+        into a slice of its own and then copied."""
+        return {
+            name: np.empty(shape, wire.TENSOR_DTYPES[dtype])
+            for name, dtype, shape in self.layout.model
+        }
+
     def _push_plan(
         self,
         gradients: Weights,
@@ -380,6 +389,8 @@ class _ShardedCore:
         if core._float64 and not core._warned_float64:
             core._warn_float64(grads)
         targets = self._targets_by_name(out)
+        if targets is None and return_weights and returns is None:
+            targets = self._fresh()
         key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
         if base_iterations is None and self.training is not None and self.training.needs_base:
             base_iterations = self.base_iterations
@@ -449,11 +460,13 @@ class _ShardedCore:
             return min(iterations), None  # a replay kept without weights: the twin pulls
         self.base_iterations = min(iterations)
         joined = self.layout.join(weights, out=targets)
-        if out is not None and targets is not None:
+        if targets is not None:
             for name, target in targets.items():
                 if joined[name] is not target:
                     np.copyto(target, joined[name], casting="same_kind")
-            return min(iterations), out
+            if out is not None:
+                return min(iterations), out
+            return min(iterations), shape_weights(targets, self.names, self.as_list)
         return min(iterations), shape_weights(joined, self.names, self.as_list)
 
     # --- pull ---
@@ -467,7 +480,9 @@ class _ShardedCore:
         catch_up: float,
     ) -> Plan[Any]:
         targets = self._targets_by_name(out)
-        out_parts = self.layout.split(targets) if targets is not None else None
+        if targets is None:
+            targets = self._fresh()
+        out_parts = self.layout.split(targets)
         exact = isinstance(self.training, modes.Sync)
         answers: list[Any] = [None] * len(self._subs)
         got: list[int] = [-1] * len(self._subs)
@@ -525,12 +540,12 @@ class _ShardedCore:
                 ]
         self._seen_all(got, has_weights=True)
         joined = self.layout.join(answers, out=targets)
-        if out is not None and targets is not None:
-            for name, array in targets.items():
-                if joined[name] is not array:
-                    np.copyto(array, joined[name], casting="same_kind")
+        for name, array in targets.items():
+            if joined[name] is not array:
+                np.copyto(array, joined[name], casting="same_kind")
+        if out is not None:
             return out
-        return shape_weights(joined, self.names, self.as_list)
+        return shape_weights(targets, self.names, self.as_list)
 
     def _selection(
         self, tensors: Mapping[str, Any]

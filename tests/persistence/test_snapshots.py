@@ -106,7 +106,7 @@ def test_snapshot_holds_the_state_and_the_header(
     assert info["session_id"] == "h" and info["iterations"] == 1 and info["file"]
     header, body = decode_snapshot(server.settings.snapshot_dir.joinpath(info["file"]).read_bytes())  # type: ignore[union-attr]
     assert bytes(body) == server.state("h")
-    assert header["session_id"] == "h" and header["iterations"] == 1 and header["format"] == 4
+    assert header["session_id"] == "h" and header["iterations"] == 1 and header["format"] == 5
     assert [k[:2] for k in header["idempotency"]] == [["key-1", 1]]
 
 

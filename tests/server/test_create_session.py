@@ -40,6 +40,7 @@ def test_create_by_name_fills_in_every_default(api: httpx.Client, name: str) -> 
         "iterations": 0,
         "refuse_non_finite": False,
         "training": {"mode": "async"},
+        "sparse_updates": "exact",
         "constraints": {},
         "parameters": {
             "dense/kernel": {"dtype": "float32", "shape": [3, 4]},
@@ -88,6 +89,7 @@ def test_create_with_json(api: httpx.Client) -> None:
         "iterations": 0,
         "refuse_non_finite": False,
         "training": {"mode": "async"},
+        "sparse_updates": "exact",
         "constraints": {},
         "parameters": {
             "w": {"dtype": "float32", "shape": [2, 3]},

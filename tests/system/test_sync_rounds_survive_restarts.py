@@ -166,7 +166,7 @@ def test_a_snapshot_keeps_the_training_mode(tmp_path: Path) -> None:
     finally:
         srv.stop()
     snapshot = sorted((tmp_path / "data").glob("t.*.snapshot"))[-1]
-    assert int.from_bytes(snapshot.read_bytes()[8:12], "big") == 4
+    assert int.from_bytes(snapshot.read_bytes()[8:12], "big") == 5  # SNAPSHOT_FORMAT
     restarted = server(tmp_path, "snapshot")
     try:
         assert get_state(restarted.url, "t") == saved
