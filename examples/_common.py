@@ -1,4 +1,5 @@
-"""What the training examples share: their synthetic data, and a server of their own.
+"""What the training examples share: their synthetic data, a small numpy perceptron, and a
+server of their own.
 
 Not an example itself. The examples import it from their folder (``python
 examples/<name>.py`` puts that folder first on ``sys.path``, and the worker processes they
@@ -17,7 +18,9 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 
-__all__ = ["local_server", "make_blobs"]
+__all__ = ["evaluate", "forward", "gradients", "init_weights", "local_server", "make_blobs"]
+
+Weights = dict[str, np.ndarray]
 
 
 def make_blobs(
@@ -68,3 +71,54 @@ def local_server(timeout: float = 120.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# --- a two-layer perceptron in numpy (the sync and Ray workers' model) -----------------------
+
+
+def init_weights(dim: int, hidden: int, classes: int, rng: np.random.Generator) -> Weights:
+    """The perceptron's parameters by name: ``w1``, ``b1`` (input to hidden), ``w2``, ``b2``
+    (hidden to output), scaled by ``1/sqrt(fan_in)``."""
+    return {
+        "w1": (rng.normal(size=(dim, hidden)) / np.sqrt(dim)).astype(np.float32),
+        "b1": np.zeros(hidden, np.float32),
+        "w2": (rng.normal(size=(hidden, classes)) / np.sqrt(hidden)).astype(np.float32),
+        "b2": np.zeros(classes, np.float32),
+    }
+
+
+def forward(weights: Weights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hidden activations and the class probabilities of ``x``."""
+    hidden = np.tanh(x @ weights["w1"] + weights["b1"])
+    logits = hidden @ weights["w2"] + weights["b2"]
+    logits = logits - logits.max(axis=1, keepdims=True)  # softmax is shift-invariant
+    e = np.exp(logits)
+    return hidden, e / e.sum(axis=1, keepdims=True)
+
+
+def evaluate(weights: Weights, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the model on ``(x, y)``."""
+    _, probs = forward(weights, x)
+    loss = -np.log(probs[np.arange(len(y)), y] + 1e-12).mean()
+    return float(loss), float((probs.argmax(axis=1) == y).mean())
+
+
+def gradients(weights: Weights, x: np.ndarray, y: np.ndarray) -> tuple[Weights, float]:
+    """The gradient of the mean cross-entropy on ``(x, y)`` by backpropagation, and the loss.
+
+    For a softmax output, d loss / d logits is ``probs - onehot(y)`` (over the batch size);
+    tanh' is ``1 - tanh^2``."""
+    hidden, probs = forward(weights, x)
+    rows = np.arange(len(y))
+    loss = float(-np.log(probs[rows, y] + 1e-12).mean())
+    d_logits = probs.copy()
+    d_logits[rows, y] -= 1.0
+    d_logits /= len(y)
+    d_hidden = (d_logits @ weights["w2"].T) * (1.0 - hidden * hidden)
+    grads = {
+        "w1": x.T @ d_hidden,
+        "b1": d_hidden.sum(axis=0),
+        "w2": hidden.T @ d_logits,
+        "b2": d_logits.sum(axis=0),
+    }
+    return {name: g.astype(weights[name].dtype, copy=False) for name, g in grads.items()}, loss

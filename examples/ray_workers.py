@@ -45,67 +45,18 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import _common
 import numpy as np
-from _common import local_server, make_blobs
+from _common import evaluate as loss_and_accuracy
+from _common import gradients, init_weights, local_server, make_blobs
 
 from paramserver import optimizers
-from paramserver.client import Client, DictWeights, Sync, urls_from_env
+from paramserver.client import Client, Sync, urls_from_env
 
 try:
     import ray
 except ImportError:  # the example is optional: say so instead of failing
     ray = None  # type: ignore[assignment]
-
-# --- the data and the model ----------------------------------------------------------------
-
-
-def init_weights(dim: int, hidden: int, classes: int, rng: np.random.Generator) -> DictWeights:
-    """The perceptron's parameters by name: ``w1``, ``b1`` (input to hidden), ``w2``, ``b2``
-    (hidden to output), scaled by ``1/sqrt(fan_in)``."""
-    return {
-        "w1": (rng.normal(size=(dim, hidden)) / np.sqrt(dim)).astype(np.float32),
-        "b1": np.zeros(hidden, np.float32),
-        "w2": (rng.normal(size=(hidden, classes)) / np.sqrt(hidden)).astype(np.float32),
-        "b2": np.zeros(classes, np.float32),
-    }
-
-
-def forward(weights: DictWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The hidden activations and the class probabilities of ``x``."""
-    hidden = np.tanh(x @ weights["w1"] + weights["b1"])
-    logits = hidden @ weights["w2"] + weights["b2"]
-    logits = logits - logits.max(axis=1, keepdims=True)  # softmax is shift-invariant
-    e = np.exp(logits)
-    return hidden, e / e.sum(axis=1, keepdims=True)
-
-
-def loss_and_accuracy(weights: DictWeights, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of the model on ``(x, y)``."""
-    _, probs = forward(weights, x)
-    loss = -np.log(probs[np.arange(len(y)), y] + 1e-12).mean()
-    return float(loss), float((probs.argmax(axis=1) == y).mean())
-
-
-def gradients(weights: DictWeights, x: np.ndarray, y: np.ndarray) -> tuple[DictWeights, float]:
-    """The gradient of the mean cross-entropy on ``(x, y)`` by backpropagation, and the loss.
-
-    For a softmax output, d loss / d logits is ``probs - onehot(y)`` (over the batch size);
-    tanh' is ``1 - tanh^2``."""
-    hidden, probs = forward(weights, x)
-    rows = np.arange(len(y))
-    loss = float(-np.log(probs[rows, y] + 1e-12).mean())
-    d_logits = probs.copy()
-    d_logits[rows, y] -= 1.0
-    d_logits /= len(y)
-    d_hidden = (d_logits @ weights["w2"].T) * (1.0 - hidden * hidden)
-    grads = {
-        "w1": x.T @ d_hidden,
-        "b1": d_hidden.sum(axis=0),
-        "w2": hidden.T @ d_logits,
-        "b2": d_logits.sum(axis=0),
-    }
-    return {name: g.astype(weights[name].dtype, copy=False) for name, g in grads.items()}, loss
-
 
 # --- a Ray actor ---------------------------------------------------------------------------
 
@@ -287,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> RayRun | None:
         # Loaded from its file by another program (a test): Ray's workers cannot import this
         # module by name, so its classes and functions travel by value.
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    # the model lives in _common, which Ray's workers cannot import either
+    ray.cloudpickle.register_pickle_by_value(_common)
     with contextlib.ExitStack() as stack:
         if args.urls is not None:
             urls = [u.strip() for u in args.urls.split(",") if u.strip()]

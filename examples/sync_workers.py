@@ -38,56 +38,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from _common import local_server, make_blobs
+from _common import evaluate, gradients, init_weights, local_server, make_blobs
 
 from paramserver import optimizers
 from paramserver.client import Client, DictWeights, Session, StaleGradient, Sync
-
-# --- the data and the model ----------------------------------------------------------------
-
-
-def init_weights(dim: int, hidden: int, classes: int, rng: np.random.Generator) -> DictWeights:
-    """The perceptron's parameters by name: ``w1``, ``b1`` (input to hidden), ``w2``, ``b2``
-    (hidden to output), scaled by ``1/sqrt(fan_in)``."""
-    return {
-        "w1": (rng.normal(size=(dim, hidden)) / np.sqrt(dim)).astype(np.float32),
-        "b1": np.zeros(hidden, np.float32),
-        "w2": (rng.normal(size=(hidden, classes)) / np.sqrt(hidden)).astype(np.float32),
-        "b2": np.zeros(classes, np.float32),
-    }
-
-
-def forward(weights: DictWeights, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The hidden activations and the class probabilities of ``x``."""
-    hidden = np.tanh(x @ weights["w1"] + weights["b1"])
-    logits = hidden @ weights["w2"] + weights["b2"]
-    logits -= logits.max(axis=1, keepdims=True)  # the softmax is shift-invariant: no overflow
-    e = np.exp(logits)
-    return hidden, e / e.sum(axis=1, keepdims=True)
-
-
-def evaluate(weights: DictWeights, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of the model on ``(x, y)``."""
-    _, probs = forward(weights, x)
-    loss = -np.log(probs[np.arange(len(y)), y] + 1e-12).mean()
-    return float(loss), float((probs.argmax(axis=1) == y).mean())
-
-
-def gradients(weights: DictWeights, x: np.ndarray, y: np.ndarray) -> DictWeights:
-    """The gradient of the mean cross-entropy on ``(x, y)``, by backpropagation: for a softmax
-    output, d loss / d logits is ``probs - onehot(y)`` (over the batch size)."""
-    hidden, probs = forward(weights, x)
-    d_logits = probs
-    d_logits[np.arange(len(y)), y] -= 1.0
-    d_logits /= len(y)
-    d_hidden = (d_logits @ weights["w2"].T) * (1.0 - hidden * hidden)  # tanh' = 1 - tanh^2
-    return {
-        "w1": x.T @ d_hidden,
-        "b1": d_hidden.sum(axis=0),
-        "w2": hidden.T @ d_logits,
-        "b2": d_logits.sum(axis=0),
-    }
-
 
 # --- a worker process ----------------------------------------------------------------------
 
@@ -137,7 +91,7 @@ def train_worker(
             weights = session.pull()
             while iterations_of(session) < rounds:
                 idx = rng.integers(0, len(y), size=batch)
-                grads = gradients(weights, x[idx], y[idx])
+                grads, _ = gradients(weights, x[idx], y[idx])
                 try:
                     # Answers once the round has all its gradients: the same new weights for
                     # every worker of the round.
