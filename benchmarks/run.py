@@ -29,7 +29,12 @@ Runs, in this order, each against its reference measured in the same run:
    model (seven tensors, Adam) into a sharded session over 1, 2 and 3 server processes, and
    into an ordinary session with the plain client, the answers received into new arrays and
    with ``out=``: pushes per second, p50, CPU per push, and the ratios to one shard and to
-   the plain client (reported, no goal; docs/scaling.md).
+   the plain client (reported, no goal; docs/scaling.md);
+8. ``sparse`` (:mod:`benchmarks.sparse`): a (1e6, 64) float32 embedding (Adam) and pushes of
+   0.1 % and 1 % of its rows: in process, the optimizer's step with a dense gradient (the
+   dense kernel pass) against row gradients in exact and in lazy mode; end to end, bytes up
+   and down and p50 of a dense push (data plane) against row pushes answered with their rows
+   (HTTP), into an exact and a lazy session.
 
 It prints one table (figure, ours, reference, ratio, goal, verdict) and writes everything
 (the goals, every row of every benchmark, the machine and the command) to ``--json``
@@ -57,7 +62,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import concurrency, kernels, memory, push, shards, throughput, training_modes
+from . import concurrency, kernels, memory, push, shards, sparse, throughput, training_modes
 
 __all__ = ["BENCHMARKS", "PLANS", "Plan", "goal_rows", "machine", "main", "run"]
 
@@ -98,6 +103,13 @@ class Plan:
     shards_parameters: int
     shards_seconds: float
     shards_rounds: int
+    sparse_rows: int
+    sparse_width: int
+    sparse_fractions: tuple[float, ...]
+    sparse_step_repeats: int
+    sparse_push_samples: int
+    sparse_dense_samples: int
+    sparse_push_rounds: int
 
 
 PLANS = {
@@ -131,6 +143,13 @@ PLANS = {
         shards_parameters=10**7,
         shards_seconds=0.75,
         shards_rounds=3,
+        sparse_rows=10**6,
+        sparse_width=64,
+        sparse_fractions=(0.001, 0.01),
+        sparse_step_repeats=9,
+        sparse_push_samples=40,
+        sparse_dense_samples=8,
+        sparse_push_rounds=4,
     ),
     "quick": Plan(
         kernel_sizes=(10**6,),
@@ -162,6 +181,13 @@ PLANS = {
         shards_parameters=10**7,
         shards_seconds=0.4,
         shards_rounds=2,
+        sparse_rows=10**6,
+        sparse_width=64,
+        sparse_fractions=(0.001, 0.01),
+        sparse_step_repeats=3,
+        sparse_push_samples=12,
+        sparse_dense_samples=3,
+        sparse_push_rounds=2,
     ),
 }
 
@@ -224,6 +250,18 @@ def _shards(plan: Plan) -> list[dict[str, Any]]:
     )
 
 
+def _sparse(plan: Plan) -> list[dict[str, Any]]:
+    return sparse.run(
+        rows=plan.sparse_rows,
+        width=plan.sparse_width,
+        fractions=plan.sparse_fractions,
+        step_repeats=plan.sparse_step_repeats,
+        push_samples=plan.sparse_push_samples,
+        dense_samples=plan.sparse_dense_samples,
+        push_rounds=plan.sparse_push_rounds,
+    )
+
+
 #: The benchmarks, in the order they run.
 BENCHMARKS: dict[str, Callable[[Plan], list[dict[str, Any]]]] = {
     "kernels": _kernels,
@@ -233,6 +271,7 @@ BENCHMARKS: dict[str, Callable[[Plan], list[dict[str, Any]]]] = {
     "memory": _memory,
     "training_modes": _training_modes,
     "shards": _shards,
+    "sparse": _sparse,
 }
 
 
@@ -523,6 +562,82 @@ def _shards_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _sparse_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per fraction of the rows: the exact and lazy steps against the dense kernel pass (and
+    the touched rows' share of it), the check of the rows against the dense gradient's
+    (information); bytes up and down and p50 of the row pushes against the dense push."""
+    out = []
+    for r in rows:
+        table = f"{r['rows']:.0e}x{r['width']}"
+        share = f"{r['fraction'] * 100:g}%" if r["fraction"] is not None else ""
+        if r["figure"] == "step":
+            out.append(
+                _goal(
+                    f"sparse step {table}, {share} rows, exact vs dense kernel pass (ms)",
+                    f"{r['exact_ms']:.2f}",
+                    f"{r['dense_ms']:.2f} dense",
+                    r["exact_vs_dense"],
+                    r["goal_exact_vs_dense"],
+                )
+            )
+            out.append(
+                _goal(
+                    f"sparse step {table}, {share} rows, lazy vs touched share of dense pass (ms)",
+                    f"{r['lazy_ms']:.3f}",
+                    f"{r['share_of_dense_ms']:.3f} share",
+                    r["lazy_vs_share"],
+                    r["goal_lazy_vs_share"],
+                )
+            )
+            out.append(
+                _goal(
+                    f"sparse check {table}, {share} rows from a body vs the dense gradient's (ms)",
+                    f"{r['prepare_body_ms']:.2f}",
+                    f"{r['dense_prepare_ms']:.2f} dense",
+                    r["prepare_body_vs_dense_prepare"],
+                    None,
+                )
+            )
+        elif r["figure"] == "push" and r["method"] != "dense":
+            who = f"sparse push {table}, {share} rows, {r['mode']} [{r['transport']}]"
+            dense = f"dense [{_dense_transport(rows)}]"
+            out.append(
+                _goal(
+                    f"{who}: bytes up, {dense} / ours (MB)",
+                    f"{r['up_bytes'] / 1e6:.3f}",
+                    f"{r['up_bytes'] * r['up_vs_dense'] / 1e6:.1f} dense",
+                    r["up_vs_dense"],
+                    r["goal_up_vs_dense"],
+                    at_least=True,
+                )
+            )
+            out.append(
+                _goal(
+                    f"{who}: bytes down, {dense} / ours (MB)",
+                    f"{r['down_bytes'] / 1e6:.3f}",
+                    f"{r['down_bytes'] * r['down_vs_dense'] / 1e6:.1f} dense",
+                    r["down_vs_dense"],
+                    None,
+                    at_least=True,
+                )
+            )
+            out.append(
+                _goal(
+                    f"{who}: p50 vs {dense} (ms)",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p50_ms'] / r['p50_vs_dense']:.1f} dense",
+                    r["p50_vs_dense"],
+                    None,
+                )
+            )
+    return out
+
+
+def _dense_transport(rows: Sequence[dict[str, Any]]) -> str:
+    found = [r["transport"] for r in rows if r["figure"] == "push" and r["method"] == "dense"]
+    return found[0] if found else "-"
+
+
 _GOALS: dict[str, Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]] = {
     "kernels": _kernel_goals,
     "push": _push_goals,
@@ -531,6 +646,7 @@ _GOALS: dict[str, Callable[[Sequence[dict[str, Any]]], list[dict[str, Any]]]] = 
     "memory": _memory_goals,
     "training_modes": _training_mode_goals,
     "shards": _shards_goals,
+    "sparse": _sparse_goals,
 }
 
 
@@ -720,6 +836,10 @@ def _details(doc: dict[str, Any]) -> str:
         parts.append(
             "sharded sessions (pushes/s of all workers; p50 of one push):\n"
             + shards.format_rows(results["shards"])
+        )
+    if "sparse" in results:
+        parts.append(
+            "row-sparse pushes of an embedding table:\n" + sparse.format_rows(results["sparse"])
         )
     return "\n\n".join(parts)
 

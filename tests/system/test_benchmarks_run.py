@@ -48,6 +48,13 @@ TINY = bench_run.Plan(
     shards_parameters=20_000,
     shards_seconds=0.2,
     shards_rounds=1,
+    sparse_rows=2000,
+    sparse_width=8,
+    sparse_fractions=(0.01, 0.1),
+    sparse_step_repeats=1,
+    sparse_push_samples=2,
+    sparse_dense_samples=1,
+    sparse_push_rounds=1,
 )
 
 
@@ -85,6 +92,7 @@ def test_document_describes_the_run(document: dict[str, Any]) -> None:
         "memory",
         "training_modes",
         "shards",
+        "sparse",
     }
     machine = document["machine"]
     assert machine["nproc"] >= 1
@@ -105,6 +113,7 @@ def test_goal_table_has_every_benchmark(document: dict[str, Any]) -> None:
         "memory",
         "training_modes",
         "shards",
+        "sparse",
     }
     for g in goals:
         assert set(g) == {"benchmark", "figure", "ours", "reference", "ratio", "goal", "verdict"}
@@ -239,3 +248,34 @@ def test_shards_rows(document: dict[str, Any]) -> None:
         for out in ("", " with out=")
         for what in ("2 shards vs 1 shard", "1 shard, sharded client vs plain Client")
     }
+
+
+def test_sparse_rows(document: dict[str, Any]) -> None:
+    rows = document["results"]["sparse"]
+    steps = [r for r in rows if r["figure"] == "step"]
+    pushes = [r for r in rows if r["figure"] == "push"]
+    assert [r["fraction"] for r in steps] == [0.01, 0.1]
+    for row in steps:
+        assert row["rows"] == 2000 and row["width"] == 8
+        assert 0 < row["unique_rows"] <= row["pushed_rows"]
+        _positive(row, "dense_ms", "exact_ms", "lazy_ms", "prepare_ms", "prepare_body_ms")
+        _positive(row, "touched_share", "exact_vs_dense", "lazy_vs_share")
+    assert [(r["method"], r["fraction"]) for r in pushes] == [
+        ("dense", None),
+        ("exact", 0.01),
+        ("lazy", 0.01),
+        ("exact", 0.1),
+        ("lazy", 0.1),
+    ]
+    assert [r["transport"] for r in pushes] == ["data plane"] + ["http"] * 4
+    for row in pushes:
+        assert row["samples"] == (1 if row["method"] == "dense" else 2)
+        _positive(row, "up_bytes", "down_bytes", "p50_ms", "p99_ms", "min_ms")
+        # the answer's encoded size is what the server counted as sent
+        assert row["down_bytes_counted"] == pytest.approx(row["down_bytes"], rel=0.01)
+    for row in pushes[1:]:
+        assert row["up_bytes"] < pushes[0]["up_bytes"]
+        assert row["down_bytes"] < pushes[0]["down_bytes"]
+    goals = [g for g in document["goals"] if g["benchmark"] == "sparse"]
+    assert len(goals) == 3 * len(steps) + 3 * (len(pushes) - 1)
+    assert any(g["goal"] == ">= 50" for g in goals)
