@@ -199,6 +199,7 @@ class WorkerPoints:
         self.names: list[str] = []
         self._index: dict[str, int] = {}
         self._capacity = 0
+        self._allocated = False
         self._start = 0
         self._count = 0
         self._name = np.empty(0, np.uint16)
@@ -220,23 +221,34 @@ class WorkerPoints:
         new = {n for n in names if n not in self._index}
         return len(self.names) + len(new) <= self.MAX_NAMES
 
-    def allocate(self, budget: int | None) -> None:
-        """The arrays, sized to the capacity or to what ``budget`` bytes allow."""
-        if self._capacity:
-            return
+    def _allocate(self, budget: int | None) -> None:
+        """The arrays, sized to the capacity or to what ``budget`` bytes allow (once, under
+        the lock: the arrays exist before the capacity says so)."""
         capacity = self.CAPACITY
         if budget is not None:  # room for the names table at its largest, then the points
             room = budget - self.MAX_NAMES * (self.NAME_BYTES + 64)
             capacity = max(0, min(capacity, room // self.POINT_BYTES))
-        self._capacity = capacity
         self._name = np.zeros(capacity, np.uint16)
         self._value = np.zeros(capacity, np.float64)
         self._iterations = np.zeros(capacity, np.int64)
         self._time = np.zeros(capacity, np.float64)
+        self._capacity = capacity
+        self._allocated = True
 
-    def add(self, metrics: Mapping[str, float], iterations: int, when: float | None = None) -> None:
+    def add(
+        self,
+        metrics: Mapping[str, float],
+        iterations: int,
+        when: float | None = None,
+        *,
+        budget: int | None = None,
+    ) -> None:
+        """Record the points of one applied push; the first allocates the arrays within
+        ``budget`` bytes (None: no limit)."""
         when = time.time() if when is None else when
         with self._lock:
+            if not self._allocated:
+                self._allocate(budget)
             for name, value in metrics.items():
                 index = self._index.get(name)
                 if index is None:

@@ -15,6 +15,7 @@ for the periodic snapshot).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -110,9 +111,23 @@ def round_answer(
 def check_selection(
     parameters: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
     spec: Mapping[str, np.ndarray | None],
+    max_bytes: int,
 ) -> None:
     """A partial pull's (or a push's ``return``) names and rows against the parameters
-    (422 ``parameter_mismatch``, before anything is read or applied)."""
+    (422 ``parameter_mismatch``), and the answer's size against ``max_bytes`` (the largest
+    body: 422 ``invalid_request``), before anything is read or applied: a few bytes of
+    repeated row numbers must not make the server build gigabytes."""
+    total = 0
+    for name, rows in spec.items():
+        if name in parameters:
+            dtype, shape = parameters[name]
+            count = math.prod(shape) if rows is None else rows.size * math.prod(shape[1:])
+            total += count * np.dtype(dtype).itemsize
+    if total > max_bytes:
+        raise InvalidRequest(
+            f"the answer would hold {total} bytes of weights; at most {max_bytes} "
+            "(max_body_bytes): ask for fewer rows"
+        )
     for name, rows in spec.items():
         if name not in parameters:
             raise InvalidRequest(
@@ -264,7 +279,7 @@ class SessionService:
         grads = message.gradients
         returns = message.returns
         if returns is not None:
-            check_selection(session.trainer.parameters(), returns)
+            check_selection(session.trainer.parameters(), returns, self.settings.max_body_bytes)
 
         def answer(trainer: Trainer) -> bytes:
             if returns is not None and return_weights:
@@ -367,8 +382,11 @@ class SessionService:
     def _record_points(
         self, session: Session, metrics: Mapping[str, float], iterations: int
     ) -> None:
-        session.points.allocate(self.store.points_budget(session))
-        session.points.add(metrics, iterations)
+        """Record an applied push's points; never fails the push (it is applied already)."""
+        try:
+            session.points.add(metrics, iterations, budget=self.store.points_budget(session))
+        except Exception:  # pragma: no cover - a bug here must not turn an applied push into 500
+            log.exception("recording the points of a push to session %r failed", session.id)
 
     def _push(
         self,
@@ -492,9 +510,10 @@ class SessionService:
             session.stats.round_applied(now - round_started)
             for waiter in entries:  # the round is durable: answer every push of it
                 session.stats.pushed(now - waiter.arrived, waiter.nbytes)
+                waiter.resolve(result)
+            for waiter in entries:
                 if waiter.metrics:
                     self._record_points(session, waiter.metrics, result.iterations)
-                waiter.resolve(result)
             return ticket
         if self.journal is not None:
             self.journal.commit(lsn)  # outside the lock: one fsync serves pushes of many sessions
@@ -666,10 +685,12 @@ class SessionService:
         """``POST /sessions/{id}/weights/query``: the tensors (and rows) the body names, of
         one consistent view of the weights."""
         spec = _decoded(decode_query_message, body, self.limits)
+        limit = self.settings.max_body_bytes
+        check_selection(session.trainer.parameters(), spec, limit)  # before the lock
         with session.locked() as trainer:
             if session.deleted:
                 raise SessionNotFound(f"no session {session.id!r}")
-            check_selection(trainer.parameters(), spec)
+            check_selection(trainer.parameters(), spec, limit)  # a state import meanwhile
             content = encode_selection(trainer.iterations, select_weights(trainer.weights(), spec))
         session.stats.sent(len(content))
         return content

@@ -203,8 +203,9 @@ def decode_round_order(value: Any) -> str:
 
 
 def decode_sum_squares(value: Any) -> float:
-    """A push's ``sum_squares``: a number >= 0 (422 ``invalid_request``). ``inf`` is one: the
-    squares of huge float64 gradients overflow on the single server too."""
+    """A push's ``sum_squares``: a finite number >= 0 (422 ``invalid_request``). ``inf`` (the
+    squares of huge float64 gradients overflowing) is 422 ``non_finite_gradient``, as the single
+    server refuses such a push: no shard applies it."""
     try:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         number = float(value) if ok else math.nan
@@ -212,6 +213,11 @@ def decode_sum_squares(value: Any) -> float:
         number = math.nan
     if not number >= 0:  # NaN fails too
         raise _error(f"'sum_squares' must be a number >= 0, got {value!r}"[:200])
+    if math.isinf(number):
+        raise MessageError(
+            "gradients are too large: their global norm overflows float64",
+            code=ErrorCode.NON_FINITE_GRADIENT,
+        )
     return number
 
 

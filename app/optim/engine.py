@@ -106,7 +106,7 @@ class SparseGradient:
     def dense(self, size: int) -> np.ndarray:
         """The flat dense gradient (zeros elsewhere): for the paths that need one."""
         out = np.zeros(size, self.rows.dtype)
-        if self.indices.size:
+        if self.indices.size and self.width:
             out.reshape(-1, self.width)[self.indices] = self.rows
         return out
 
@@ -248,7 +248,8 @@ def _prepare_rows(name: str, g: Rows, shape: tuple[int, ...], dtype: np.dtype) -
     with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused after
         indices, rows = combine(g.indices, g.values, dtype)
     width = math.prod(shape[1:])
-    return SparseGradient(indices, np.ascontiguousarray(rows).reshape(-1, width), width)
+    rows = np.ascontiguousarray(rows).reshape(indices.shape[0], width)
+    return SparseGradient(indices, rows, width)
 
 
 class KerasOptimizer:

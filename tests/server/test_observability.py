@@ -242,3 +242,36 @@ def test_json_logs_carry_the_request(tmp_path: Path) -> None:
     assert mine["status"] == 200 and mine["session_id"] == "logged"
     assert mine["duration_ms"] >= 0 and mine["bytes"] > 0
     assert not [line for line in srv.log.splitlines() if line.strip() and not line.startswith("{")]
+
+
+def test_the_first_points_of_a_session_may_arrive_from_many_threads_at_once() -> None:
+    """The ring allocates its arrays under its lock, before its capacity says they exist
+    (found in review: threads racing on the first points raised IndexError after the push was
+    applied)."""
+    import sys
+
+    from paramserver.server.observability import WorkerPoints
+
+    errors: list[BaseException] = []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(200):
+            ring = WorkerPoints()
+
+            def add(i: int, ring: WorkerPoints = ring) -> None:
+                try:
+                    ring.add({"loss": float(i + 1)}, i + 1, budget=None)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=add, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            values = sorted(p["value"] for p in ring.points(limit=None))
+            assert values == [1.0, 2.0, 3.0, 4.0]
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors

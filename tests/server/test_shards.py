@@ -300,3 +300,19 @@ def test_a_sync_round_sums_in_the_order_of_its_pushes_round_order(api):
         results.append(float(weights["w"][0]))
     # 1e20, 1, -1e20 in that order: 0; 1e20, -1e20, 1: 1 (mean -1/3, so w = -1/3 after SGD lr 1)
     assert results[0] == 0.0 and results[1] == pytest.approx(-1 / 3)
+
+
+def test_a_sum_of_squares_that_overflows_is_refused_on_every_shard(api):
+    """One server refuses float64 gradients whose global norm overflows (422
+    non_finite_gradient); a shard told the whole push's sum is inf refuses it the same way,
+    so no shard applies what one server would not (found in review)."""
+    sid = create(
+        api,
+        {"w": np.zeros(2, np.float64)},
+        {"class_name": "SGD", "config": {"momentum": 0.9, "clipnorm": 1.0}},
+        shard=shard_of(0),
+    ).json()["session_id"]
+    body = messages.encode_push({"w": np.full(2, 1.2e154)}, None, float("inf"))
+    r = api.post(f"/sessions/{sid}/gradients", content=body, headers=MSGPACK)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "non_finite_gradient", r.text
+    assert api.get(f"/sessions/{sid}").json()["iterations"] == 0

@@ -331,3 +331,25 @@ def test_sum_of_squares_of_rows_is_the_dense_ones() -> None:
         dense = densify(idx, rows, shape, np.dtype(np.float32))
         assert sparse.sum_squares(idx, rows, shape) == reductions.sum_squares(dense)
     assert math.isfinite(sparse.sum_squares(np.array([0]), np.ones((1, 3), np.float32), (4, 3)))
+
+
+def test_a_small_query_cannot_ask_for_a_huge_answer(server_factory: Any) -> None:
+    """Row numbers repeat freely, so the answer's size is bounded by the largest body, checked
+    before the session is read (found in review: 1.6 KB of [0]*200 answered 839 MB)."""
+    srv = server_factory(max_body_bytes=2 << 20)
+    with Client(srv.url) as c:
+        s = c.create_session({"wide": np.zeros((4, 1 << 16), np.float32)}, "sgd")  # 256 KiB rows
+        assert s.pull(rows={"wide": [0, 0, 1]})["wide"].values.shape == (3, 1 << 16)
+        body = wire.pack({"tensors": messages.encode_query({"wide": [0] * 200})})
+        r = httpx.post(f"{srv.url}/sessions/{s.id}/weights/query", content=body, headers=MSGPACK)
+        assert r.status_code == 422 and "max_body_bytes" in r.json()["error"]["message"], r.text
+        with pytest.raises(InvalidRequest, match="max_body_bytes"):
+            s.push({"wide": np.ones((4, 1 << 16), np.float32)}, returns={"wide": [0] * 200})
+        assert s.info().iterations == 0  # a refused 'return' applied nothing
+
+
+def test_rows_of_a_zero_width_parameter(client: Client) -> None:
+    for mode in ("exact", "lazy"):
+        s = client.create_session({"e": np.zeros((5, 0), np.float32)}, "adam", sparse_updates=mode)
+        s.push({"e": Rows(np.array([1, 1]), np.zeros((2, 0), np.float32))})
+        assert s.info().iterations == 1
