@@ -54,7 +54,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import multiprocessing
 import os
 import resource
 import statistics
@@ -246,22 +245,8 @@ class ShardPushPool(WorkerPool):
     ``workers`` of them and reads the servers' CPU time around the measured pushes only
     (not the connecting and warm-up ones)."""
 
-    def __enter__(self) -> ShardPushPool:
-        context = multiprocessing.get_context("spawn")
-        try:
-            for index in range(self.processes):
-                ours, theirs = context.Pipe()
-                proc = context.Process(
-                    target=_worker_main, args=(theirs, index), daemon=True, name=f"pusher-{index}"
-                )
-                proc.start()
-                theirs.close()
-                self._conns.append(ours)
-                self._procs.append(proc)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+    target = staticmethod(_worker_main)
+    name = "pusher"
 
     def _exchange(self, workers: int, message: tuple[Any, ...], timeout: float) -> list[Any]:
         """Send ``message`` to the first ``workers`` processes; their answers, in order

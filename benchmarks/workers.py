@@ -229,13 +229,18 @@ class WorkerPool:
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
 
+    #: What each process runs (a subclass's own loop), and its processes' name.
+    target: Any = None
+    name = "worker"
+
     def __enter__(self) -> WorkerPool:
         context = multiprocessing.get_context("spawn")
+        target = type(self).target or _worker_main
         try:
             for index in range(self.processes):
                 ours, theirs = context.Pipe()
                 proc = context.Process(
-                    target=_worker_main, args=(theirs, index), daemon=True, name=f"worker-{index}"
+                    target=target, args=(theirs, index), daemon=True, name=f"{self.name}-{index}"
                 )
                 proc.start()
                 theirs.close()

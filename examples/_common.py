@@ -8,6 +8,7 @@ spawn inherit it).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import socket
 import subprocess
@@ -18,9 +19,34 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 
-__all__ = ["evaluate", "forward", "gradients", "init_weights", "local_server", "make_blobs"]
+__all__ = [
+    "add_data_arguments",
+    "evaluate",
+    "forward",
+    "gradients",
+    "init_weights",
+    "local_server",
+    "make_blobs",
+]
 
 Weights = dict[str, np.ndarray]
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    samples: int = 5000,
+    spread: float = 2.0,
+    batch_help: str = "minibatch size per worker",
+) -> None:
+    """The synthetic data's options (:func:`make_blobs`) and the minibatch size, as every
+    training example takes them."""
+    parser.add_argument("--batch", type=int, default=32, help=batch_help)
+    parser.add_argument("--samples", type=int, default=samples, help="1000 of them held out")
+    parser.add_argument("--dim", type=int, default=8, help="number of features")
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--clusters", type=int, default=3, help="Gaussian clusters per class")
+    parser.add_argument("--spread", type=float, default=spread, help="std. dev. of the centres")
 
 
 def make_blobs(

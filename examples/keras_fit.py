@@ -43,7 +43,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
 
-from _common import local_server, make_blobs
+from _common import add_data_arguments, local_server, make_blobs
 
 from paramserver import optimizers
 from paramserver.client import Client, Sync
@@ -143,12 +143,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=1, help="worker processes (more than 1: sync rounds)"
     )
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=32, help="minibatch size per worker")
-    parser.add_argument("--samples", type=int, default=5000, help="1000 of them held out")
-    parser.add_argument("--dim", type=int, default=8, help="number of features")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--clusters", type=int, default=3, help="Gaussian clusters per class")
-    parser.add_argument("--spread", type=float, default=2.0, help="std. dev. of the centres")
+    add_data_arguments(parser)
     parser.add_argument("--hidden", type=int, default=32, help="units per hidden layer")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD's learning rate")
     parser.add_argument("--momentum", type=float, default=0.9)

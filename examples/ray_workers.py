@@ -47,8 +47,8 @@ from typing import Any
 
 import _common
 import numpy as np
+from _common import add_data_arguments, gradients, init_weights, local_server, make_blobs
 from _common import evaluate as loss_and_accuracy
-from _common import gradients, init_weights, local_server, make_blobs
 
 from paramserver import optimizers
 from paramserver.client import Client, Sync, urls_from_env
@@ -200,12 +200,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--sync", action="store_true", help="synchronous rounds of N gradients (default: async)"
     )
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=32, help="minibatch size per worker")
-    parser.add_argument("--samples", type=int, default=5000, help="1000 of them held out")
-    parser.add_argument("--dim", type=int, default=8, help="number of features")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--clusters", type=int, default=3, help="Gaussian clusters per class")
-    parser.add_argument("--spread", type=float, default=2.0, help="std. dev. of the centres")
+    add_data_arguments(parser)
     parser.add_argument("--hidden", type=int, default=32, help="hidden units")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD's learning rate")
     parser.add_argument("--momentum", type=float, default=0.9)

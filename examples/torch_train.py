@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from _common import local_server, make_blobs
+from _common import add_data_arguments, local_server, make_blobs
 
 from paramserver import optimizers
 from paramserver.client import Client
@@ -125,12 +125,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (1: this one)")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=32, help="minibatch size")
-    parser.add_argument("--samples", type=int, default=6000, help="1000 of them held out")
-    parser.add_argument("--dim", type=int, default=8, help="number of features")
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--clusters", type=int, default=3, help="Gaussian clusters per class")
-    parser.add_argument("--spread", type=float, default=1.5, help="std. dev. of the centres")
+    add_data_arguments(parser, samples=6000, spread=1.5, batch_help="minibatch size")
     parser.add_argument("--hidden", type=int, default=64, help="hidden units")
     parser.add_argument("--lr", type=float, default=0.003, help="Adam's learning rate")
     parser.add_argument("--seed", type=int, default=0)
