@@ -98,10 +98,34 @@ def combine(
     values = values.astype(dtype, copy=False)
     if indices.size < 2 or (np.all(indices[1:] > indices[:-1])):
         return indices, values  # already sorted and unique: nothing to sum
-    unique, inverse = np.unique(indices, return_inverse=True)
-    summed = np.zeros((unique.shape[0], *values.shape[1:]), dtype)
-    np.add.at(summed, inverse, values)
-    return unique, summed
+    order = np.argsort(indices, kind="stable")  # each index's rows in the order they came
+    ordered = indices[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    counts = np.diff(np.append(starts, indices.size))
+    group = np.repeat(np.arange(starts.size), counts)  # of each sorted position
+    rank = np.arange(indices.size) - np.repeat(starts, counts)  # its place in its group
+    rows = values.reshape(values.shape[0], math.prod(values.shape[1:]))
+    summed = np.zeros((starts.size, rows.shape[1]), dtype)
+    # Pass k adds every index's k-th row (at most one row per index: plain vector adds), so
+    # each index's rows add one after the other in the order they came, from +0.0, as
+    # np.add.at would, many times faster. Rows past the first _RANK_PASSES of an index (a
+    # hostile push that repeats one index) go through np.add.at, in order, after them.
+    passes = min(int(rank.max()) + 1, _RANK_PASSES)
+    for k in range(passes):
+        at = rank == k
+        summed[group[at]] += rows[order[at]]
+    rest = rank >= passes
+    if rest.any():
+        np.add.at(summed, group[rest], rows[order[rest]])
+    return ordered[starts], summed.reshape(starts.size, *values.shape[1:])
+
+
+#: Vector passes of :func:`combine` (an index's first rows); np.add.at adds the rest.
+_RANK_PASSES = 16
+
+
+#: Elements per block of :func:`sum_squares` (its positions and squares stay in cache).
+_SUM_CHUNK = 1 << 16
 
 
 def sum_squares(indices: np.ndarray, rows: np.ndarray, shape: tuple[int, ...]) -> float:
@@ -109,24 +133,30 @@ def sum_squares(indices: np.ndarray, rows: np.ndarray, shape: tuple[int, ...]) -
     ``rows`` stand for, in :func:`paramserver.reductions.sum_squares`'s order: element ``k`` of
     the flat tensor goes to lane ``k % 64`` and each lane adds in order (the zeros in between
     add nothing to a sum that is >= 0), the lanes combine pairwise, then the elements past the
-    last full row of 64 are added in order."""
+    last full row of 64 are added in order. A block of rows at a time: memory stays bounded."""
     size = math.prod(shape)
     width = math.prod(shape[1:])
     if not indices.size or not width:
         return 0.0
     body = size - size % LANES
-    positions = (indices[:, None] * width + np.arange(width)).reshape(-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        squares = rows.reshape(-1).astype(np.float64)
-        np.multiply(squares, squares, out=squares)
+    flat_rows = rows.reshape(indices.shape[0], width)
+    per = max(1, _SUM_CHUNK // width)
+    offsets = np.arange(width)
     acc = np.zeros(LANES, np.float64)
-    inside = positions < body
-    np.add.at(acc, positions[inside] % LANES, squares[inside])  # in order, lane by lane
-    width_ = LANES
-    while width_ > 1:
-        width_ //= 2
-        acc[:width_] += acc[width_ : 2 * width_]
-    total = float(acc[0])
-    for x in squares[~inside]:
-        total += float(x)
+    tail: list[float] = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, indices.shape[0], per):
+            positions = (indices[start : start + per, None] * width + offsets).reshape(-1)
+            squares = flat_rows[start : start + per].reshape(-1).astype(np.float64)
+            np.multiply(squares, squares, out=squares)
+            inside = positions < body
+            np.add.at(acc, positions[inside] % LANES, squares[inside])  # in order, by lane
+            tail.extend(float(x) for x in squares[~inside])
+        width_ = LANES
+        while width_ > 1:
+            width_ //= 2
+            acc[:width_] += acc[width_ : 2 * width_]
+        total = float(acc[0])
+        for x in tail:
+            total += x
     return total

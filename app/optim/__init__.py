@@ -11,12 +11,13 @@ from .engine import (
     KerasOptimizer,
     OptimizerState,
     PreparedGradients,
+    SparseGradient,
     StateError,
     check_weights,
     default_backend,
     prepare_gradients,
 )
-from .kernels import FLOAT_DTYPES, KernelBackend, NumpyBackend, UpdateKernel
+from .kernels import FLOAT_DTYPES, KernelBackend, NumpyBackend, RowsKernel, UpdateKernel
 from .rules import RULES, UpdateRule
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "NumpyBackend",
     "OptimizerState",
     "PreparedGradients",
+    "RowsKernel",
+    "SparseGradient",
     "StateError",
     "UpdateKernel",
     "UpdateRule",

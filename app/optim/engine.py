@@ -32,7 +32,14 @@ from paramserver.optimizers import TFOptimizer
 from paramserver.sparse import Rows, combine
 from paramserver.sparse import sum_squares as sparse_sum_squares
 
-from .kernels import CHUNK_ELEMENTS, FLOAT_DTYPES, KernelBackend, NumpyBackend, UpdateKernel
+from .kernels import (
+    CHUNK_ELEMENTS,
+    FLOAT_DTYPES,
+    KernelBackend,
+    NumpyBackend,
+    RowsKernel,
+    UpdateKernel,
+)
 from .rules import RULES
 
 #: What a gradient may be: a parameter's dtype, or bfloat16 (mixed precision), cast to the
@@ -164,6 +171,9 @@ def prepare_gradients(
     *,
     cast: Callable[[str, np.ndarray, np.dtype], np.ndarray],
     sum_squares: Callable[[np.ndarray], float],
+    sparse_sum_squares: Callable[
+        [np.ndarray, np.ndarray, tuple[int, ...]], float
+    ] = sparse_sum_squares,
 ) -> PreparedGradients:
     """Check ``grads`` against ``specs`` (name -> (shape, dtype)); cast, then check finiteness.
 
@@ -248,8 +258,16 @@ def _prepare_rows(name: str, g: Rows, shape: tuple[int, ...], dtype: np.dtype) -
     with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused after
         indices, rows = combine(g.indices, g.values, dtype)
     width = math.prod(shape[1:])
-    rows = np.ascontiguousarray(rows).reshape(indices.shape[0], width)
-    return SparseGradient(indices, rows, width)
+    # The kernels take aligned contiguous arrays (a body's views may be neither).
+    rows = _aligned(rows).reshape(indices.shape[0], width)
+    return SparseGradient(_aligned(indices), rows, width)
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when it is C-contiguous and aligned, else an aligned copy."""
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.array(a, order="C")
 
 
 class KerasOptimizer:
@@ -278,6 +296,7 @@ class KerasOptimizer:
         self.specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         #: Each parameter's update kernel, chosen here once (fused where the backend has one).
         self.kernels: dict[str, UpdateKernel] = {}
+        self.rows_kernels: dict[str, RowsKernel] = {}
         for name, value in params.items():
             dtype = np.dtype(value.dtype)
             if dtype not in FLOAT_DTYPES:
@@ -286,6 +305,7 @@ class KerasOptimizer:
                 )
             self.specs[name] = (tuple(value.shape), dtype)
             self.kernels[name] = self.backend.kernel(self.rule, dtype)
+            self.rows_kernels[name] = self.backend.rows_kernel(self.rule, dtype)
         # Keras computes its scalars in floatx; a model of one dtype computes in that dtype,
         # a mixed one in the widest of its dtypes.
         self.compute_dtype = np.result_type(*(d for _, d in self.specs.values()))
@@ -320,6 +340,7 @@ class KerasOptimizer:
             grads,
             cast=self._as_dtype,
             sum_squares=self.backend.sum_squares,
+            sparse_sum_squares=self.backend.sparse_sum_squares,
         )
 
     def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
@@ -374,8 +395,10 @@ class KerasOptimizer:
             scale = None if grad_scale_c is None else ty(grad_scale_c)
             clip = None if clipvalue is None else ty(clipvalue)
             if isinstance(g, SparseGradient):
-                if self.sparse_updates == "lazy":
-                    self._apply_lazy(self.kernels[name], p, g, slots, kcoeffs, scale, clip)
+                if self.sparse_updates == "lazy":  # only its rows, in place (LazyAdam)
+                    self.rows_kernels[name](
+                        p, g.rows.reshape(-1), g.indices, g.width, slots, kcoeffs, scale, clip
+                    )
                 else:
                     self._apply_exact(self.kernels[name], p, g, slots, kcoeffs, scale, clip)
                 continue
@@ -422,37 +445,6 @@ class KerasOptimizer:
             kernel(p[a:b], buf, tuple(s[a:b] for s in slots), coeffs, scale, clip)
             if touched is not None:
                 buf.reshape(-1, width)[touched] = 0  # zeros again for the next chunk
-
-    def _apply_lazy(
-        self,
-        kernel: UpdateKernel,
-        p: np.ndarray,
-        g: SparseGradient,
-        slots: tuple[np.ndarray, ...],
-        coeffs: tuple[Any, ...],
-        scale: Any,
-        clip: Any,
-    ) -> None:
-        """Only the touched rows: gathered, stepped, scattered back (LazyAdam's semantics;
-        the untouched rows' weights and slots stay as they are)."""
-        width = g.width
-        if not width or not g.indices.size:
-            return
-        idx = g.indices
-        rows = p.reshape(-1, width)
-        gathered = rows[idx]
-        slot_rows = [s.reshape(-1, width)[idx] for s in slots]
-        kernel(
-            gathered.reshape(-1),
-            g.rows.reshape(-1),
-            tuple(r.reshape(-1) for r in slot_rows),
-            coeffs,
-            scale,
-            clip,
-        )
-        rows[idx] = gathered
-        for s, r in zip(slots, slot_rows, strict=True):
-            s.reshape(-1, width)[idx] = r
 
     def _as_dtype(self, name: str, g: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """``g`` in ``dtype``: itself when it already is, else cast into a reused buffer."""

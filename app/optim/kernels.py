@@ -17,11 +17,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from paramserver import reductions
+from paramserver import reductions, sparse
 
 from .rules import RULES, Scratch, UpdateRule
 
-__all__ = ["CHUNK_ELEMENTS", "FLOAT_DTYPES", "KernelBackend", "NumpyBackend", "UpdateKernel"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "FLOAT_DTYPES",
+    "KernelBackend",
+    "NumpyBackend",
+    "RowsKernel",
+    "UpdateKernel",
+]
 
 #: The float dtypes a parameter, gradient or slot may have.
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -34,6 +41,24 @@ CHUNK_ELEMENTS = 1 << 14
 #: when clipnorm does not apply, ``grad_clip`` None without clipvalue).
 UpdateKernel = Callable[
     [np.ndarray, np.ndarray, tuple[np.ndarray, ...], tuple[Any, ...], Any, Any], None
+]
+
+#: One lazy step over rows of one parameter, in place: ``kernel(p, rows, index, width, slots,
+#: coeffs, grad_scale, grad_clip)``: rows ``index`` (sorted, unique, in range) of ``width``
+#: elements of ``p`` and of each slot are stepped with the gradient rows ``rows`` (1-D,
+#: ``len(index) * width`` elements); every other element stays as it is.
+RowsKernel = Callable[
+    [
+        np.ndarray,
+        np.ndarray,
+        np.ndarray,
+        int,
+        tuple[np.ndarray, ...],
+        tuple[Any, ...],
+        Any,
+        Any,
+    ],
+    None,
 ]
 
 
@@ -49,8 +74,35 @@ class KernelBackend(Protocol):
         optimizer is bound to its parameters, not on every step."""
         ...
 
+    def rows_kernel(self, rule: UpdateRule, dtype: np.dtype) -> RowsKernel:
+        """The kernel that steps only given rows of parameters of ``dtype`` (a lazy
+        row-sparse step), chosen once like :meth:`kernel`."""
+        ...
+
     def sum_squares(self, g: np.ndarray) -> float:
         """Sum of ``g*g`` over a 1-D array, accumulated in float64."""
+        ...
+
+    def sparse_sum_squares(
+        self, index: np.ndarray, rows: np.ndarray, shape: tuple[int, ...]
+    ) -> float:
+        """The sum of squares of the dense tensor of ``shape`` that sorted unique rows
+        ``index`` holding ``rows`` stand for, bit for bit :meth:`sum_squares` of it."""
+        ...
+
+    def update_rows(
+        self,
+        rule: UpdateRule,
+        p: np.ndarray,
+        rows: np.ndarray,
+        index: np.ndarray,
+        width: int,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        grad_scale: Any,
+        grad_clip: Any,
+    ) -> None:
+        """One lazy step of rows ``index`` (see :data:`RowsKernel`)."""
         ...
 
     def update(
@@ -108,8 +160,53 @@ class NumpyBackend:
         # The numba kernel's order (paramserver.reductions): the same bits on every backend.
         return reductions.sum_squares(g)
 
+    def sparse_sum_squares(
+        self, index: np.ndarray, rows: np.ndarray, shape: tuple[int, ...]
+    ) -> float:
+        return sparse.sum_squares(index, rows, shape)
+
     def kernel(self, rule: UpdateRule, dtype: np.dtype) -> UpdateKernel:
         return functools.partial(self.update, rule)
+
+    def rows_kernel(self, rule: UpdateRule, dtype: np.dtype) -> RowsKernel:
+        return functools.partial(self.update_rows, rule)
+
+    def update_rows(
+        self,
+        rule: UpdateRule,
+        p: np.ndarray,
+        rows: np.ndarray,
+        index: np.ndarray,
+        width: int,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        grad_scale: Any,
+        grad_clip: Any,
+    ) -> None:
+        """The touched rows gathered (a chunk of them at a time), stepped by :meth:`update`,
+        and scattered back: the same operations on each element as the fused kernel."""
+        if not width or not index.size:
+            return
+        per = max(1, self.chunk // width)
+        grid = p.reshape(-1, width)
+        slot_grids = [s.reshape(-1, width) for s in slots]
+        g = rows.reshape(-1, width)
+        for start in range(0, index.size, per):
+            idx = index[start : start + per]
+            gathered = grid[idx]
+            slot_rows = [s[idx] for s in slot_grids]
+            self.update(
+                rule,
+                gathered.reshape(-1),
+                np.ascontiguousarray(g[start : start + per]).reshape(-1),
+                tuple(r.reshape(-1) for r in slot_rows),
+                coeffs,
+                grad_scale,
+                grad_clip,
+            )
+            grid[idx] = gathered
+            for s, r in zip(slot_grids, slot_rows, strict=True):
+                s[idx] = r
 
     def update(
         self,

@@ -63,7 +63,7 @@ import numba
 import numpy as np
 from numba import types as nbt
 
-from .kernels import KernelBackend, NumpyBackend, UpdateKernel
+from .kernels import KernelBackend, NumpyBackend, RowsKernel, UpdateKernel
 from .rules import RULES, UpdateRule
 
 __all__ = [
@@ -126,13 +126,19 @@ def _maximum(
 
 # --- the kernels: same operations, same order as paramserver.server.optim.rules -------------------
 #
-# Signature of every kernel: (p, g, *slots, *coefficients, scale, clip). Comments give the
-# numpy kernel's grouping; each binary operation rounds to the array dtype.
+# Signature of every kernel: (p, g, index, width, *slots, *coefficients, scale, clip). The
+# kernel steps rows ``index`` of ``width`` elements of ``p`` and the slots with the rows of
+# ``g`` in order (row ``r`` of ``g`` is ``g[r * width : (r + 1) * width]``): a dense step is one
+# row, ``index = [0]`` and ``width = p.size`` (:data:`_WHOLE`); a lazy row-sparse step is the
+# touched rows, in place, with nothing gathered or scattered. Comments give the numpy kernel's
+# grouping; each binary operation rounds to the array dtype.
 
 
 def _sgd(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     m: np.ndarray,
     momentum: float,
     lr: float,
@@ -140,17 +146,24 @@ def _sgd(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        lrg = gi * lr
-        mi = (m[i] * momentum) - lrg  # v = momentum * m - lr * g
-        m[i] = mi
-        p[i] = p[i] + mi
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            lrg = gi * lr
+            mi = (m[i] * momentum) - lrg  # v = momentum * m - lr * g
+            m[i] = mi
+            p[i] = p[i] + mi
+        at += width
 
 
 def _sgd_nesterov(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     m: np.ndarray,
     momentum: float,
     lr: float,
@@ -158,17 +171,24 @@ def _sgd_nesterov(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        lrg = gi * lr
-        mi = (m[i] * momentum) - lrg
-        m[i] = mi
-        p[i] = (p[i] + (mi * momentum)) - lrg  # p = (p + momentum * v) - lr * g
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            lrg = gi * lr
+            mi = (m[i] * momentum) - lrg
+            m[i] = mi
+            p[i] = (p[i] + (mi * momentum)) - lrg  # p = (p + momentum * v) - lr * g
+        at += width
 
 
 def _rmsprop(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     a: np.ndarray,
     rho: float,
     one_minus_rho: float,
@@ -178,16 +198,23 @@ def _rmsprop(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        ai = (a[i] * rho) + ((gi * gi) * one_minus_rho)
-        a[i] = ai
-        p[i] = p[i] - ((gi * lr) / (math.sqrt(ai) + eps))
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            ai = (a[i] * rho) + ((gi * gi) * one_minus_rho)
+            a[i] = ai
+            p[i] = p[i] - ((gi * lr) / (math.sqrt(ai) + eps))
+        at += width
 
 
 def _adagrad(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     a: np.ndarray,
     lr: float,
     eps: float,
@@ -195,16 +222,23 @@ def _adagrad(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        ai = a[i] + (gi * gi)
-        a[i] = ai
-        p[i] = p[i] - ((gi * lr) / (math.sqrt(ai) + eps))
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            ai = a[i] + (gi * gi)
+            a[i] = ai
+            p[i] = p[i] - ((gi * lr) / (math.sqrt(ai) + eps))
+        at += width
 
 
 def _adadelta(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     a: np.ndarray,
     d_a: np.ndarray,
     rho: float,
@@ -215,19 +249,26 @@ def _adadelta(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        ai = (a[i] * rho) + ((gi * gi) * one_minus_rho)
-        a[i] = ai
-        di = d_a[i]
-        u = (gi * math.sqrt(di + eps)) / math.sqrt(ai + eps)
-        p[i] = p[i] - (u * lr)
-        d_a[i] = (di * rho) + ((u * u) * one_minus_rho)
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            ai = (a[i] * rho) + ((gi * gi) * one_minus_rho)
+            a[i] = ai
+            di = d_a[i]
+            u = (gi * math.sqrt(di + eps)) / math.sqrt(ai + eps)
+            p[i] = p[i] - (u * lr)
+            d_a[i] = (di * rho) + ((u * u) * one_minus_rho)
+        at += width
 
 
 def _adam(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     m: np.ndarray,
     v: np.ndarray,
     beta_1: float,
@@ -240,18 +281,25 @@ def _adam(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
-        vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] - ((mi * lr_t) / (math.sqrt(vi) + eps))
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
+            vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
+            m[i] = mi
+            v[i] = vi
+            p[i] = p[i] - ((mi * lr_t) / (math.sqrt(vi) + eps))
+        at += width
 
 
 def _adam_amsgrad(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     m: np.ndarray,
     v: np.ndarray,
     vhat: np.ndarray,
@@ -265,20 +313,27 @@ def _adam_amsgrad(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
-        vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
-        hi = _maximum(vhat[i], vi)
-        m[i] = mi
-        v[i] = vi
-        vhat[i] = hi
-        p[i] = p[i] - ((mi * lr_t) / (math.sqrt(hi) + eps))
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
+            vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
+            hi = _maximum(vhat[i], vi)
+            m[i] = mi
+            v[i] = vi
+            vhat[i] = hi
+            p[i] = p[i] - ((mi * lr_t) / (math.sqrt(hi) + eps))
+        at += width
 
 
 def _adamax(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     m: np.ndarray,
     u: np.ndarray,
     beta_1: float,
@@ -290,18 +345,25 @@ def _adamax(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
-        ui = _maximum(u[i] * beta_2, abs(gi))
-        m[i] = mi
-        u[i] = ui
-        p[i] = p[i] - ((mi * lr_t) / (ui + eps))
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
+            ui = _maximum(u[i] * beta_2, abs(gi))
+            m[i] = mi
+            u[i] = ui
+            p[i] = p[i] - ((mi * lr_t) / (ui + eps))
+        at += width
 
 
 def _nadam(
     p: np.ndarray,
     g: np.ndarray,
+    index: np.ndarray,
+    width: int,
     m: np.ndarray,
     v: np.ndarray,
     g_div: float,
@@ -319,14 +381,19 @@ def _nadam(
     clip: float,
 ) -> None:
     lo = -clip
-    for i in range(p.size):
-        gi = _grad(g, i, scale, lo, clip)
-        mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
-        vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
-        m[i] = mi
-        v[i] = vi
-        m_bar = ((gi / g_div) * one_minus_cache_t) + ((mi / m_div) * cache_t_1)
-        p[i] = p[i] - ((m_bar * lr) / (math.sqrt(vi / v_div) + eps))
+    at = width - width  # unsigned, as every index below: no negative-index wraparound
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            i = base + j
+            gi = _grad(g, at + j, scale, lo, clip)
+            mi = (m[i] * beta_1) + (gi * one_minus_beta_1)
+            vi = (v[i] * beta_2) + ((gi * gi) * one_minus_beta_2)
+            m[i] = mi
+            v[i] = vi
+            m_bar = ((gi / g_div) * one_minus_cache_t) + ((mi / m_div) * cache_t_1)
+            p[i] = p[i] - ((m_bar * lr) / (math.sqrt(vi / v_div) + eps))
+        at += width
 
 
 #: Independent partial sums of :func:`_sum_squares`. The inner loop over them is elementwise,
@@ -357,6 +424,48 @@ def _sum_squares(
     for i in range(body, n):
         x = np.float64(g[i])
         total += x * x
+    return total
+
+
+def _sum_squares_rows(
+    index: np.ndarray,
+    g: np.ndarray,
+    width: int,
+    size: int,
+) -> float:
+    """:func:`_sum_squares` of the dense tensor of ``size`` elements that sorted unique rows
+    ``index`` of ``width`` elements, holding ``g``, stand for (zeros elsewhere): element ``k``
+    of the flat tensor adds to lane ``k % 64`` in order (the zeros in between add nothing to a
+    sum that is >= 0), the lanes combine pairwise, then the elements past the last full lane
+    row are added in order. The same bits as the dense kernel and
+    :func:`paramserver.sparse.sum_squares`, in one pass over the rows only."""
+    body = size - size % _SUM_LANES
+    acc = np.zeros(_SUM_LANES, np.float64)
+    tail_from = index.size  # the first row reaching past ``body`` (rows are sorted)
+    for r in range(index.size):
+        base = index[r] * width
+        at = r * width
+        if base + width > body:
+            tail_from = r
+            for j in range(min(width, max(body - base, 0))):
+                x = np.float64(g[at + j])
+                acc[(base + j) % _SUM_LANES] += x * x
+            break
+        for j in range(width):
+            x = np.float64(g[at + j])
+            acc[(base + j) % _SUM_LANES] += x * x
+    lanes = _SUM_LANES
+    while lanes > 1:
+        lanes //= 2
+        for j in range(lanes):
+            acc[j] += acc[j + lanes]
+    total = acc[0]
+    for r in range(tail_from, index.size):
+        base = index[r] * width
+        at = r * width
+        for j in range(max(body - base, 0), width):
+            x = np.float64(g[at + j])
+            total += x * x
     return total
 
 
@@ -423,11 +532,21 @@ def _exact_scalars(
 _NEUTRAL = {d.type: (d.type(1), d.type(np.inf)) for d in SUPPORTED_DTYPES}
 
 
+#: The row index of a dense step: one row, the whole parameter (``width = p.size``).
+_WHOLE = np.zeros(1, np.uint64)
+_WHOLE.flags.writeable = False
+
+#: Row indices as the kernels take them: unsigned (checked >= 0 before), so that numba does
+#: not test each index for a negative one, which would keep LLVM from vectorising the loop.
+_INDEX = nbt.Array(nbt.uint64, 1, "C", readonly=True)
+_SIGNED_INDEX = nbt.Array(nbt.int64, 1, "C", readonly=True)
+
+
 def _signature(spec: _KernelSpec, dtype: np.dtype) -> Any:
     scalar = numba.from_dtype(dtype)
     rw = nbt.Array(scalar, 1, "C")
     ro = nbt.Array(scalar, 1, "C", readonly=True)
-    args = (rw, ro) + (rw,) * spec.n_slots + (scalar,) * (spec.n_coeffs + 2)
+    args = (rw, ro, _INDEX, nbt.uintp) + (rw,) * spec.n_slots + (scalar,) * (spec.n_coeffs + 2)
     return nbt.void(*args)
 
 
@@ -642,7 +761,7 @@ def build_cache() -> WarmUp:
         raise RuntimeError("numba found no writable cache directory: nothing was cached")
     where = _cache_directory() or SHIPPED_CACHE
     cached = sorted(where.glob(f"{glob.escape(_MODULE_STEM)}.*.nbi"))
-    if len(cached) < len(_KERNELS) + 1:
+    if len(cached) < len(_KERNELS) + 2:
         raise RuntimeError(f"only {len(cached)} kernel indexes in {where}")
     print(f"numba kernels cached in {where}: {summary}")
     return summary
@@ -676,6 +795,7 @@ class NumbaBackend:
         kernels = []
         for dtype in SUPPORTED_DTYPES:
             kernels.append(self._sum_squares_kernel(dtype))
+            kernels.append(self._sum_squares_rows_kernel(dtype))
             kernels.extend(self._kernel(key, dtype) for key in _KERNELS)
         loaded = sum(1 for k in kernels if _loaded_from_cache(k))
         return WarmUp(
@@ -708,6 +828,18 @@ class NumbaBackend:
                     self._compiled[("sum_squares", dtype)] = kernel
         return kernel
 
+    def _sum_squares_rows_kernel(self, dtype: np.dtype) -> Any:
+        kernel = self._compiled.get(("sum_squares_rows", dtype))
+        if kernel is None:
+            with self._lock:
+                kernel = self._compiled.get(("sum_squares_rows", dtype))
+                if kernel is None:
+                    array = nbt.Array(numba.from_dtype(dtype), 1, "C", readonly=True)
+                    signature = nbt.float64(_SIGNED_INDEX, array, nbt.intp, nbt.intp)
+                    kernel = _compile(_sum_squares_rows, signature)
+                    self._compiled[("sum_squares_rows", dtype)] = kernel
+        return kernel
+
     def kernel(self, rule: UpdateRule, dtype: np.dtype) -> UpdateKernel:
         """The fused kernel of ``rule`` for ``dtype``, or the fallback's kernel (float16, a rule
         that is not one of :data:`~paramserver.server.optim.rules.RULES`)."""
@@ -715,6 +847,61 @@ class NumbaBackend:
         if dtype not in SUPPORTED_DTYPES or RULES.get(rule.name) is not rule:
             return self.fallback.kernel(rule, dtype)
         return functools.partial(self._fused, rule)
+
+    def rows_kernel(self, rule: UpdateRule, dtype: np.dtype) -> RowsKernel:
+        """The fused kernel of ``rule`` over rows of a parameter of ``dtype``, in place, or
+        the fallback's (gathers and scatters) where :meth:`kernel` would fall back."""
+        dtype = np.dtype(dtype)
+        if dtype not in SUPPORTED_DTYPES or RULES.get(rule.name) is not rule:
+            return self.fallback.rows_kernel(rule, dtype)
+        return functools.partial(self._fused_rows, rule)
+
+    def sparse_sum_squares(
+        self, index: np.ndarray, rows: np.ndarray, shape: tuple[int, ...]
+    ) -> float:
+        """:func:`_sum_squares_rows`: the dense equivalent's sum of squares over the rows
+        only, bit for bit :func:`paramserver.sparse.sum_squares` (the fallback's)."""
+        if (
+            rows.dtype in SUPPORTED_DTYPES
+            and _fits_index(index)
+            and rows.flags.c_contiguous
+            and rows.flags.aligned
+        ):
+            width = math.prod(shape[1:])
+            kernel = self._sum_squares_rows_kernel(rows.dtype)
+            return float(kernel(index, rows.reshape(-1), width, math.prod(shape)))
+        return self.fallback.sparse_sum_squares(index, rows, shape)
+
+    def update_rows(
+        self,
+        rule: UpdateRule,
+        p: np.ndarray,
+        rows: np.ndarray,
+        index: np.ndarray,
+        width: int,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        grad_scale: Any,
+        grad_clip: Any,
+    ) -> None:
+        """A lazy step of rows ``index`` (sorted, unique) of ``width`` elements of any arrays:
+        fused in place where :meth:`update` would be, else the fallback."""
+        dtype = p.dtype
+        fits = (
+            dtype in SUPPORTED_DTYPES
+            and RULES.get(rule.name) is rule
+            and all(
+                a.ndim == 1 and a.dtype == dtype and a.flags.c_contiguous and a.flags.aligned
+                for a in (p, rows, *slots)
+            )
+            and all(a.size == p.size and a.flags.writeable for a in (p, *slots))
+        )
+        if fits:
+            self._fused_rows(rule, p, rows, index, width, slots, coeffs, grad_scale, grad_clip)
+        else:
+            self.fallback.update_rows(
+                rule, p, rows, index, width, slots, coeffs, grad_scale, grad_clip
+            )
 
     def sum_squares(self, g: np.ndarray) -> float:
         """``sum(g*g)`` in float64 in one pass (64 ordered partial sums, see
@@ -774,4 +961,44 @@ class NumbaBackend:
         if chosen is None or scalars is None:
             self.fallback.update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
             return
-        self._kernel(key, p.dtype)(p, g, *slots, *scalars)
+        self._kernel(key, p.dtype)(p, g, _WHOLE, p.size, *slots, *scalars)
+
+    def _fused_rows(
+        self,
+        rule: UpdateRule,
+        p: np.ndarray,
+        rows: np.ndarray,
+        index: np.ndarray,
+        width: int,
+        slots: tuple[np.ndarray, ...],
+        coeffs: tuple[Any, ...],
+        grad_scale: Any,
+        grad_clip: Any,
+    ) -> None:
+        """The fused kernel over rows ``index`` of ``p`` and the slots, in place: the same
+        loop as a dense step, one row at a time (no gather, no scatter). ``rows`` holds
+        ``len(index) * width`` elements; ``index`` is sorted, unique and in range (checked by
+        whoever prepared the gradient: the kernel does not check bounds)."""
+        chosen = _kernel_for(rule, coeffs)
+        scalars = None
+        if chosen is not None:
+            key, floats = chosen
+            scalars = _exact_scalars(floats, grad_scale, grad_clip, p.dtype.type)
+        if chosen is None or scalars is None or not _fits_index(index):
+            self.fallback.update_rows(
+                rule, p, rows, index, width, slots, coeffs, grad_scale, grad_clip
+            )
+            return
+        if rows.size != index.size * width:
+            raise ValueError(f"{rows.size} row elements for {index.size} rows of {width}")
+        self._kernel(key, p.dtype)(p, rows, index.view(np.uint64), width, *slots, *scalars)
+
+
+def _fits_index(index: np.ndarray) -> bool:
+    """Whether ``index`` is what the kernels take: 1-D, int64, C-contiguous, aligned."""
+    return (
+        index.ndim == 1
+        and index.dtype == np.int64
+        and index.flags.c_contiguous
+        and index.flags.aligned
+    )

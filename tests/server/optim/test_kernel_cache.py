@@ -72,13 +72,13 @@ def test_the_shipped_kernels_load_instead_of_compiling(shipped: Path, tmp_path: 
     cache = tmp_path / "numba-cache"
     done = child(WARM_UP, {"NUMBA_CACHE_DIR": str(cache)})
     summary = json.loads(done.stdout)
-    assert summary == {"loaded": 20, "compiled": 0, "cache_dir": str(cache_subdirectory(cache))}
-    # (10 functions; more where a source checkout's __pycache__ holds older versions too)
+    assert summary == {"loaded": 22, "compiled": 0, "cache_dir": str(cache_subdirectory(cache))}
+    # (11 functions; more where a source checkout's __pycache__ holds older versions too)
     copied = r"copied the shipped kernels of \d+ function\(s\) from " + re.escape(str(shipped))
     assert re.search(copied, done.stderr), done.stderr
     # a second start finds them in place: nothing copied, nothing compiled
     again = child(WARM_UP, {"NUMBA_CACHE_DIR": str(cache)})
-    assert json.loads(again.stdout)["loaded"] == 20
+    assert json.loads(again.stdout)["loaded"] == 22
     assert "copied the shipped kernels" not in again.stderr
 
 
@@ -99,7 +99,7 @@ def test_an_unwritable_cache_directory_falls_back_to_a_private_one(
     scratch.mkdir()
     done = child(WARM_UP, {"NUMBA_CACHE_DIR": str(target), "TMPDIR": str(scratch)})
     summary = json.loads(done.stdout)
-    assert summary["loaded"] == 20 and summary["compiled"] == 0
+    assert summary["loaded"] == 22 and summary["compiled"] == 0
     assert summary["cache_dir"].startswith(str(scratch / "paramserver-numba-"))
     assert f"NUMBA_CACHE_DIR {target} is not writable" in done.stderr
     assert list(scratch.iterdir()) == [], "the private directory outlived its process"
@@ -111,9 +111,9 @@ def test_another_cpu_compiles_into_the_cache_directory(shipped: Path, tmp_path: 
     cache = tmp_path / "numba-cache"
     env = {"NUMBA_CACHE_DIR": str(cache), "NUMBA_CPU_NAME": "generic"}
     summary = json.loads(child(WARM_UP, env).stdout)
-    assert summary["compiled"] == 20 and summary["loaded"] == 0
-    assert json.loads(child(WARM_UP, env).stdout)["loaded"] == 20  # cached for this "CPU" now
-    assert json.loads(child(WARM_UP, {"NUMBA_CACHE_DIR": str(cache)}).stdout)["loaded"] == 20
+    assert summary["compiled"] == 22 and summary["loaded"] == 0
+    assert json.loads(child(WARM_UP, env).stdout)["loaded"] == 22  # cached for this "CPU" now
+    assert json.loads(child(WARM_UP, {"NUMBA_CACHE_DIR": str(cache)}).stdout)["loaded"] == 22
 
 
 def test_no_cache_directory_configured_leaves_numba_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,6 +64,12 @@ class _NoFallback(NumpyBackend):
     def sum_squares(self, g: np.ndarray) -> float:
         raise AssertionError(f"sum_squares on {g.dtype} fell back to numpy")
 
+    def update_rows(self, rule, p, rows, index, width, slots, coeffs, grad_scale, grad_clip):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"{rule.name} rows on {p.dtype} fell back to the numpy kernel")
+
+    def sparse_sum_squares(self, index, rows, shape):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"sparse_sum_squares on {rows.dtype} fell back to numpy")
+
 
 @pytest.fixture(scope="module")
 def numba_backend() -> NumbaBackend:
@@ -339,7 +345,7 @@ def _copy(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_kernels_run_from_several_threads(numba_backend: NumbaBackend) -> None:
     """The kernels release the GIL (nogil); two threads stepping their own arrays both work."""
-    assert len(numba_backend._compiled) == 2 * (len(numba_kernels._KERNELS) + 1)
+    assert len(numba_backend._compiled) == 2 * (len(numba_kernels._KERNELS) + 2)
     for kernel in numba_backend._compiled.values():
         assert kernel.targetoptions["nogil"] and not kernel.targetoptions["fastmath"]
     rule = RULES["Adam"]
@@ -390,3 +396,111 @@ def test_compiles_in_memory_when_no_cache_directory_is_writable(
         _run_both(backend, optimizers.Adagrad(), np.float64, 7, None, None, seed=4)
     assert numba_kernels._cache_available is False
     assert any("NUMBA_CACHE_DIR" in r.getMessage() for r in caplog.records)
+
+
+# --- row kernels (lazy row-sparse steps) and the rows' sum of squares ----------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_rows_kernel_steps_only_its_rows_bit_identical_to_numpy(
+    numba_backend: NumbaBackend, case: str, transform: str, dtype: Any
+) -> None:
+    """The fused row kernel steps rows ``index`` in place exactly as the numpy backend's
+    gather, step and scatter does, over several steps with loaded slots; every other row of
+    the parameter and its slots keeps its bits."""
+    config = CONFIGS[case]()
+    rule = RULES[config.class_name]
+    cfg = config.get_config()
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(zlib.crc32(f"{case}{transform}{dt}".encode()))
+    n_rows, width = 1009, 13
+    p0 = rng.standard_normal(n_rows * width).astype(dtype)
+    slot_names = rule.slots(cfg)
+    initial = [
+        np.abs(rng.standard_normal(p0.size)).astype(dtype) * dt.type(1e-3) for _ in slot_names
+    ]
+    params = {"numpy": p0.copy(), "numba": p0.copy()}
+    slots = {k: tuple(s.copy() for s in initial) for k in params}
+    scalars: dict[str, Any] = {k: dt.type(v) for k, v in rule.initial_scalars.items()}
+    grad_scale, grad_clip = TRANSFORMS[transform]
+    scale = None if grad_scale is None else dt.type(grad_scale)
+    clip = None if grad_clip is None else dt.type(grad_clip)
+    reference = NumpyBackend()
+    kernel = numba_backend.rows_kernel(rule, dt)
+    touched = np.zeros(n_rows, bool)
+    for step in range(STEPS):
+        index = np.sort(rng.choice(n_rows, 1 + step * 40, replace=False)).astype(np.int64)
+        if step == 0:
+            index = np.array([0, n_rows - 1], np.int64)  # the first and the last row
+        touched[index] = True
+        rows = _gradient(rng, index.size * width, dtype)
+        coeffs, new_scalars = rule.coefficients(cfg, step, scalars, dt)
+        reference.update_rows(
+            rule, params["numpy"], rows, index, width, slots["numpy"], coeffs, scale, clip
+        )
+        kernel(params["numba"], rows, index, width, slots["numba"], coeffs, scale, clip)
+        scalars.update(new_scalars)
+        assert_bit_identical(params["numba"], params["numpy"], f"params, step {step}")
+        for name, got, want in zip(slot_names, slots["numba"], slots["numpy"], strict=True):
+            assert_bit_identical(got, want, f"slot {name!r}, step {step}")
+    untouched = np.repeat(~touched, width)
+    assert_bit_identical(params["numba"][untouched], p0[untouched], "untouched rows")
+    for got, start in zip(slots["numba"], initial, strict=True):
+        assert_bit_identical(got[untouched], start[untouched], "untouched slot rows")
+    assert not np.array_equal(params["numba"][~untouched], p0[~untouched])
+
+
+def test_rows_kernel_takes_a_body_s_unaligned_index_through_the_fallback() -> None:
+    """An index the kernels were not compiled for (unaligned, int32) reaches the fallback,
+    with the same result."""
+    spy = _SpyBackend()
+    backend = NumbaBackend(fallback=spy)
+    rule = RULES["Adam"]
+    cfg = optimizers.Adam().get_config()
+    coeffs, _ = rule.coefficients(cfg, 0, {}, np.dtype(np.float32))
+    raw = np.zeros(8 * 3 + 1, np.uint8)
+    unaligned = np.frombuffer(raw[1:].data, np.int64)
+    unaligned[:] = [1, 4, 6]
+    p = np.ones(40, np.float32)
+    slots = (np.zeros(40, np.float32), np.zeros(40, np.float32))
+    backend.rows_kernel(rule, np.dtype(np.float32))(
+        p, np.ones(15, np.float32), unaligned, 5, slots, coeffs, None, None
+    )
+    assert spy.calls
+    changed = np.flatnonzero(p != 1).tolist()
+    assert changed == [*range(5, 10), *range(20, 25), *range(30, 35)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "shape", [(1000,), (977, 3), (130, 64), (129, 100), (5, 7, 11), (64,), (65, 1), (3, 0)]
+)
+def test_sparse_sum_squares_matches_numpy_and_the_dense_kernel(
+    numba_backend: NumbaBackend, shape: tuple[int, ...], dtype: Any
+) -> None:
+    """The rows' sum of squares is the dense equivalent's, bit for bit: the numpy rows
+    version and the dense kernel over the densified tensor agree, including rows that reach
+    into the tail past the last full lane row and rows straddling it."""
+    from paramserver import sparse
+
+    rng = np.random.default_rng(zlib.crc32(f"{shape}{np.dtype(dtype)}".encode()))
+    width = math.prod(shape[1:])
+    for take in (1, 2, shape[0] // 3 or 1, shape[0]):
+        index = np.sort(rng.choice(shape[0], take, replace=False)).astype(np.int64)
+        if take == 2:
+            index = np.array([0, shape[0] - 1], np.int64)[: min(2, shape[0])]
+            index = np.unique(index)
+        rows = (rng.standard_normal((index.size, width)) * 10.0 ** rng.integers(-3, 3)).astype(
+            dtype
+        )
+        dense = np.zeros((shape[0], width), dtype)
+        dense[index] = rows
+        want = numba_backend.sum_squares(dense.reshape(-1))
+        got = numba_backend.sparse_sum_squares(index, rows, shape)
+        assert got == want or (math.isnan(got) and math.isnan(want))
+        assert sparse.sum_squares(index, rows, shape) == want
+    rows = np.full((1, width), np.inf, dtype)
+    if width:
+        assert numba_backend.sparse_sum_squares(np.array([0]), rows, shape) == math.inf
