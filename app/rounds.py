@@ -116,6 +116,9 @@ class Entry:
         self.arrived = time.monotonic()
         self.nbytes = 0
         self.metrics: Mapping[str, float] | None = None
+        #: The row indices of each gradient it sent as rows (a lazy session's round steps
+        #: the union of them).
+        self.sparse_rows: dict[str, np.ndarray] = {}
         self.key = key
         self.remember = remember
         self.result: RoundResult | None = None

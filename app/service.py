@@ -46,7 +46,7 @@ from .errors import (
     StaleGradient,
 )
 from .idempotency import IdempotencyCache, KeysExhausted, push_digest
-from .optim import GradientError, PreparedGradients, StateError
+from .optim import GradientError, PreparedGradients, SparseGradient, StateError
 from .persistence import Durability, Journal, SnapshotInfo
 from .protocol import decode_limits
 from .rounds import Entry, Round, RoundResult, Ticket
@@ -477,6 +477,11 @@ class SessionService:
                     order=round_order,
                 )
                 entry.arrived, entry.nbytes, entry.metrics = started, nbytes, metrics
+                entry.sparse_rows = {
+                    name: g.indices
+                    for name, g in prepared.flat.items()
+                    if isinstance(g, SparseGradient)
+                }
                 # a round's rows are dense: a row-sparse gradient is written out whole
                 serial, full = current.add(entry, prepared.dense(trainer_specs(trainer)))
                 ticket = Ticket(current, entry, serial, current.deadline())
@@ -574,7 +579,9 @@ class SessionService:
         remembered with the round's answer. On an error every push of the round gets it."""
         try:
             shapes = {name: shape for name, (_, shape) in trainer.parameters().items()}
-            mean = current.mean(entries, shapes)
+            mean: dict[str, Any] = dict(current.mean(entries, shapes))
+            if trainer.sparse_updates == "lazy":
+                mean.update(_sparse_means(entries, mean))
             try:
                 prepared = trainer.check_gradients(mean)
             except GradientError as exc:
@@ -805,3 +812,19 @@ class SessionService:
         # Without the sessions' locks: a summary holds no arrays (iterations is read once), and
         # a busy session must not hold up the listing of all the others.
         return [s.summary() for s in self.store.list()]
+
+
+def _sparse_means(entries: list[Entry], mean: Mapping[str, np.ndarray]) -> dict[str, Rows]:
+    """A lazy session's round mean, as rows, of each tensor every push of the round sent as
+    rows: the union of their rows (a row a push did not send counted as zeros in the mean),
+    so that the step updates only those rows, as the pushes would one by one; the journal
+    records the rows, and a replay steps the same rows."""
+    names = set(entries[0].sparse_rows)
+    for entry in entries[1:]:
+        names &= set(entry.sparse_rows)
+    out: dict[str, Rows] = {}
+    for name in names:
+        union = np.unique(np.concatenate([e.sparse_rows[name] for e in entries]))
+        dense = mean[name]
+        out[name] = Rows(union, dense[union], tuple(dense.shape))
+    return out

@@ -224,12 +224,16 @@ def _merged_info(layout: Layout, infos: Sequence[SessionInfo]) -> SessionInfo:
     )
 
 
-def _diverged(what: str, session_id: str, iterations: Sequence[int], why: str) -> None:
-    listed = ", ".join(f"shard {i}: {n}" for i, n in enumerate(iterations))
+def _diverged(
+    what: str, session_id: str, iterations: Sequence[int] | Mapping[int, int], why: str
+) -> None:
+    """Raise ShardsDiverged: ``iterations`` by shard (a sequence: every shard, in order)."""
+    by_shard = dict(iterations) if isinstance(iterations, Mapping) else dict(enumerate(iterations))
+    listed = ", ".join(f"shard {i}: {n}" for i, n in by_shard.items())
     raise errors.ShardsDiverged(
         f"{what}: the shards of session {session_id!r} are at different iterations "
         f"({listed}); {why}",
-        iterations=dict(enumerate(iterations)),
+        iterations=by_shard,
     )
 
 
@@ -615,17 +619,31 @@ class _ShardedCore:
             out[name] = Rows(rows, values, shape)
         return out
 
-    def _query_plan(self, tensors: Mapping[str, Any]) -> Plan[dict[str, Any]]:
+    def _query_plan(self, tensors: Mapping[str, Any], *, catch_up: float) -> Plan[dict[str, Any]]:
         """A partial pull over the shards: each piece asked for its part of the rows."""
         wanted, asks, placed = self._selection(tensors)
-        calls = [(i, sub._query_call(asks[i])) for i, sub in enumerate(self._subs) if asks[i]]
-        outcomes = yield calls
-        answers = {i: value for (i, _), value in zip(calls, _values(outcomes), strict=True)}
-        iterations = [self._subs[i].last_iterations or 0 for i, _ in calls]
-        if isinstance(self.training, modes.Sync):
-            _same_iterations("pull", self.id, iterations)
-        if iterations:
-            self.last_iterations = min(iterations)
+        shards = [i for i in range(len(self._subs)) if asks[i]]
+        exact = isinstance(self.training, modes.Sync)
+        deadline = time.monotonic() + catch_up
+        target = -1
+        answers: dict[int, Any] = {}
+        got: dict[int, int] = {}
+        for attempt in itertools.count():
+            # Asked again (after a short pause) while a shard is behind the others, as a
+            # pull's shards are caught up: one of them may be applying a push (or completing
+            # a round) the others have applied.
+            outcomes = yield [(i, self._subs[i]._query_call(asks[i])) for i in shards]
+            answers = dict(zip(shards, _values(outcomes), strict=True))
+            got = {i: self._subs[i].last_iterations or 0 for i in shards}
+            if target < 0:
+                target = max(got.values(), default=0)
+            if not got or _caught_up(list(got.values()), target, exact=exact):
+                break
+            if time.monotonic() >= deadline:
+                _diverged("pull", self.id, got, _BEHIND)
+            yield _PAUSES[min(attempt, len(_PAUSES) - 1)]
+        if got:
+            self.last_iterations = min(got.values())
         return self._joined_selection(wanted, placed, answers)
 
     # --- summaries, states, delete ---
@@ -1001,7 +1019,8 @@ class ShardedSession(_ShardedCore, Session[Any]):
         ``catch_up_seconds``. ``rows=``: a partial pull (see ``Session.pull``), each shard
         asked for the rows it holds."""
         if rows is not None:
-            return self._client._drive(self._query_plan(rows))
+            plan = self._query_plan(rows, catch_up=self._client.catch_up_seconds)
+            return self._client._drive(plan)
         return self._client._drive(
             self._pull_plan(
                 out,
@@ -1198,7 +1217,8 @@ class AsyncShardedSession(_ShardedCore, AsyncSession[Any]):
         rows: Mapping[str, Any] | None = None,
     ) -> Any:
         if rows is not None:
-            return await self._client._drive(self._query_plan(rows))
+            plan = self._query_plan(rows, catch_up=self._client.catch_up_seconds)
+            return await self._client._drive(plan)
         return await self._client._drive(
             self._pull_plan(
                 out,

@@ -501,6 +501,44 @@ def test_reads_while_other_workers_push_are_not_divergence(
     assert s.state().iterations == sum(pushed)  # at rest: one iteration on every shard
 
 
+def test_partial_pulls_while_sync_rounds_complete_are_not_divergence(
+    sharded: ShardedClient, shards: list[ServerThread]
+) -> None:
+    """A round completes on one shard a moment before the others: a partial pull asks the
+    shards again until they are at one iteration instead of calling it divergence."""
+    s = sharded.create_session(WEIGHTS, "adam", training=Sync(replicas_to_aggregate=3))
+    rounds = 12
+    failures: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            with Client([u.url for u in shards], slice_bytes=SLICE) as own:
+                session = own.session(s.id)
+                session.pull()  # a sync push names the iteration it was computed on
+                for step in range(rounds):
+                    session.push(gradients(10 * step + i, scale=0.01))
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    reads = 0
+    try:
+        while any(t.is_alive() for t in threads):
+            got = s.pull(rows={"emb": [0, 20, 40, 63], "dense/bias": None})
+            assert got["emb"].values.shape == (4, 64)
+            reads += 1
+    finally:
+        for t in threads:
+            t.join(60)
+    assert not failures, failures
+    assert reads > 3
+    assert s.info().iterations == rounds
+    whole = s.pull()
+    assert s.pull(rows={"emb": [5]})["emb"].values.tobytes() == whole["emb"][5:6].tobytes()
+
+
 def test_row_sparse_pushes_and_partial_pulls_over_shards(
     sharded: ShardedClient, plain: Client
 ) -> None:

@@ -353,3 +353,75 @@ def test_rows_of_a_zero_width_parameter(client: Client) -> None:
         s = client.create_session({"e": np.zeros((5, 0), np.float32)}, "adam", sparse_updates=mode)
         s.push({"e": Rows(np.array([1, 1]), np.zeros((2, 0), np.float32))})
         assert s.info().iterations == 1
+
+
+def test_a_lazy_sync_round_steps_the_union_of_its_rows_and_replays(tmp_path: Path) -> None:
+    """In a lazy session a sync round's mean (rows a push did not send counted as zeros)
+    steps only the rows some push of the round sent: the same as one lazy push of those rows
+    of the mean; every other row keeps its weights and slots; the journal replays it so."""
+    import threading
+
+    def mean_of(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {
+            k: ((a[k].astype(np.float64) + b[k].astype(np.float64)) / 2).astype(np.float32)
+            for k in a
+        }
+
+    def round_of(first: Any, second: Any, g0: Any, g1: Any) -> Any:
+        done: dict[str, Any] = {}
+        threads = [
+            threading.Thread(target=lambda: done.update(a=first.push(g0))),
+            threading.Thread(target=lambda: done.update(b=second.push(g1))),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert set(done) == {"a", "b"}
+        return done["a"]
+
+    args = ("--snapshot-dir", str(tmp_path / "data"), "--durability", "journal")
+    first = start_paramserver(tmp_path, *args)
+    _, dense_a = sparse_step(5)  # a first, dense round: every row's slots become non-zero
+    _, dense_b = sparse_step(6)
+    (s0, d0), (s1, d1) = sparse_step(0), sparse_step(1)
+    mean = mean_of(d0, d1)
+    union = np.unique(np.concatenate([s0["emb"].indices, s1["emb"].indices]))
+    untouched = np.setdiff1d(np.arange(ROWS), union)
+    try:
+        with Client(first.url) as c:
+            sync = c.create_session(
+                WEIGHTS,
+                "adam",
+                "sync",
+                training=Sync(replicas_to_aggregate=2),
+                sparse_updates="lazy",
+            )
+            one = c.create_session(WEIGHTS, "adam", "one", sparse_updates="lazy")
+            other = c.session("sync")
+            other.pull()
+            same(round_of(sync, other, dense_a, dense_b), one.push(mean_of(dense_a, dense_b)))
+            before = sync.state()
+            want = one.push({**mean, "emb": Rows(union, mean["emb"][union])})
+            same(round_of(sync, other, s0, s1), want)
+            state = sync.state()
+            got, start = state.weights["emb"], before.weights["emb"]
+            assert np.array_equal(got[untouched], start[untouched])
+            assert not np.array_equal(got[union], start[union])
+            for slot in state.slots:
+                now, then = state.slots[slot]["emb"], before.slots[slot]["emb"]
+                assert then[untouched].any()  # an exact step would have decayed these
+                assert np.array_equal(now[untouched], then[untouched])
+    finally:
+        first.kill()
+    again = start_paramserver(tmp_path, *args)
+    try:
+        with Client(again.url) as c:
+            after = c.session("sync").state()
+            assert after.iterations == state.iterations == 2
+            assert after.sparse_updates == "lazy"
+            same(after.weights, state.weights)
+            for slot in state.slots:
+                same(after.slots[slot], state.slots[slot])
+    finally:
+        again.stop()
