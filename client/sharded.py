@@ -639,9 +639,10 @@ class _ShardedCore:
                 target = max(got.values(), default=0)
             if not got or _caught_up(list(got.values()), target, exact=exact):
                 break
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 _diverged("pull", self.id, got, _BEHIND)
-            yield _PAUSES[min(attempt, len(_PAUSES) - 1)]
+            yield min(_PAUSES[min(attempt, len(_PAUSES) - 1)], remaining)
         if got:
             self.last_iterations = min(got.values())
         return self._joined_selection(wanted, placed, answers)

@@ -96,8 +96,11 @@ def combine(
     """Sorted unique indices and their rows, duplicates summed in ``dtype`` in the order they
     come (each unique row starts at +0.0, as the dense zeros do)."""
     values = values.astype(dtype, copy=False)
+    zero = np.dtype(dtype).type(0)
     if indices.size < 2 or (np.all(indices[1:] > indices[:-1])):
-        return indices, values  # already sorted and unique: nothing to sum
+        # Already sorted and unique: nothing to sum, but a row's sum starts at +0.0, which
+        # makes a -0.0 +0.0, as np.add.at onto zeros does (a new array: the caller's stays).
+        return indices, values + zero
     order = np.argsort(indices, kind="stable")  # each index's rows in the order they came
     ordered = indices[order]
     starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))

@@ -861,13 +861,15 @@ class NumbaBackend:
     ) -> float:
         """:func:`_sum_squares_rows`: the dense equivalent's sum of squares over the rows
         only, bit for bit :func:`paramserver.sparse.sum_squares` (the fallback's)."""
+        width = math.prod(shape[1:])
+        if rows.size != index.size * width:
+            raise ValueError(f"{rows.size} row elements for {index.size} rows of {width}")
         if (
             rows.dtype in SUPPORTED_DTYPES
             and _fits_index(index)
             and rows.flags.c_contiguous
             and rows.flags.aligned
         ):
-            width = math.prod(shape[1:])
             kernel = self._sum_squares_rows_kernel(rows.dtype)
             return float(kernel(index, rows.reshape(-1), width, math.prod(shape)))
         return self.fallback.sparse_sum_squares(index, rows, shape)
@@ -953,14 +955,11 @@ class NumbaBackend:
         """The fused kernel over arrays it was compiled for. Coefficients that numpy would not
         compute with in the array dtype (a numpy scalar of another dtype) go to the fallback,
         which then computes exactly as numpy does."""
-        chosen = _kernel_for(rule, coeffs)
-        scalars = None
-        if chosen is not None:
-            key, floats = chosen
-            scalars = _exact_scalars(floats, grad_scale, grad_clip, p.dtype.type)
-        if chosen is None or scalars is None:
+        chosen = _chosen(rule, coeffs, grad_scale, grad_clip, p.dtype.type)
+        if chosen is None:
             self.fallback.update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
             return
+        key, scalars = chosen
         self._kernel(key, p.dtype)(p, g, _WHOLE, p.size, *slots, *scalars)
 
     def _fused_rows(
@@ -978,20 +977,36 @@ class NumbaBackend:
         """The fused kernel over rows ``index`` of ``p`` and the slots, in place: the same
         loop as a dense step, one row at a time (no gather, no scatter). ``rows`` holds
         ``len(index) * width`` elements; ``index`` is sorted, unique and in range (checked by
-        whoever prepared the gradient: the kernel does not check bounds)."""
-        chosen = _kernel_for(rule, coeffs)
-        scalars = None
-        if chosen is not None:
-            key, floats = chosen
-            scalars = _exact_scalars(floats, grad_scale, grad_clip, p.dtype.type)
-        if chosen is None or scalars is None or not _fits_index(index):
+        whoever prepared the gradient; checked again here, before a kernel that does not
+        check bounds touches memory)."""
+        if rows.size != index.size * width or (width and p.size % width):
+            raise ValueError(f"{rows.size} row elements for {index.size} rows of {width}")
+        if not width or not index.size:
+            return  # no element to step
+        if int(index.min()) < 0 or int(index.max()) >= p.size // width:
+            raise ValueError(f"a row index is outside [0, {p.size // width})")
+        chosen = _chosen(rule, coeffs, grad_scale, grad_clip, p.dtype.type)
+        if chosen is None or not _fits_index(index):
             self.fallback.update_rows(
                 rule, p, rows, index, width, slots, coeffs, grad_scale, grad_clip
             )
             return
-        if rows.size != index.size * width:
-            raise ValueError(f"{rows.size} row elements for {index.size} rows of {width}")
+        key, scalars = chosen
         self._kernel(key, p.dtype)(p, rows, index.view(np.uint64), width, *slots, *scalars)
+
+
+def _chosen(
+    rule: UpdateRule, coeffs: tuple[Any, ...], grad_scale: Any, grad_clip: Any, ty: Any
+) -> tuple[str, tuple[Any, ...]] | None:
+    """The fused kernel for ``rule`` and its scalar arguments in the array dtype ``ty``, or
+    None: a rule without one, or coefficients that numpy would not compute with in ``ty``
+    (a numpy scalar of another dtype), which the fallback then computes exactly as numpy."""
+    chosen = _kernel_for(rule, coeffs)
+    if chosen is None:
+        return None
+    key, floats = chosen
+    scalars = _exact_scalars(floats, grad_scale, grad_clip, ty)
+    return None if scalars is None else (key, scalars)
 
 
 def _fits_index(index: np.ndarray) -> bool:

@@ -57,11 +57,15 @@ def test_combine_sums_duplicates_as_add_at(row_shape: tuple[int, ...], dtype: ty
         assert _bits(got) == _bits(want), f"trial {trial}"
 
 
-def test_combine_keeps_sorted_unique_rows_as_they_are() -> None:
-    values = np.arange(6, dtype=np.float32).reshape(3, 2)
+def test_combine_of_sorted_unique_rows_sums_from_plus_zero() -> None:
+    """Nothing to sum, but each row starts at +0.0 as np.add.at onto zeros: a -0.0 becomes
+    +0.0; the caller's array is left as it is."""
+    values = np.array([[1.5, -0.0], [-0.0, 2.0], [3.0, 0.0]], np.float32)
     idx = np.array([1, 5, 9])
     got_idx, got = combine(idx, values, np.dtype(np.float32))
-    assert got_idx is idx and got is values
+    _, want = _reference(idx, values, np.dtype(np.float32))
+    assert got_idx is idx and _bits(got) == _bits(want)
+    assert not np.signbit(got).any() and np.signbit(values).sum() == 2
 
 
 def test_combine_casts_to_the_parameter_dtype_first() -> None:

@@ -504,3 +504,23 @@ def test_sparse_sum_squares_matches_numpy_and_the_dense_kernel(
     rows = np.full((1, width), np.inf, dtype)
     if width:
         assert numba_backend.sparse_sum_squares(np.array([0]), rows, shape) == math.inf
+
+
+@pytest.mark.parametrize(
+    "index, n_rows",
+    [([0, 8], 2), ([-1], 1), ([2, 3], 3), ([1], 2)],
+    ids=["past-the-end", "negative", "too-few-values", "too-many-values"],
+)
+def test_rows_kernel_refuses_rows_outside_the_parameter(
+    numba_backend: NumbaBackend, index: list[int], n_rows: int
+) -> None:
+    """The kernels do not check bounds: the row kernel checks the rows first and changes
+    nothing when one is outside the parameter or the values do not fill the rows."""
+    rule = RULES["Adam"]
+    coeffs, _ = rule.coefficients(optimizers.Adam().get_config(), 0, {}, np.dtype(np.float32))
+    p = np.ones(8 * 5, np.float32)
+    slots = (np.zeros(40, np.float32), np.zeros(40, np.float32))
+    kernel = numba_backend.rows_kernel(rule, np.dtype(np.float32))
+    with pytest.raises(ValueError):
+        kernel(p, np.ones(n_rows * 5, np.float32), np.array(index), 5, slots, coeffs, None, None)
+    assert (p == 1).all() and not slots[0].any()
