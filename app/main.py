@@ -25,6 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from paramserver import __version__
 
 from .api import health, observability, sessions
+from .api.fastpath import SmallPushes
 from .api.schemas import CreateSessionRequest
 from .auth import AuthMiddleware, load_tokens
 from .backpressure import ConcurrencyLimitMiddleware
@@ -159,6 +160,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sessions.router)
     app.include_router(observability.router)
     _document_json_models(app)
+    # innermost: small pushes of small sessions on the loop, every middleware around them
+    app.add_middleware(SmallPushes, fastapi=app)
     if settings.limit_concurrency is not None:
         app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.limit_concurrency)
     if tokens:

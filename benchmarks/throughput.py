@@ -353,7 +353,8 @@ def run(
     body = wire.pack({"gradients": grads})
     rows: list[dict[str, Any]] = []
     with (
-        ServerProcess.paramserver() as ours,
+        # the echo's log level (echo_app.serve_http): no access line per request on either
+        ServerProcess.paramserver(log_level="warning") as ours,
         ServerProcess.echo_http() as echo,
         WorkerPool(client_processes if "client" in loads else 0) as pool,
         Client(ours.url, data_plane=False) as client,

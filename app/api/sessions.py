@@ -210,16 +210,23 @@ async def push_gradients(
                 session, body, return_weights=return_weights, idempotency_key=idempotency_key
             )
         )
-    if isinstance(outcome, Ticket):
-        # A sync round: wait for it here, on the event loop, holding no thread and not the
-        # session's turn (the other pushes of the round need it); only the round's timeout
-        # bounds this wait.
-        result = await outcome.wait_async()
-        content, replayed = round_answer(result, return_weights, outcome.returns), False
-        session.stats.sent(len(content))
-    else:
-        content, replayed = outcome
+    content, replayed = await push_answer(session, outcome, return_weights)
     return MsgpackResponse(content, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+
+async def push_answer(
+    session: Session, outcome: tuple[bytes, bool] | Ticket, return_weights: bool
+) -> tuple[bytes, bool]:
+    """A push's answer and whether it is a replay, from :meth:`SessionService.push`."""
+    if not isinstance(outcome, Ticket):
+        return outcome
+    # A sync round: wait for it here, on the event loop, holding no thread and not the
+    # session's turn (the other pushes of the round need it); only the round's timeout
+    # bounds this wait.
+    result = await outcome.wait_async()
+    content = round_answer(result, return_weights, outcome.returns)
+    session.stats.sent(len(content))
+    return content, False
 
 
 @router.get(

@@ -806,6 +806,11 @@ class NumbaBackend:
             cpu=_cpu_name(),
         )
 
+    @property
+    def loaded(self) -> bool:
+        """Whether every kernel :meth:`warm_up` loads is loaded (no step will compile one)."""
+        return len(self._compiled) >= len(SUPPORTED_DTYPES) * (2 + len(_KERNELS))
+
     def _kernel(self, key: str, dtype: np.dtype) -> Any:
         kernel = self._compiled.get((key, dtype))
         if kernel is None:

@@ -1,0 +1,403 @@
+"""Small pushes served on the event loop (:mod:`paramserver.server.api.fastpath`).
+
+A small push of a small session skips FastAPI's routing and the hop to a worker thread; it must
+behave exactly as the route does. The decisions (what is served there, what goes to the route)
+are tested in process against the app's own middleware; the behaviour is tested over real HTTP
+on loopback, against a server whose kernels are loaded, comparing each answer with the route's
+answer to the same push (``?return_weights=True`` is not one of the query strings the fast path
+takes, so it sends the same push through the route).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from paramserver import wire
+from paramserver.server.api import fastpath
+from paramserver.server.main import create_app
+from paramserver.server.optim import default_backend
+from paramserver.server.settings import Settings
+from paramserver.sparse import Rows
+from tests.harness.http_api import MSGPACK, create_body, gradients_body, new_id, unpackb
+from tests.harness.servers import ServerThread, start_server_thread
+
+RW, RO = "fast-rw-token", "fast-ro-token"
+WEIGHTS = {"w": np.linspace(-1, 1, 10, dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
+GRADS = {"w": np.full(10, 0.25, dtype=np.float32), "b": np.array([1, -2, 3], dtype=np.float32)}
+
+
+def _loaded() -> None:
+    """Load every kernel in this process (the servers of this module share the backend)."""
+    warm_up = getattr(default_backend(), "warm_up", None)
+    if warm_up is not None:
+        warm_up()
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[ServerThread]:
+    _loaded()
+    server = start_server_thread()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def threads(srv: ServerThread) -> Iterator[list[str]]:
+    """The name of the thread each ``service.push`` of ``srv`` runs in, in order."""
+    service = srv.app.state.service
+    original = service.push
+    seen: list[str] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    service.push = spy
+    yield seen
+    del service.push  # the class's method again
+
+
+def _session(url: str, optimizer: Any = "adam", weights: dict[str, np.ndarray] = WEIGHTS) -> str:
+    sid = new_id("fp")
+    r = httpx.post(f"{url}/sessions", content=create_body(sid, optimizer, weights), headers=MSGPACK)
+    assert r.status_code == 201, r.text
+    return sid
+
+
+def _push(
+    url: str, sid: str, body: bytes, query: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    return httpx.post(
+        f"{url}/sessions/{sid}/gradients{query}",
+        content=body,
+        headers={**MSGPACK, **(headers or {})},
+        timeout=60,
+    )
+
+
+def _iterations(url: str, sid: str, headers: dict[str, str] | None = None) -> int:
+    r = httpx.get(f"{url}/sessions/{sid}", headers=headers)
+    assert r.status_code == 200, r.text
+    return int(r.json()["iterations"])
+
+
+def _on_the_loop(seen: list[str]) -> list[bool]:
+    """For each push seen: whether it ran on the server's event loop (not a worker thread)."""
+    return [not name.startswith("AnyIO") for name in seen]
+
+
+# --- the same answers as the route ---------------------------------------------------------
+
+
+BODIES: dict[str, Callable[[], bytes]] = {
+    "a step": lambda: gradients_body(GRADS),
+    "a wrong shape (422)": lambda: gradients_body({"w": np.zeros(9, np.float32), "b": GRADS["b"]}),
+    "a missing parameter (422)": lambda: gradients_body({"w": GRADS["w"]}),
+    "not msgpack (400)": lambda: b"\xc1\x00\x01",
+    "an empty body (400)": lambda: b"",
+    "trailing bytes (400)": lambda: gradients_body(GRADS) + b"\x00",
+    "a non-finite gradient": lambda: gradients_body({"w": GRADS["w"] * np.inf, "b": GRADS["b"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_a_small_push_answers_as_the_route_does_and_runs_on_the_loop(
+    srv: ServerThread, threads: list[str], name: str
+) -> None:
+    fast, routed = _session(srv.url), _session(srv.url)
+    body = BODIES[name]()
+    for step in range(3):
+        a = _push(srv.url, fast, body, "?return_weights=true")
+        b = _push(srv.url, routed, body, "?return_weights=True")
+        assert (a.status_code, a.content) == (b.status_code, b.content), (step, a.text, b.text)
+        assert a.headers["content-type"] == b.headers["content-type"]
+        assert a.headers["content-length"] == b.headers["content-length"]
+        assert "x-request-id" in a.headers
+    assert _iterations(srv.url, fast) == _iterations(srv.url, routed)
+    # the first of each pair of pushes ran on the loop, the second in a worker thread
+    assert _on_the_loop(threads) == [True, False] * 3
+
+
+@pytest.mark.parametrize("query", ["", "?return_weights=false", "?return_weights=0"])
+def test_return_weights_and_idempotent_replays_on_the_loop(
+    srv: ServerThread, threads: list[str], query: str
+) -> None:
+    fast, routed = _session(srv.url), _session(srv.url)
+    body = gradients_body(GRADS)
+    route_query = "?return_weights=False" if "false" in query or "0" in query else "?x=1"
+    for _ in range(2):  # the second push of each key is a replay: nothing applied
+        a = _push(srv.url, fast, body, query, {"Idempotency-Key": "k-1"})
+        b = _push(srv.url, routed, body, route_query, {"Idempotency-Key": "k-1"})
+        assert (a.status_code, a.content) == (b.status_code, b.content)
+        assert a.headers.get("idempotent-replayed") == b.headers.get("idempotent-replayed")
+    assert a.headers["idempotent-replayed"] == "true"
+    assert _iterations(srv.url, fast) == _iterations(srv.url, routed) == 1
+    assert _on_the_loop(threads) == [True, False] * 2
+
+
+def test_sync_rounds_complete_with_pushes_served_on_the_loop(
+    srv: ServerThread, threads: list[str]
+) -> None:
+    create = wire.pack(
+        {
+            "session_id": (sid := new_id("fps")),
+            "optimizer": "sgd",
+            "weights": {"w": np.zeros(4, np.float32)},
+            "training": {"mode": "sync", "replicas_to_aggregate": 2},
+        }
+    )
+    assert httpx.post(f"{srv.url}/sessions", content=create, headers=MSGPACK).status_code == 201
+    results: list[httpx.Response] = []
+
+    def worker(value: float) -> None:
+        body = wire.pack({"gradients": {"w": np.full(4, value, np.float32)}, "base_iterations": 0})
+        results.append(_push(srv.url, sid, body, ""))
+
+    pushes = [threading.Thread(target=worker, args=(v,)) for v in (1.0, 3.0)]
+    for t in pushes:
+        t.start()
+    for t in pushes:
+        t.join(60)
+    assert [r.status_code for r in results] == [200, 200], [r.text for r in results]
+    answers = [unpackb(r.content) for r in results]
+    assert answers[0] == answers[1] and answers[0]["iterations"] == 1
+    # SGD lr 0.01 of the mean gradient 2.0
+    w = np.frombuffer(answers[0]["weights"]["w"]["data"], np.float32)
+    np.testing.assert_array_equal(w, np.zeros(4, np.float32) - np.float32(0.01) * np.float32(2.0))
+    assert _on_the_loop(threads) == [True, True]
+
+
+def test_the_metrics_count_a_small_push_under_its_route(srv: ServerThread) -> None:
+    def pushes_counted() -> float:
+        text = httpx.get(f"{srv.url}/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("paramserver_http_requests_total{") and (
+                'route="/sessions/{session_id}/gradients"' in line and 'status="200"' in line
+            ):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    sid = _session(srv.url)
+    before = pushes_counted()
+    for _ in range(3):
+        assert _push(srv.url, sid, gradients_body(GRADS), "").status_code == 200
+    assert pushes_counted() - before == 3
+
+
+def test_the_loop_keeps_serving_while_another_thread_holds_the_session(
+    srv: ServerThread, threads: list[str]
+) -> None:
+    """A push of a session whose lock another thread holds (a data-plane connection, an
+    export) waits in a worker thread: the loop answers other requests meanwhile."""
+    sid = _session(srv.url)
+    session = srv.app.state.service.store.get(sid)
+    answered: list[httpx.Response] = []
+    pusher = threading.Thread(
+        target=lambda: answered.append(_push(srv.url, sid, gradients_body(GRADS), ""))
+    )
+    with session.lock:
+        pusher.start()
+        for _ in range(200):  # the push reached the service (in a worker thread) or not yet
+            if threads:
+                break
+            threading.Event().wait(0.01)
+        # the loop is free: a read of another session answers while the lock is still held
+        other = _session(srv.url)
+        assert httpx.get(f"{srv.url}/sessions/{other}", timeout=30).status_code == 200
+        assert not answered
+    pusher.join(60)
+    assert [r.status_code for r in answered] == [200]
+    assert _on_the_loop(threads) == [False]
+
+
+def test_tokens_are_checked_before_a_small_push() -> None:
+    _loaded()
+    server = start_server_thread(tokens=f"{RW}:rw,{RO}:ro")
+    try:
+        rw = {"Authorization": f"Bearer {RW}"}
+        sid = new_id("fpt")
+        r = httpx.post(
+            f"{server.url}/sessions",
+            content=create_body(sid, "adam", WEIGHTS),
+            headers={**MSGPACK, **rw},
+        )
+        assert r.status_code == 201, r.text
+        body = gradients_body(GRADS)
+        assert _push(server.url, sid, body, "").status_code == 401
+        ro = {"Authorization": f"Bearer {RO}"}
+        assert _push(server.url, sid, body, "", ro).status_code == 403
+        assert _push(server.url, sid, body, "", {"Authorization": "Bearer nope"}).status_code == 401
+        assert _iterations(server.url, sid, rw) == 0
+        assert _push(server.url, sid, body, "", rw).status_code == 200
+        assert _iterations(server.url, sid, rw) == 1
+    finally:
+        server.stop()
+
+
+# --- what goes to the route ------------------------------------------------------------------
+
+
+class _Recorder:
+    """The app below the middleware: records that it was called, answers 299."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls += 1
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def _scope(path: str, headers: list[tuple[bytes, bytes]], query: bytes = b"") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+
+async def _call(app: Any, scope: dict[str, Any], body: bytes) -> int:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return int(sent[0]["status"])
+
+
+def _headers(body: bytes, **extra: bytes) -> list[tuple[bytes, bytes]]:
+    out = [(b"content-type", b"application/msgpack"), (b"content-length", str(len(body)).encode())]
+    return out + [(k.replace("_", "-").encode(), v) for k, v in extra.items()]
+
+
+ROUTED: dict[str, Callable[[str, bytes], tuple[str, list[tuple[bytes, bytes]], bytes]]] = {
+    "another query string": lambda s, b: (s, _headers(b), b"return_weights=True"),
+    "two query parameters": lambda s, b: (s, _headers(b), b"return_weights=true&x=1"),
+    "JSON": lambda s, b: (
+        s,
+        [(b"content-type", b"application/json"), (b"content-length", str(len(b)).encode())],
+        b"",
+    ),
+    "no Content-Type": lambda s, b: (s, [(b"content-length", str(len(b)).encode())], b""),
+    "chunked": lambda s, b: (
+        s,
+        [(b"content-type", b"application/msgpack"), (b"transfer-encoding", b"chunked")],
+        b"",
+    ),
+    "two Content-Lengths": lambda s, b: (
+        s,
+        _headers(b) + [(b"content-length", str(len(b)).encode())],
+        b"",
+    ),
+    "a bad Idempotency-Key": lambda s, b: (s, _headers(b, idempotency_key=b"\x01bad"), b""),
+    "a body over 64 KiB": lambda s, b: (
+        s,
+        [(b"content-type", b"application/msgpack"), (b"content-length", b"70000")],
+        b"",
+    ),
+    "an unknown session": lambda s, b: ("no-such-session", _headers(b), b""),
+}
+
+
+@pytest.fixture(scope="module")
+def in_process() -> Iterator[tuple[Any, asyncio.AbstractEventLoop]]:
+    _loaded()
+    app = create_app(Settings(warm_up_kernels=False, data_plane_port=None))
+    loop = asyncio.new_event_loop()
+    lifespan = app.router.lifespan_context(app)
+    loop.run_until_complete(lifespan.__aenter__())
+    yield app, loop
+    loop.run_until_complete(lifespan.__aexit__(None, None, None))
+    loop.close()
+
+
+def _create(app: Any, weights: dict[str, np.ndarray], optimizer: str = "adam") -> str:
+    sid = new_id("fpi")
+    app.state.service.create(create_body(sid, optimizer, weights), "msgpack")
+    return sid
+
+
+def test_a_plain_small_push_never_reaches_the_router(in_process: Any) -> None:
+    app, loop = in_process
+    recorder = _Recorder()
+    middleware = fastpath.SmallPushes(recorder, fastapi=app)
+    sid = _create(app, WEIGHTS)
+    body = gradients_body(GRADS)
+    path = f"/sessions/{sid}/gradients"
+    for query in (b"", b"return_weights=true", b"return_weights=false"):
+        assert loop.run_until_complete(_call(middleware, _scope(path, _headers(body), query), body))
+    assert recorder.calls == 0
+    assert app.state.service.store.get(sid).trainer.iterations == 3
+
+
+@pytest.mark.parametrize("case", list(ROUTED))
+def test_anything_but_the_plain_case_goes_to_the_route_untouched(
+    in_process: Any, case: str
+) -> None:
+    app, loop = in_process
+    recorder = _Recorder()
+    middleware = fastpath.SmallPushes(recorder, fastapi=app)
+    sid = _create(app, WEIGHTS)
+    body = gradients_body(GRADS)
+    target, headers, query = ROUTED[case](sid, body)
+    scope = _scope(f"/sessions/{target}/gradients", headers, query)
+    assert loop.run_until_complete(_call(middleware, scope, body)) == 299
+    assert recorder.calls == 1
+    assert app.state.service.store.get(sid).trainer.iterations == 0
+
+
+def test_a_large_session_goes_to_the_route(in_process: Any) -> None:
+    """Over 1 MiB of weights and slots: its step (a row push of a big table, say) runs in a
+    worker thread, not on the loop."""
+    app, loop = in_process
+    recorder = _Recorder()
+    middleware = fastpath.SmallPushes(recorder, fastapi=app)
+    rows = fastpath.MAX_SESSION_BYTES // (3 * 4 * 8) + 1  # weights and Adam's two slots
+    sid = _create(app, {"w": np.zeros((rows, 8), np.float32)})
+    row = Rows(np.array([0], np.int64), np.ones((1, 8), np.float32)).with_shape((rows, 8))
+    body = wire.pack({"gradients": {"w": row}})
+    path = f"/sessions/{sid}/gradients"
+    assert loop.run_until_complete(_call(middleware, _scope(path, _headers(body)), body)) == 299
+    assert recorder.calls == 1
+
+
+def test_with_a_journal_every_push_goes_to_the_route(tmp_path: Any) -> None:
+    """A journal append and its fsync never run on the loop."""
+    _loaded()
+    app = create_app(
+        Settings(warm_up_kernels=False, data_plane_port=None, snapshot_dir=str(tmp_path))
+    )
+
+    async def run() -> tuple[int, int]:
+        async with app.router.lifespan_context(app):
+            recorder = _Recorder()
+            middleware = fastpath.SmallPushes(recorder, fastapi=app)
+            sid = _create(app, WEIGHTS)
+            body = gradients_body(GRADS)
+            path = f"/sessions/{sid}/gradients"
+            status = await _call(middleware, _scope(path, _headers(body)), body)
+            return status, recorder.calls
+
+    assert asyncio.run(run()) == (299, 1)
