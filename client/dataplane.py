@@ -42,6 +42,8 @@ BUSY_REST_SECONDS = 5.0
 #: A pooled connection idle longer than this is closed rather than reused (the server's
 #: default idle timeout is 5 s).
 MAX_IDLE_SECONDS = 4.0
+#: Bytes asked for by an answer's first read: a small answer's prefix, header and body.
+READ_AHEAD = 16 * 1024
 
 
 def usable_for(base_url: httpx.URL, *, transport: object | None) -> bool:
@@ -190,7 +192,9 @@ class DataPlaneChannel:
             if self.token is not None:
                 hello["token"] = self.token
             self._send(sock, 0, hello, (), timeout)
-            prefix, header = self._read_head(sock, 0, timeout)
+            prefix, header, _ = self._read_head(sock, 0, timeout)
+            if prefix.body_len:
+                raise httpx.RemoteProtocolError("data plane: a hello answer with a body")
             if header.get("status") != 200:
                 raise _HelloRefused(header)
         except _HelloRefused:
@@ -216,7 +220,7 @@ class DataPlaneChannel:
         buffers = frames.buffers_of(tensors)
         body_len = sum(len(b) for b in buffers)
         prefix = frames.pack_prefix(frames.REQUEST, request_id, len(head), body_len)
-        sock.settimeout(timeout.write)
+        _settimeout(sock, timeout.write)
         try:
             frames.send_buffers(sock, [prefix + head, *buffers])
         except TimeoutError as exc:
@@ -226,26 +230,45 @@ class DataPlaneChannel:
 
     def _read_head(
         self, sock: socket.socket, request_id: int, timeout: httpx.Timeout
-    ) -> tuple[frames.Prefix, dict[str, Any]]:
-        raw = bytearray(frames.PREFIX.size)
-        _recv_exact(sock, memoryview(raw), timeout.read, first=True)
+    ) -> tuple[frames.Prefix, dict[str, Any], memoryview]:
+        """The answer's prefix and header, and the bytes of its body that came with them.
+
+        One ``recv_into`` of up to :data:`READ_AHEAD` bytes usually brings a small answer
+        whole (prefix, header and body), where reading the prefix, the header and each
+        tensor exactly would cost a system call each. The body bytes beyond what came with
+        the header are received straight into their arrays by :meth:`_receive`.
+        """
+        raw = bytearray(READ_AHEAD)
+        view = memoryview(raw)
+        got = _recv_some(sock, view, frames.PREFIX.size, timeout.read, first=True)
         try:
-            prefix = frames.unpack_prefix(raw, expect=frames.RESPONSE)
+            prefix = frames.unpack_prefix(view[: frames.PREFIX.size], expect=frames.RESPONSE)
         except frames.FrameError as exc:
             raise httpx.RemoteProtocolError(f"data plane: {exc}") from exc
         if prefix.request_id not in (request_id, 0):
             raise httpx.RemoteProtocolError(
                 f"data plane: an answer to request {prefix.request_id}, not {request_id}"
             )
-        head = bytearray(prefix.header_len)
-        _recv_exact(sock, memoryview(head), timeout.read)
+        head_end = frames.PREFIX.size + prefix.header_len
+        if head_end <= len(raw):
+            if got < head_end:
+                got += _recv_some(sock, view[got:], head_end - got, timeout.read)
+            head: bytearray | memoryview = view[frames.PREFIX.size : head_end]
+        else:  # a header longer than the read-ahead: in a buffer of its own
+            head = bytearray(prefix.header_len)
+            came = got - frames.PREFIX.size
+            head[:came] = view[frames.PREFIX.size : got]
+            _recv_exact(sock, memoryview(head)[came:], timeout.read)
+            got = head_end = 0
+        if got - head_end > prefix.body_len:
+            raise httpx.RemoteProtocolError("data plane: bytes after the answer")
         try:
             header = frames.unpack_header(head)
         except frames.FrameError as exc:
             raise httpx.RemoteProtocolError(f"data plane: {exc}") from exc
         if not isinstance(header, dict) or not isinstance(header.get("status"), int):
             raise httpx.RemoteProtocolError("data plane: an answer header without a status")
-        return prefix, header
+        return prefix, header, view[head_end:got]
 
     def _receive(
         self,
@@ -255,7 +278,7 @@ class DataPlaneChannel:
         timeout: httpx.Timeout,
         attempts: Attempts,
     ) -> tuple[Reply | LeanAnswer, bool]:
-        prefix, header = self._read_head(sock, request_id, timeout)
+        prefix, header, early = self._read_head(sock, request_id, timeout)
         status = header["status"]
         if status != 200:
             if prefix.body_len:
@@ -286,9 +309,14 @@ class DataPlaneChannel:
             ) from exc
         for array in arrays.values():
             if array.nbytes:
+                target = frames.byte_view(array)
+                came = min(len(early), len(target))
+                if came:  # what came with the header, then the rest straight into the array
+                    target[:came] = early[:came]
+                    early = early[came:]
                 _recv_exact(
                     sock,
-                    frames.byte_view(array),
+                    target[came:],
                     timeout.read,
                     check=attempts.check_deadline,
                 )
@@ -352,6 +380,39 @@ def _destinations(
     return arrays
 
 
+def _settimeout(sock: socket.socket, timeout: float | None) -> None:
+    """``sock.settimeout`` unless it is already so (each call costs system calls)."""
+    if sock.gettimeout() != timeout:
+        sock.settimeout(timeout)
+
+
+def _recv_some(
+    sock: socket.socket,
+    view: memoryview,
+    least: int,
+    timeout: float | None,
+    *,
+    first: bool = False,
+) -> int:
+    """Receive at least ``least`` bytes into ``view`` (more if they are there, up to its
+    length); the number received."""
+    _settimeout(sock, timeout)
+    pos = 0
+    while pos < least:
+        try:
+            n = sock.recv_into(view[pos:])
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout(f"data plane: {exc}") from exc
+        except OSError as exc:  # ssl.SSLError included
+            raise httpx.ReadError(f"data plane: {exc}") from exc
+        if n == 0:
+            if first and pos == 0:
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            raise httpx.RemoteProtocolError("data plane: the connection closed mid-answer")
+        pos += n
+    return pos
+
+
 def _recv_exact(
     sock: socket.socket,
     view: memoryview,
@@ -360,7 +421,7 @@ def _recv_exact(
     first: bool = False,
     check: Callable[[], None] | None = None,
 ) -> None:
-    sock.settimeout(timeout)
+    _settimeout(sock, timeout)
     pos = 0
     while pos < len(view):
         try:

@@ -273,3 +273,58 @@ def test_an_out_that_does_not_fit_is_a_value_error_after_the_push_was_applied(se
         assert session.info().iterations == 1  # applied: pull to see the weights
         with pytest.raises(TypeError, match="writable numpy array"):
             session.pull(out={"kernel": [[0.0] * 4] * 3, "bias": np.empty(4, np.float32)})
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        # an answer's prefix, header and body all come with the first read
+        {"w": np.arange(10, dtype=np.float32)},
+        # bodies ending around the read-ahead's end, over several arrays
+        {f"t{i}": np.linspace(-1, 1, n, dtype=np.float32) for i, n in enumerate((1000, 3000, 90))},
+        {"a": np.ones(4090, np.float32), "b": np.full(12, 2, np.float64)},
+        {"a": np.ones(2 * 4096, np.float32)},
+        # a header longer than the read-ahead (many tensors with long names)
+        {f"layer_{i:04d}/" + "k" * 60: np.full(3, i, np.float32) for i in range(300)},
+    ],
+    ids=["small", "straddling", "at-the-edge", "past-the-edge", "long-header"],
+)
+def test_answers_around_the_read_ahead_match_http_bit_for_bit(server_factory, weights):
+    """``READ_AHEAD`` (16 KiB) bytes are asked for by an answer's first read: the cases are
+    sized around it."""
+    server = server_factory()
+    with Client(server.url) as lean, Client(server.url, data_plane=False) as plain:
+        a = lean.create_session(weights, "adam")
+        b = plain.create_session(weights, "adam")
+        grads = {n: np.full(w.shape, 0.5, w.dtype) for n, w in weights.items()}
+        out = {n: np.empty_like(w) for n, w in weights.items()}
+        for _ in range(2):
+            got = a.push(grads)
+            expected = b.push(grads)
+        a.push(grads, out=out)
+        again = b.push(grads)
+        assert isinstance(lean._plane, DataPlaneChannel)
+        for name in weights:
+            assert got[name].tobytes() == expected[name].tobytes()
+            assert out[name].tobytes() == again[name].tobytes()
+            assert a.pull()[name].tobytes() == b.pull()[name].tobytes()
+
+
+def test_bytes_after_an_answer_are_a_protocol_error():
+    import httpx
+
+    from paramserver import frames
+
+    channel = DataPlaneChannel("127.0.0.1", 1, tls=None, server_hostname="127.0.0.1", token=None)
+    head = frames.pack_header({"status": 200, "iterations": 3})
+    answer = frames.pack_prefix(frames.RESPONSE, 7, len(head), 0) + head
+    timeout = httpx.Timeout(5.0)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(answer)
+        prefix, header, early = channel._read_head(ours, 7, timeout)
+        assert header == {"status": 200, "iterations": 3} and not early
+        theirs.sendall(answer + b"junk")
+        time.sleep(0.05)  # both in the socket before the read
+        with pytest.raises(httpx.RemoteProtocolError, match="bytes after the answer"):
+            channel._read_head(ours, 7, timeout)
