@@ -29,7 +29,11 @@ before. Samples of at least :data:`MIN_SAMPLE_NS` are taken in turn, every metho
 repeat, in this thread's CPU time (``clock="thread"``) after unmeasured calls (numba's
 compile or cache load, the slots' first touch); each figure is the median of the repeats
 (``stat="min"``: the fastest). The goals: exact / dense pass <= 1.2, and lazy / (the
-touched rows' share of the table x the dense pass) <= 2.
+touched rows' share of the table x the dense pass) <= 2. For reference, the **rows' floor**
+(``rows_floor_ms``): a numba loop over the same rows that reads and writes what Adam's row
+step does (each row's weights and both moments, the row's gradient) and leaves the values as
+they are, like :mod:`benchmarks.kernels`' floors: what any lazy kernel costs in memory
+traffic alone. ``rows_floor_vs_share`` above the goal means no kernel can meet it here.
 
 **The push, end to end** (``figure: "push"``): a server subprocess (``python -m paramserver
 serve``, default settings, data plane on) and our own ``Client(url)``. Two sessions hold the
@@ -67,13 +71,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
+import numba
 import numpy as np
 
 from paramserver import messages, optimizers, wire
 from paramserver.client import Client, Rows
 from paramserver.server.optim.engine import KerasOptimizer, PreparedGradients, SparseGradient
 
-from .kernels import CLOCKS, STATISTICS
+from .kernels import _FLOOR_OPTIONS, CLOCKS, STATISTICS
 from .push import ServerProcess, format_table, percentile, transport_of
 
 __all__ = [
@@ -112,6 +117,23 @@ MIN_SAMPLE_NS = 20_000_000
 DENSE_UNITS = 32
 #: Unmeasured pushes of each method before the rounds.
 WARM_UP_PUSHES = 2
+
+
+# ``x + g * zero`` as in benchmarks.kernels' floors: every array read and written as Adam's
+# row step does (the weights and both moments of each row, the row's gradient), values kept.
+@numba.njit(**_FLOOR_OPTIONS)
+def _rows_floor(p, g, index, width, a, b, zero):  # type: ignore[no-untyped-def]
+    # the kernels' row loop (app/optim/numba_kernels.py): unsigned indices and width
+    at = width - width
+    for r in range(index.size):
+        base = index[r] * width
+        for j in range(width):
+            gz = g[at + j] * zero
+            k = base + j
+            p[k] = p[k] + gz
+            a[k] = a[k] + gz
+            b[k] = b[k] + gz
+        at += width
 
 
 def push_indices(rng: np.random.Generator, rows: int, count: int) -> np.ndarray:
@@ -202,6 +224,17 @@ def _step_rows(
 
         return apply
 
+    flat = p.reshape(-1)
+    moments = tuple(opt.slots[slot]["emb"].reshape(-1) for slot in opt.slot_names)
+    assert len(moments) == 2, opt.slot_names  # Adam's m and v: the floor's two slots
+    zero = np.float32(0.0)
+
+    def floor_of(prepared: PreparedGradients) -> None:
+        g = prepared.flat["emb"]
+        assert isinstance(g, SparseGradient)
+        index = g.indices.view(np.uint64)  # as the kernels take it: unsigned, vectorised
+        _rows_floor(flat, g.rows.reshape(-1), index, np.uint64(g.width), *moments, zero)
+
     methods = [
         _Timed("dense", lambda: apply_in("exact")(dense), clock),
         _Timed("dense_prepare", lambda: opt.check_gradients({"emb": dense_grad}), clock),
@@ -221,6 +254,7 @@ def _step_rows(
         aligned = all(_aligned(g["emb"]) for g in decoded)
         pools[fraction] = {"count": count, "pool": len(raw), "unique": unique, "aligned": aligned}
         methods += [
+            _Timed(f"floor {fraction}", _cycling(prepared, floor_of), clock),
             _Timed(f"exact {fraction}", _cycling(prepared, apply_in("exact")), clock),
             _Timed(f"lazy {fraction}", _cycling(prepared, apply_in("lazy")), clock),
             _Timed(f"prepare {fraction}", _cycling(raw, opt.check_gradients), clock),
@@ -237,6 +271,7 @@ def _step_rows(
         info = pools[fraction]
         share = statistics.mean(info["unique"]) / rows
         exact_ms, lazy_ms = figure[f"exact {fraction}"], figure[f"lazy {fraction}"]
+        floor_ms = figure[f"floor {fraction}"]
         prepare_ms = figure[f"prepare {fraction}"]
         body_ms = figure[f"prepare body {fraction}"]
         share_ms = share * dense_ms
@@ -270,6 +305,10 @@ def _step_rows(
                 "prepare_min_ms": fastest[f"prepare {fraction}"],
                 "exact_vs_dense": exact_ms / dense_ms,
                 "lazy_vs_share": lazy_ms / share_ms,
+                # the same rows' memory traffic with no arithmetic: what any lazy kernel costs
+                "rows_floor_ms": floor_ms,
+                "rows_floor_vs_share": floor_ms / share_ms,
+                "lazy_vs_rows_floor": lazy_ms / floor_ms,
                 "lazy_vs_dense": lazy_ms / dense_ms,
                 "prepare_vs_dense_prepare": prepare_ms / dense_prepare_ms,
                 "prepare_body_vs_dense_prepare": body_ms / dense_prepare_ms,
@@ -501,6 +540,8 @@ COLUMNS = {
         ("share_of_dense_ms", "share x dense", "{:.3f}"),
         ("exact_vs_dense", "exact/dense", "{:.2f}"),
         ("lazy_vs_share", "lazy/share", "{:.2f}"),
+        ("rows_floor_ms", "rows floor", "{:.3f}"),
+        ("rows_floor_vs_share", "floor/share", "{:.2f}"),
         ("dense_prepare_ms", "check dense", "{:.3f}"),
         ("prepare_ms", "check rows", "{:.3f}"),
         ("prepare_body_ms", "check body rows", "{:.3f}"),

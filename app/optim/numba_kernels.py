@@ -893,17 +893,7 @@ class NumbaBackend:
     ) -> None:
         """A lazy step of rows ``index`` (sorted, unique) of ``width`` elements of any arrays:
         fused in place where :meth:`update` would be, else the fallback."""
-        dtype = p.dtype
-        fits = (
-            dtype in SUPPORTED_DTYPES
-            and RULES.get(rule.name) is rule
-            and all(
-                a.ndim == 1 and a.dtype == dtype and a.flags.c_contiguous and a.flags.aligned
-                for a in (p, rows, *slots)
-            )
-            and all(a.size == p.size and a.flags.writeable for a in (p, *slots))
-        )
-        if fits:
+        if _fits(rule, p, rows, slots, rows=True):
             self._fused_rows(rule, p, rows, index, width, slots, coeffs, grad_scale, grad_clip)
         else:
             self.fallback.update_rows(
@@ -931,18 +921,7 @@ class NumbaBackend:
         """One step over any arrays: fused when they are what the kernels were compiled for
         (1-D, C-contiguous, all of ``p``'s dtype, ``p`` and the slots writable), else the
         fallback. An optimizer calls :meth:`kernel` once instead, for arrays it owns."""
-        dtype = p.dtype
-        n = p.size
-        fits = (
-            dtype in SUPPORTED_DTYPES
-            and RULES.get(rule.name) is rule
-            and all(
-                a.ndim == 1 and a.dtype == dtype and a.size == n and a.flags.c_contiguous
-                for a in (p, g, *slots)
-            )
-            and all(a.flags.writeable for a in (p, *slots))
-        )
-        if fits:
+        if _fits(rule, p, g, slots, rows=False):
             self._fused(rule, p, g, slots, coeffs, grad_scale, grad_clip)
         else:
             self.fallback.update(rule, p, g, slots, coeffs, grad_scale, grad_clip)
@@ -998,6 +977,28 @@ class NumbaBackend:
             return
         key, scalars = chosen
         self._kernel(key, p.dtype)(p, rows, index.view(np.uint64), width, *slots, *scalars)
+
+
+def _fits(
+    rule: UpdateRule, p: np.ndarray, g: np.ndarray, slots: tuple[np.ndarray, ...], *, rows: bool
+) -> bool:
+    """Whether the kernels were compiled for these arrays: 1-D, C-contiguous, all of ``p``'s
+    dtype, ``p`` and the slots writable and of one size, and ``g`` of that size too (a dense
+    step) or aligned row values (``rows``: the row kernel's arrays must all be aligned)."""
+    dtype = p.dtype
+    return (
+        dtype in SUPPORTED_DTYPES
+        and RULES.get(rule.name) is rule
+        and all(
+            a.ndim == 1
+            and a.dtype == dtype
+            and a.flags.c_contiguous
+            and (a.flags.aligned or not rows)
+            for a in (p, g, *slots)
+        )
+        and all(a.size == p.size and a.flags.writeable for a in (p, *slots))
+        and (rows or g.size == p.size)
+    )
 
 
 def _chosen(

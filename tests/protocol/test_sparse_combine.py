@@ -69,10 +69,14 @@ def test_combine_of_sorted_unique_rows_sums_from_plus_zero() -> None:
 
 
 def test_combine_casts_to_the_parameter_dtype_first() -> None:
-    """float64 rows for a float32 parameter sum in float32, as the dense equivalent would."""
-    values = np.array([[1e8], [1.0], [1.0]], np.float64)
+    """float64 rows for a float32 parameter sum in float32, as the dense equivalent would.
+
+    In float32, 1e8 + 3 rounds back to 1e8 (float32's spacing there is 8), twice; summed in
+    float64 first, 1e8 + 6 would round to 100000008 when cast."""
+    values = np.array([[1e8], [3.0], [3.0]], np.float64)
     _, got = combine(np.array([2, 2, 2]), values, np.dtype(np.float32))
     dense = densify(np.array([2, 2, 2]), values, (3, 1), np.dtype(np.float32))
+    assert np.float32(values.sum()) == np.float32(100000008)  # what a float64 sum would give
     assert got.dtype == np.float32 and got[0, 0] == dense[2, 0] == np.float32(1e8)
 
 

@@ -260,6 +260,7 @@ def test_sparse_rows(document: dict[str, Any]) -> None:
         assert 0 < row["unique_rows"] <= row["pushed_rows"]
         _positive(row, "dense_ms", "exact_ms", "lazy_ms", "prepare_ms", "prepare_body_ms")
         _positive(row, "touched_share", "exact_vs_dense", "lazy_vs_share")
+        _positive(row, "rows_floor_ms", "rows_floor_vs_share", "lazy_vs_rows_floor")
     assert [(r["method"], r["fraction"]) for r in pushes] == [
         ("dense", None),
         ("exact", 0.01),
