@@ -11,22 +11,25 @@ worker thread and back, which for a 10-element push costs several times the step
 Only the plain case is taken here; anything else goes, untouched, to the FastAPI app below,
 which answers it as before (every error included):
 
-* the request: a ``Content-Length`` of at most :data:`MAX_BODY_BYTES`, no
-  ``Transfer-Encoding``, a msgpack ``Content-Type``, a valid ``Idempotency-Key`` if any, and a
+* the request: one ``Content-Length`` of at most :data:`MAX_BODY_BYTES`, no
+  ``Transfer-Encoding``, one msgpack ``Content-Type``, a valid ``Idempotency-Key`` if any, and a
   query string that is empty or one ``return_weights`` of ``true``/``false``/``1``/``0``;
 * the session: it exists, its trainer is a Keras one (not ``TFOptimizer``) and holds at most
   :data:`MAX_SESSION_BYTES` (weights and slots), so its step is a few microseconds and never
   stalls the loop; a row-sparse push of a large table is a large session and goes by thread;
 * the server: no journal (``--snapshot-dir`` unset: a journal append and its fsync must not
-  run on the loop) and every numba kernel loaded (by the warm-up behind ``/ready``, or by use
-  with ``--no-warm-up-kernels``): a kernel compiled on first use takes seconds.
+  run on the loop) and every numba kernel loaded, by the warm-up behind ``/ready``: a kernel
+  compiled on first use takes seconds. With ``--no-warm-up-kernels`` that is once use has
+  compiled all of them, which a workload of one optimizer and dtype never does: its small
+  pushes then go by thread, as every push did before.
 
-The step runs on the loop only while nobody else holds the session's lock; when a
-data-plane connection or a threaded request (a snapshot, an export) holds it, the push waits
-for it in a worker thread as the route does. Between that check and the step another thread
-may still take the lock first: the loop then waits for that holder, a small session's step or
-a data-plane answer sent under the lock for at most
-:data:`~paramserver.server.dataplane.LOCKED_SEND_SECONDS`.
+The step runs on the loop only while nobody else holds the session's lock and the session,
+checked again in its turn once the body is in, is still small (a state put while the body
+arrived may have replaced it); otherwise the push waits and steps in a worker thread as the
+route does, for example while a data-plane connection or a snapshot holds the lock. Between
+that check and the step another thread may still take the lock first: the loop then waits
+for that holder, a small session's step or a data-plane answer sent under the lock for at
+most :data:`~paramserver.server.dataplane.LOCKED_SEND_SECONDS`.
 
 The middlewares around the app (request metrics and ``X-Request-ID``, tokens, the
 concurrency limit) wrap this as they wrap the routes, so they see the push as the route's:
@@ -35,10 +38,10 @@ concurrency limit) wrap this as they wrap the routes, so they see the push as th
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
@@ -108,13 +111,16 @@ class SmallPushes:
             return None
         size: int | None = None
         key: str | None = None
-        msgpack = False
+        msgpack = content_type = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if size is not None or not value.isdigit():
                     return None
                 size = int(value)
             elif name == b"content-type":
+                if content_type:  # the route reads the first of two: let it answer
+                    return None
+                content_type = True
                 msgpack = value.split(b";", 1)[0].strip().lower() in _MSGPACK
             elif name == b"idempotency-key":
                 if key is not None:
@@ -129,9 +135,7 @@ class SmallPushes:
         if not msgpack:
             return None
         session = service.store.find(session_id)
-        if session is None or not isinstance(session.trainer, KerasTrainer):
-            return None
-        if session.trainer.nbytes() > MAX_SESSION_BYTES:
+        if session is None or not _small(session):
             return None
         return session, size, return_weights, key
 
@@ -151,9 +155,10 @@ class SmallPushes:
         try:
             body = await _read(receive, size, service.settings.request_timeout_seconds)
             async with turn(session, service):
-                if session.lock.locked():
-                    # held by a data-plane connection or a threaded request (a snapshot, an
-                    # export): wait for it in a worker thread, never on the loop
+                # Its lock held by a data-plane connection or a threaded request (a snapshot,
+                # an export): wait for it in a worker thread, never on the loop. Or a state
+                # put while the body arrived made the session large: step it there too.
+                if session.lock.locked() or not _small(session):
                     outcome = await run_in_threadpool(
                         service.push,
                         session,
@@ -185,13 +190,19 @@ class SmallPushes:
         await send({"type": "http.response.body", "body": content})
 
 
+def _small(session: Session) -> bool:
+    """A Keras session of at most :data:`MAX_SESSION_BYTES`: a step of microseconds."""
+    trainer = session.trainer
+    return isinstance(trainer, KerasTrainer) and trainer.nbytes() <= MAX_SESSION_BYTES
+
+
 async def _read(receive: Receive, size: int, timeout: float) -> bytearray:
     """The body of ``size`` bytes (its ``Content-Length``) within ``timeout`` seconds: the
     same errors as :func:`.bodies.read_body` (400 for a short, long or abandoned body, 408
     past the timeout)."""
     body = bytearray()
     try:
-        async with asyncio.timeout(timeout):
+        with anyio.fail_after(timeout):
             while True:
                 message: dict[str, Any] = await receive()  # type: ignore[assignment]
                 if message["type"] == "http.disconnect":

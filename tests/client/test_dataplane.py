@@ -283,11 +283,13 @@ def test_an_out_that_does_not_fit_is_a_value_error_after_the_push_was_applied(se
         # bodies ending around the read-ahead's end, over several arrays
         {f"t{i}": np.linspace(-1, 1, n, dtype=np.float32) for i, n in enumerate((1000, 3000, 90))},
         {"a": np.ones(4090, np.float32), "b": np.full(12, 2, np.float64)},
+        # a zero-size tensor between two that share the read-ahead
+        {"a": np.ones(100, np.float32), "z": np.zeros((0, 3), np.float32), "b": np.ones(7)},
         {"a": np.ones(2 * 4096, np.float32)},
         # a header longer than the read-ahead (many tensors with long names)
         {f"layer_{i:04d}/" + "k" * 60: np.full(3, i, np.float32) for i in range(300)},
     ],
-    ids=["small", "straddling", "at-the-edge", "past-the-edge", "long-header"],
+    ids=["small", "straddling", "at-the-edge", "zero-size", "past-the-edge", "long-header"],
 )
 def test_answers_around_the_read_ahead_match_http_bit_for_bit(server_factory, weights):
     """``READ_AHEAD`` (16 KiB) bytes are asked for by an answer's first read: the cases are

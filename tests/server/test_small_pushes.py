@@ -174,7 +174,9 @@ def test_sync_rounds_complete_with_pushes_served_on_the_loop(
     assert _on_the_loop(threads) == [True, True]
 
 
-def test_the_metrics_count_a_small_push_under_its_route(srv: ServerThread) -> None:
+def test_the_metrics_count_a_small_push_under_its_route(
+    srv: ServerThread, threads: list[str]
+) -> None:
     def pushes_counted() -> float:
         text = httpx.get(f"{srv.url}/metrics").text
         total = 0.0
@@ -190,6 +192,7 @@ def test_the_metrics_count_a_small_push_under_its_route(srv: ServerThread) -> No
     for _ in range(3):
         assert _push(srv.url, sid, gradients_body(GRADS), "").status_code == 200
     assert pushes_counted() - before == 3
+    assert _on_the_loop(threads) == [True] * 3
 
 
 def test_the_loop_keeps_serving_while_another_thread_holds_the_session(
@@ -312,6 +315,12 @@ ROUTED: dict[str, Callable[[str, bytes], tuple[str, list[tuple[bytes, bytes]], b
         b"",
     ),
     "a bad Idempotency-Key": lambda s, b: (s, _headers(b, idempotency_key=b"\x01bad"), b""),
+    # the route reads the first Content-Type (JSON here: 415), so the route must answer
+    "two Content-Types": lambda s, b: (
+        s,
+        [(b"content-type", b"application/json"), *_headers(b)],
+        b"",
+    ),
     "a body over 64 KiB": lambda s, b: (
         s,
         [(b"content-type", b"application/msgpack"), (b"content-length", b"70000")],
@@ -401,3 +410,64 @@ def test_with_a_journal_every_push_goes_to_the_route(tmp_path: Any) -> None:
             return status, recorder.calls
 
     assert asyncio.run(run()) == (299, 1)
+
+
+def test_until_every_kernel_is_loaded_pushes_go_to_the_route(
+    in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel compiled on first use takes seconds: never on the loop."""
+    app, loop = in_process
+
+    class Compiling:
+        loaded = False
+
+    monkeypatch.setattr(fastpath, "default_backend", lambda: Compiling())
+    recorder = _Recorder()
+    middleware = fastpath.SmallPushes(recorder, fastapi=app)
+    sid = _create(app, WEIGHTS)
+    body = gradients_body(GRADS)
+    path = f"/sessions/{sid}/gradients"
+    assert loop.run_until_complete(_call(middleware, _scope(path, _headers(body)), body)) == 299
+    assert recorder.calls == 1
+
+
+def test_a_session_made_large_while_its_body_arrives_steps_in_a_worker_thread(
+    in_process: Any,
+) -> None:
+    """A state put between the push's headers and its body replaces the small session's
+    trainer with a large one: the step then runs off the loop."""
+    app, loop = in_process
+    service = app.state.service
+    sid = _create(app, {"w": np.zeros((4, 8), np.float32)})
+    rows = fastpath.MAX_SESSION_BYTES // (3 * 4 * 8) + 1
+    big = new_id("fpb")
+    service.create(create_body(big, "adam", {"w": np.zeros((rows, 8), np.float32)}), "msgpack")
+    state = service.state(service.store.get(big))
+    row = Rows(np.array([1], np.int64), np.ones((1, 8), np.float32)).with_shape((rows, 8))
+    body = wire.pack({"gradients": {"w": row}})
+    seen: list[str] = []
+    original = service.push
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    async def receive() -> dict[str, Any]:
+        service.load_state(sid, state)  # while the body "arrives"
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    middleware = fastpath.SmallPushes(_Recorder(), fastapi=app)
+    scope = _scope(f"/sessions/{sid}/gradients", _headers(body), b"return_weights=false")
+    service.push = spy
+    try:
+        loop.run_until_complete(middleware(scope, receive, send))
+    finally:
+        del service.push
+    assert sent[0]["status"] == 200, sent
+    assert service.store.get(sid).trainer.nbytes() > fastpath.MAX_SESSION_BYTES
+    assert len(seen) == 1 and seen[0] != threading.current_thread().name
