@@ -393,9 +393,10 @@ def _recv_some(
     timeout: float | None,
     *,
     first: bool = False,
+    check: Callable[[], None] | None = None,
 ) -> int:
     """Receive at least ``least`` bytes into ``view`` (more if they are there, up to its
-    length); the number received."""
+    length); the number received. ``check`` runs after each read (the deadline)."""
     _settimeout(sock, timeout)
     pos = 0
     while pos < least:
@@ -410,6 +411,8 @@ def _recv_some(
                 raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
             raise httpx.RemoteProtocolError("data plane: the connection closed mid-answer")
         pos += n
+        if check is not None:
+            check()  # an answer that trickles in ends at the deadline
     return pos
 
 
@@ -418,22 +421,7 @@ def _recv_exact(
     view: memoryview,
     timeout: float | None,
     *,
-    first: bool = False,
     check: Callable[[], None] | None = None,
 ) -> None:
-    _settimeout(sock, timeout)
-    pos = 0
-    while pos < len(view):
-        try:
-            n = sock.recv_into(view[pos:])
-        except TimeoutError as exc:
-            raise httpx.ReadTimeout(f"data plane: {exc}") from exc
-        except OSError as exc:  # ssl.SSLError included
-            raise httpx.ReadError(f"data plane: {exc}") from exc
-        if n == 0:
-            if first and pos == 0:
-                raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
-            raise httpx.RemoteProtocolError("data plane: the connection closed mid-answer")
-        pos += n
-        if check is not None:
-            check()  # an answer that trickles in ends at the deadline
+    """Fill ``view``."""
+    _recv_some(sock, view, len(view), timeout, check=check)
