@@ -6,7 +6,8 @@ A small model (one float32 parameter of ``elements`` elements, 10 by default) is
 previous answer is in, for ``seconds`` per round. The reference is
 :mod:`benchmarks.echo_app`'s ``POST /echo`` answering the same body, served by uvicorn the
 same way (one process each, same ``uvicorn.Config`` arguments, so the same loop and HTTP
-implementation), over plain HTTP. Within a round every load and the echo take their turn, in
+implementation, and the same log level, ``warning``: neither writes an access line per
+request), over plain HTTP. Within a round every load and the echo take their turn, in
 an order that rotates from round to round, so that a change of machine load hits all alike;
 each figure is the median of its rounds' rates.
 
