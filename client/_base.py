@@ -49,6 +49,7 @@ from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
+import msgpack
 import numpy as np
 
 from paramserver import frames, messages, optimizers, wire
@@ -89,6 +90,11 @@ DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0, pool=60.0)
 #: timeout times the attempts (4 x 300 s), and half the server's idempotency window (600 s), so
 #: a push retried by hand with its key after ``DeadlineExceeded`` still finds it.
 DEFAULT_DEADLINE = 300.0
+
+#: How much longer than what is left of the deadline an attempt's timeouts may be before
+#: they are capped to it: the deadline is also checked after every read, and a timeout that
+#: stays as it is spares a pooled connection's socket two system calls per call.
+TIMEOUT_SLACK = 0.01
 
 #: Keep-alive pool: one connection per concurrent request, up to these bounds.
 DEFAULT_LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -233,9 +239,10 @@ class BodyBuffer:
 @dataclass
 class LeanRequest:
     """A push or pull as the data plane carries it (:mod:`paramserver.frames`): the frame
-    header, the tensors whose memory is sent, and ``out``, arrays to receive the weights in."""
+    header (a dict, or already packed), the tensors whose memory is sent, and ``out``, arrays
+    to receive the weights in."""
 
-    header: dict[str, Any]
+    header: dict[str, Any] | bytes
     tensors: Sequence[np.ndarray] = ()
     out: Mapping[str, np.ndarray] | None = None
 
@@ -340,14 +347,19 @@ class Attempts:
     def timeout(self) -> httpx.Timeout:
         """The next attempt's timeouts: the client's, none longer than what is left."""
         left = self.remaining()
+        t = self._timeout
         if left == math.inf:
-            return self._timeout
+            return t
+        if left + TIMEOUT_SLACK >= max(map(_or_inf, (t.connect, t.read, t.write, t.pool))):
+            # No timeout outlasts the deadline by more than the slack: the client's own, so
+            # that a pooled connection keeps its socket timeout (the default timeout and
+            # deadline are both 300 s, and capping would change them on every call).
+            return t
         left = max(left, 0.001)
 
         def cap(value: float | None) -> float:
             return left if value is None else min(value, left)
 
-        t = self._timeout
         return httpx.Timeout(
             connect=cap(t.connect), read=cap(t.read), write=cap(t.write), pool=cap(t.pool)
         )
@@ -406,6 +418,10 @@ class Attempts:
         if delay >= self.remaining():
             return None  # no time left for another try: the 503 is the answer
         return delay
+
+
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
 
 
 def tls_failure(exc: BaseException) -> ssl.SSLError | None:
@@ -645,6 +661,21 @@ def _state_message(reply: Reply) -> SessionState:
 # --- the shared halves of the clients and sessions ----------------------------------------
 
 
+#: The fields of a data-plane push header, packed: the header is put together from them
+#: (:func:`paramserver.frames.pack_map`), the same bytes as ``msgpack.packb`` of the dict.
+_OP_PUSH = msgpack.packb("op") + msgpack.packb("push")
+_SESSION = msgpack.packb("session")
+_KEY = msgpack.packb("key")
+_RETURN_WEIGHTS = {
+    flag: msgpack.packb("return_weights") + msgpack.packb(flag) for flag in (True, False)
+}
+_TENSORS = msgpack.packb("tensors")
+_BASE_ITERATIONS = msgpack.packb("base_iterations")
+_SUM_SQUARES = msgpack.packb("sum_squares")
+_ROUND_ORDER = msgpack.packb("round_order")
+_METRICS = msgpack.packb("metrics")
+
+
 class SessionCore(Generic[W]):
     """A session handle's data and the calls it makes; the twins add sending.
 
@@ -671,6 +702,9 @@ class SessionCore(Generic[W]):
         #: Each parameter's shape, from the last summary (fills a ``Rows``'s shape).
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._warned_float64 = False
+        #: The data plane's push header, in parts packed once (see :meth:`_push_call`).
+        self._push_head: tuple[str, tuple[bytes, ...]] | None = None
+        self._specs = frames.SpecsCache()
 
     def __repr__(self) -> str:
         form = "list" if self.as_list else "dict"
@@ -736,21 +770,24 @@ class SessionCore(Generic[W]):
             self.base_iterations = answer.iterations
             return answer.iterations, self._deliver(answer.weights, targets, out)
 
-        header: dict[str, Any] = {
-            "op": "push",
-            "session": self.id,
-            "key": key,
-            "return_weights": return_weights,
-            "tensors": frames.specs_of(grads),
-        }
-        if base_iterations is not None:
-            header["base_iterations"] = base_iterations
-        if sum_squares is not None:
-            header["sum_squares"] = float(sum_squares)
-        if round_order is not None:
-            header["round_order"] = round_order
-        if reported:
-            header["metrics"] = reported
+        # rows and subsets travel over HTTP (the data plane's frames carry dense tensors)
+        lean = None
+        if not sparse and returns is None:
+            fields = [
+                *self._push_fields(),
+                _KEY + msgpack.packb(key),
+                _RETURN_WEIGHTS[bool(return_weights)],
+                _TENSORS + self._specs.packed(grads),
+            ]
+            if base_iterations is not None:
+                fields.append(_BASE_ITERATIONS + msgpack.packb(base_iterations))
+            if sum_squares is not None:
+                fields.append(_SUM_SQUARES + msgpack.packb(float(sum_squares)))
+            if round_order is not None:
+                fields.append(_ROUND_ORDER + msgpack.packb(round_order))
+            if reported:
+                fields.append(_METRICS + msgpack.packb(reported))
+            lean = LeanRequest(frames.pack_map(fields), list(grads.values()), targets)
         training = self.training
         return Call(
             "POST",
@@ -761,13 +798,16 @@ class SessionCore(Generic[W]):
                 grads, base_iterations, sum_squares, round_order, reported, returns
             ),
             idempotency_key=key,
-            # rows and subsets travel over HTTP (the data plane's frames carry dense tensors)
-            lean=None
-            if sparse or returns is not None
-            else LeanRequest(header, list(grads.values()), targets),
+            lean=lean,
             parse_lean=parse_lean,
             wait=training.round_timeout_seconds if isinstance(training, modes.Sync) else 0.0,
         )
+
+    def _push_fields(self) -> tuple[bytes, ...]:
+        """A push header's first fields, packed (``op`` and ``session``)."""
+        if self._push_head is None or self._push_head[0] != self.id:
+            self._push_head = (self.id, (_OP_PUSH, _SESSION + msgpack.packb(self.id)))
+        return self._push_head[1]
 
     def _shaped_rows(self, grads: dict[str, Any]) -> dict[str, Any]:
         """``Rows`` gradients given their tensor's shape (from the session's summary)."""

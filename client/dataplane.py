@@ -113,6 +113,8 @@ class DataPlaneChannel:
         self._lock = threading.Lock()
         self._request_id = 0
         self.down_until = 0.0
+        #: The answers' layouts, per thread (a LayoutCache is not thread-safe).
+        self._layouts = threading.local()
 
     @property
     def available(self) -> bool:
@@ -154,6 +156,12 @@ class DataPlaneChannel:
                 self._give_back(sock)
             else:
                 sock.close()
+
+    def _layout_cache(self) -> frames.LayoutCache:
+        cache: frames.LayoutCache | None = getattr(self._layouts, "cache", None)
+        if cache is None:
+            cache = self._layouts.cache = frames.LayoutCache(field="tensors")
+        return cache
 
     def _take(self, timeout: httpx.Timeout) -> socket.socket:
         """A pooled connection that is still open, else a new one. A connection idle for
@@ -212,11 +220,11 @@ class DataPlaneChannel:
         self,
         sock: socket.socket,
         request_id: int,
-        header: Mapping[str, Any],
+        header: Mapping[str, Any] | bytes,
         tensors: Sequence[np.ndarray],
         timeout: httpx.Timeout,
     ) -> None:
-        head = frames.pack_header(header)
+        head = header if isinstance(header, bytes) else frames.pack_header(header)
         buffers = frames.buffers_of(tensors)
         body_len = sum(len(b) for b in buffers)
         prefix = frames.pack_prefix(frames.REQUEST, request_id, len(head), body_len)
@@ -294,7 +302,7 @@ class DataPlaneChannel:
                 raise httpx.RemoteProtocolError("data plane: a body without tensors")
             return LeanAnswer(iterations, None, bool(header.get("replayed"))), True
         try:
-            layout = frames.layout_of(specs, field="tensors")
+            layout = self._layout_cache().get(specs)
         except wire.TensorError as exc:
             raise httpx.RemoteProtocolError(f"data plane: {exc}") from exc
         if layout.nbytes != prefix.body_len:

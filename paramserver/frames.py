@@ -48,11 +48,14 @@ __all__ = [
     "VERSION",
     "FrameError",
     "Layout",
+    "LayoutCache",
     "Prefix",
+    "SpecsCache",
     "layout_of",
     "buffers_of",
     "byte_view",
     "pack_header",
+    "pack_map",
     "pack_prefix",
     "send_buffers",
     "send_for",
@@ -209,6 +212,66 @@ def layout_of(specs: Any, *, field: str, limits: wire.DecodeLimits = _NO_LIMITS)
         tensors.append((name, dtype, dims, offset, nbytes))
         offset += nbytes
     return Layout(tuple(tensors), offset)
+
+
+#: Entries each cache below keeps (a connection or a client sees few layouts: its sessions').
+CACHED_LAYOUTS = 8
+
+
+class LayoutCache:
+    """:func:`layout_of` for the few ``tensors`` lists one side reads again and again (a
+    connection's pushes, a client's answers), by their msgpack bytes: packing the list again
+    costs an eighth of checking it, and bytes tell ``1`` from ``1.0`` and ``True``, so what
+    is refused the first time is refused every time. Not thread-safe: one per connection or
+    per thread."""
+
+    def __init__(self, *, field: str, limits: wire.DecodeLimits = _NO_LIMITS) -> None:
+        self.field = field
+        self.limits = limits
+        self._layouts: dict[bytes, Layout] = {}
+
+    def get(self, specs: Any) -> Layout:
+        """The layout of ``specs``; raises :class:`wire.TensorError` as :func:`layout_of`."""
+        try:
+            key = msgpack.packb(specs)
+        except (TypeError, ValueError, OverflowError):
+            return layout_of(specs, field=self.field, limits=self.limits)  # it says why
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = layout_of(specs, field=self.field, limits=self.limits)
+            if len(self._layouts) >= CACHED_LAYOUTS:
+                self._layouts.clear()
+            self._layouts[key] = layout
+        return layout
+
+
+class SpecsCache:
+    """:func:`specs_of` packed as msgpack, for the few layouts of arrays one side sends again
+    and again (a client's gradients, a server's weights), by each array's name, dtype and
+    shape. Thread-safe (a lost entry is packed again)."""
+
+    def __init__(self) -> None:
+        self._packed: dict[tuple[tuple[str, np.dtype, tuple[int, ...]], ...], bytes] = {}
+
+    def packed(self, arrays: Mapping[str, np.ndarray]) -> bytes:
+        """``msgpack.packb(specs_of(arrays))``; raises :class:`wire.TensorError` for a dtype
+        the wire does not carry."""
+        key = tuple((name, a.dtype, a.shape) for name, a in arrays.items())
+        packed = self._packed.get(key)
+        if packed is None:
+            packed = msgpack.packb(specs_of(arrays))
+            if len(self._packed) >= CACHED_LAYOUTS:
+                self._packed = {}
+            self._packed[key] = packed
+        return packed
+
+
+def pack_map(fields: Sequence[bytes]) -> bytes:
+    """A msgpack map of ``fields``, each a packed key followed by its packed value (as
+    ``msgpack.packb`` makes them): a header put together from parts packed once."""
+    count = len(fields)
+    head = bytes([0x80 | count]) if count < 16 else b"\xde" + struct.pack(">H", count)
+    return head + b"".join(fields)
 
 
 def byte_view(array: np.ndarray) -> memoryview:

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -330,3 +331,40 @@ def test_bytes_after_an_answer_are_a_protocol_error():
         time.sleep(0.05)  # both in the socket before the read
         with pytest.raises(httpx.RemoteProtocolError, match="bytes after the answer"):
             channel._read_head(ours, 7, timeout)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"base_iterations": 7},
+        {"sum_squares": 2.5, "round_order": "ab" * 16},
+        {"metrics": {"loss": 0.5}},
+    ],
+)
+@pytest.mark.parametrize("return_weights", [True, False])
+def test_a_push_frame_header_is_msgpack_of_its_fields(extra, return_weights):
+    """The client puts a push's header together from parts packed once per session and
+    layout: the bytes are those of msgpack.packb of the header, field for field."""
+    from paramserver.client.sync import Session
+
+    with Client("http://127.0.0.1:9", data_plane=False) as client:
+        session: Session = Session(client, "s/ession", ["w", "b"], as_list=False)
+        grads = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float16)}
+        for key in ("k1", "x" * 255):
+            call = session._push_call(
+                grads, return_weights=return_weights, idempotency_key=key, **extra
+            )
+            assert call.lean is not None
+            expected = {
+                "op": "push",
+                "session": "s/ession",
+                "key": key,
+                "return_weights": return_weights,
+                "tensors": [["w", "float32", [2, 3]], ["b", "float16", [3]]],
+                **extra,
+            }
+            assert call.lean.header == msgpack.packb(expected)
+        session.id = "other"  # a handle's id is what its headers carry
+        call = session._push_call(grads, return_weights=True, idempotency_key="k")
+        assert msgpack.unpackb(call.lean.header)["session"] == "other"

@@ -5,11 +5,13 @@ worker for the read timeout times the attempts."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 
@@ -148,3 +150,26 @@ def test_the_deadline_is_finite_by_default_and_validated() -> None:
     for bad in (0, -1, float("inf"), float("nan"), True, "10"):
         with pytest.raises(ValueError, match="deadline"):
             Client("http://127.0.0.1:9", deadline=bad)  # type: ignore[arg-type]
+
+
+def test_an_attempts_timeouts_are_capped_to_what_is_left_of_the_deadline() -> None:
+    """Capped when a timeout would outlast the deadline by more than the slack; else the
+    client's own timeouts, unchanged (a pooled socket keeps its timeout call after call)."""
+    from paramserver.client import _base
+
+    call = _base.Call("POST", "/x", lambda reply: reply)
+    policy = _base.RetryPolicy.of(0)
+    rng = random.Random(0)
+    own = httpx.Timeout(300.0, connect=10.0, pool=60.0)
+    same = _base.Attempts(call, policy, rng, deadline=300.0, timeout=own)
+    assert same.timeout() is own  # the defaults: 300 s each, a deadline of 300 s
+    short = _base.Attempts(call, policy, rng, deadline=2.0, timeout=own)
+    capped = short.timeout()
+    assert capped.read is not None and capped.read <= 2.0
+    assert capped.write is not None and capped.write <= 2.0
+    assert capped.connect is not None and capped.connect <= 2.0
+    assert capped.pool is not None and capped.pool <= 2.0
+    none = _base.Attempts(call, policy, rng, deadline=5.0, timeout=httpx.Timeout(None))
+    assert none.timeout().read is not None and none.timeout().read <= 5.0
+    unbounded = _base.Attempts(call, policy, rng, deadline=None, timeout=own)
+    assert unbounded.timeout() is own

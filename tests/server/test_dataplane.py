@@ -416,3 +416,96 @@ def test_a_push_whose_tensors_are_not_the_sessions_is_refused_before_its_body(
     grads = {"kernel": np.ones((3, 4), np.float64), "bias": np.ones(4, np.float16)}  # other dtypes
     head, _ = ok.call(_push_header(sid, grads), _body(grads))
     assert head["status"] == 200 and head["iterations"] == 1
+
+
+def test_requests_sent_back_to_back_in_one_write_are_answered_in_order(server_factory, frames_to):
+    """A connection reads ahead of the request it serves (a small push comes in one
+    receive): what it read of the next requests is theirs, in order, bit for bit as REST."""
+    server = server_factory()
+    over_rest, over_plane = new_id("rest"), new_id("plane")
+    for sid in (over_rest, over_plane):
+        create_session(server.url, "adam", WEIGHTS, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    wire_bytes = b""
+    headers: list[dict[str, Any]] = [{"op": "hello", "version": 1}]
+    bodies = [b""]
+    for step in range(4):
+        grads = _grads(step)
+        push(server.url, over_rest, grads)
+        headers.append(_push_header(over_plane, grads, key=f"k{step}"))
+        bodies.append(_body(grads))
+    headers.append({"op": "pull", "session": over_plane})
+    bodies.append(b"")
+    for request_id, (header, body) in enumerate(zip(headers, bodies, strict=True), start=1):
+        head = msgpack.packb(header)
+        wire_bytes += PREFIX.pack(b"PSDP", 1, 1, 0, request_id, len(head), len(body)) + head + body
+    plane.sock.sendall(wire_bytes)  # every request in one write
+    answers = [plane.answer() for _ in headers]
+    assert [request_id for request_id, _, _ in answers] == list(range(1, len(headers) + 1))
+    assert [head.get("iterations") for _, head, _ in answers] == [None, 1, 2, 3, 4, 4]
+    _, expected = pull(server.url, over_rest)
+    for _, head, body in answers[-2:]:
+        got = _weights(head, body)
+        assert all(got[name].tobytes() == expected[name].tobytes() for name in WEIGHTS)
+
+
+def test_a_request_that_trickles_in_byte_by_byte_is_served(server_factory, frames_to):
+    server = server_factory(header_timeout_seconds=10)
+    sid = new_id()
+    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    grads = _grads(0)
+    head = msgpack.packb(_push_header(sid, grads, key="slow"))
+    body = _body(grads)
+    frame = PREFIX.pack(b"PSDP", 1, 1, 0, 7, len(head), len(body)) + head + body
+    for i in range(0, len(frame), 9):  # prefix, header and body split at odd places
+        plane.sock.sendall(frame[i : i + 9])
+        time.sleep(0.002)
+    request_id, answer, data = plane.answer()
+    assert request_id == 7 and answer["status"] == 200 and answer["iterations"] == 1
+    assert len(data) == 64
+
+
+@pytest.mark.parametrize("shape", [[3.0, 4], [True, 4], [3, 4.0]])
+def test_a_layout_seen_before_does_not_let_another_spelling_of_it_through(
+    server_factory, frames_to, shape
+):
+    """The layouts a connection has read are remembered by their bytes: [3.0, 4] equals
+    [3, 4] in Python but is refused the first time, so it is refused after [3, 4] too."""
+    server = server_factory()
+    sid = new_id()
+    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    grads = _grads(0)
+    for _ in range(2):
+        head, _ = plane.call(_push_header(sid, grads), _body(grads))
+        assert head["status"] == 200
+    header = _push_header(sid, grads)
+    header["tensors"][0][2] = shape
+    plane.send(header, body_len=64)
+    _, head, _ = plane.answer()
+    assert head["status"] == 422 and head["error"]["code"] == "invalid_tensor", head
+    assert plane.closed_within(5)
+    assert pull(server.url, sid)[0] == 2
+
+
+def test_a_header_longer_than_the_read_ahead_is_read_whole(server_factory, frames_to):
+    """Long parameter names make a header of about 40 KiB, more than one read-ahead."""
+    server = server_factory()
+    sid = new_id()
+    weights = {f"layer_{i:03d}/" + "k" * 180: np.full(2, i, np.float32) for i in range(200)}
+    create_session(server.url, "sgd", weights, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    grads = {name: np.ones(2, np.float32) for name in weights}
+    header = _push_header(sid, grads, key="long")
+    assert len(msgpack.packb(header)) > 32 * 1024
+    for step in range(2):
+        head, body = plane.call(header if step == 0 else _push_header(sid, grads), _body(grads))
+        assert head["status"] == 200 and head["iterations"] == step + 1
+    got = _weights(head, body)
+    name = next(iter(weights))
+    lr = np.float32(0.01)  # sgd's default: two steps of lr * 1 from zero
+    assert got[name].tobytes() == np.full(2, (np.float32(0) - lr) - lr, np.float32).tobytes()
