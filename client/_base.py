@@ -34,6 +34,7 @@ retries at once (the :class:`~paramserver.client.errors.ServiceUnavailable` carr
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import math
 import os
@@ -257,9 +258,10 @@ class LeanAnswer:
     replayed: bool
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: made for every call, and a frozen init costs 3x
 class Call(Generic[T]):
     """One protocol operation: the request, its retry safety and how to read its answer.
+    Made once per call and not changed after (the twins only read it).
 
     ``finish(reply)`` raises the mapped :class:`~paramserver.client.errors.ServerError` for any
     status not in ``expect``, else returns ``parse(reply)``. ``encode`` makes the body when
@@ -589,6 +591,13 @@ def _known_constraints(obj: Any) -> dict[str, Constraint]:
     return out
 
 
+def new_key() -> str:
+    """A fresh Idempotency-Key: a random uuid4 in hex (``uuid.uuid4().hex``, made without the
+    ``UUID`` object: a push makes one each)."""
+    h = os.urandom(16).hex()
+    return f"{h[:12]}4{h[13:16]}{'89ab'[int(h[16], 16) & 3]}{h[17:]}"
+
+
 def named_arrays(
     values: Weights, names: Sequence[str] | None, what: str
 ) -> tuple[dict[str, np.ndarray], bool]:
@@ -629,6 +638,11 @@ def session_path(session_id: str, *rest: str) -> str:
     """``/sessions/{id}/...`` with the id escaped (and ``.``/``..`` kept from collapsing)."""
     if not isinstance(session_id, str) or not session_id:
         raise ValueError(f"a session id is a non-empty string, got {session_id!r}")
+    return _session_path(session_id, *rest)
+
+
+@functools.lru_cache(maxsize=1024)
+def _session_path(session_id: str, *rest: str) -> str:
     escaped = quote(session_id, safe="")
     if session_id in (".", ".."):
         escaped = escaped.replace(".", "%2E")
@@ -747,7 +761,7 @@ class SessionCore(Generic[W]):
         if self._float64 and not self._warned_float64:
             self._warn_float64(grads)
         targets = self._targets(out)
-        key = uuid.uuid4().hex if idempotency_key is None else idempotency_key
+        key = new_key() if idempotency_key is None else idempotency_key
         if base_iterations is None and self.training is not None and self.training.needs_base:
             base_iterations = self.base_iterations  # sync, or max_staleness: the server checks
         elif base_iterations is not None:

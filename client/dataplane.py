@@ -322,6 +322,8 @@ class DataPlaneChannel:
                 if came:  # what came with the header, then the rest straight into the array
                     target[:came] = early[:came]
                     early = early[came:]
+                    if came == len(target):
+                        continue
                 _recv_exact(
                     sock,
                     target[came:],

@@ -28,10 +28,11 @@ import math
 import select
 import ssl
 import struct
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -127,8 +128,7 @@ def unpack_header(data: bytes | bytearray | memoryview) -> Any:
         raise FrameError(f"an unreadable frame header: {exc}") from None
 
 
-@dataclass(frozen=True)
-class Prefix:
+class Prefix(NamedTuple):
     kind: int
     request_id: int
     header_len: int
@@ -280,13 +280,20 @@ def byte_view(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
+#: The byte orders of a dtype whose bytes are little-endian as they are in memory.
+_LITTLE = "=<|" if sys.byteorder == "little" else "<|"
+
+
 def buffers_of(arrays: Sequence[np.ndarray]) -> list[memoryview]:
     """Each array's little-endian bytes as a flat memoryview (no copy for a contiguous
     little-endian array); arrays without elements are left out (they have no bytes)."""
     out = []
     for array in arrays:
-        if array.size:
-            out.append(byte_view(np.ascontiguousarray(array, array.dtype.newbyteorder("<"))))
+        if not array.size:
+            continue
+        if array.dtype.byteorder not in _LITTLE or not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
+        out.append(byte_view(array))
     return out
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "MSGPACK_CONTENT_TYPES",
     "MSGPACK_MEDIA_TYPE",
     "TENSOR_DTYPES",
+    "WIRE_DTYPES",
     "DecodeLimits",
     "LimitExceeded",
     "MalformedBody",
@@ -64,6 +65,8 @@ TENSOR_DTYPES: dict[str, np.dtype] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
 }
 _DTYPE_NAMES = {dt: name for name, dt in TENSOR_DTYPES.items()}
+#: The same dtypes as a set (``dtype in WIRE_DTYPES``: travels as it is).
+WIRE_DTYPES = frozenset(_DTYPE_NAMES)
 
 
 class MalformedBody(ValueError):
@@ -463,6 +466,9 @@ def check_parameter_name(name: Any) -> str:
 def dtype_name(dtype: np.dtype, name: str | None = None) -> str:
     """The wire name of ``dtype`` (``TensorError`` naming ``name``, the tensor as the message
     should call it, if it has none)."""
+    known = _DTYPE_NAMES.get(dtype)  # type: ignore[call-overload]
+    if known is not None:  # a dtype of the wire in this machine's (little-endian) order
+        return known
     dt = np.dtype(dtype).newbyteorder("<")
     try:
         return _DTYPE_NAMES[dt]

@@ -11,6 +11,7 @@ import pytest
 from paramserver import messages, optimizers, wire
 from paramserver.codes import ErrorCode, MessageError
 from paramserver.messages import ANSWER_LIMITS, SessionState
+from paramserver.sparse import Rows
 
 LIMITS = wire.DecodeLimits(max_tensors=64, scalar_arrays=True)
 
@@ -130,3 +131,34 @@ def test_json_bodies_refuse_duplicates_and_constants() -> None:
         with pytest.raises(MessageError) as err:
             messages.decode_create(body, "json", LIMITS)
         assert err.value.code is ErrorCode.BAD_REQUEST and err.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("gradients", "expected"),
+    [
+        ({"w": np.arange(10, dtype=np.float32) / 7}, "b10e28f0363af0dfbf3cb93b2962e76d"),
+        (
+            {
+                "b": np.zeros(0, np.float16),
+                "a": np.arange(12, dtype=np.float64).reshape(3, 4) - 5.5,
+            },
+            "4fb48539edd3d6680fe02ee895389ec2",
+        ),
+        (  # over DIGEST_JOIN_BYTES: streamed, the same digest
+            {"big": np.arange(20000, dtype=np.float32) * 0.25, "s": np.asarray(np.float32(2))},
+            "8c79e59959b1b63ec9455d7bcb6503af",
+        ),
+        (
+            {"e": Rows(np.array([1, 3]), np.arange(8, dtype=np.float32).reshape(2, 4), (5, 4))},
+            "b2d24b04e49e23e419d55e5b8f626efb",
+        ),
+        (
+            {"x": np.asfortranarray(np.arange(15, dtype=np.float64).reshape(3, 5))},
+            "0e0adb7197f142755f0c3f5d9a1cd996",
+        ),
+    ],
+)
+def test_push_digests_are_pinned(gradients, expected):
+    """Digests are kept with keys in snapshots and the journal: a digest must never change
+    for the same push (these were computed by the streaming implementation of 2026-12-02)."""
+    assert messages.push_digest(gradients).hex() == expected
