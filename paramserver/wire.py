@@ -466,7 +466,7 @@ def check_parameter_name(name: Any) -> str:
 def dtype_name(dtype: np.dtype, name: str | None = None) -> str:
     """The wire name of ``dtype`` (``TensorError`` naming ``name``, the tensor as the message
     should call it, if it has none)."""
-    known = _DTYPE_NAMES.get(dtype)  # type: ignore[call-overload]
+    known = _DTYPE_NAMES.get(dtype)
     if known is not None:  # a dtype of the wire in this machine's (little-endian) order
         return known
     dt = np.dtype(dtype).newbyteorder("<")
