@@ -449,12 +449,18 @@ def test_requests_sent_back_to_back_in_one_write_are_answered_in_order(server_fa
         assert all(got[name].tobytes() == expected[name].tobytes() for name in WEIGHTS)
 
 
-def test_a_request_that_trickles_in_byte_by_byte_is_served(server_factory, frames_to):
-    server = server_factory(header_timeout_seconds=10)
+def _sgd_plane(server: ServerThread, frames_to: Any) -> tuple[str, Frames]:
+    """A new sgd session of WEIGHTS and a data-plane connection that said hello."""
     sid = new_id()
     create_session(server.url, "sgd", WEIGHTS, session_id=sid)
     plane = frames_to(_plane_port(server))
     plane.call({"op": "hello", "version": 1})
+    return sid, plane
+
+
+def test_a_request_that_trickles_in_byte_by_byte_is_served(server_factory, frames_to):
+    server = server_factory(header_timeout_seconds=10)
+    sid, plane = _sgd_plane(server, frames_to)
     grads = _grads(0)
     head = msgpack.packb(_push_header(sid, grads, key="slow"))
     body = _body(grads)
@@ -474,10 +480,7 @@ def test_a_layout_seen_before_does_not_let_another_spelling_of_it_through(
     """The layouts a connection has read are remembered by their bytes: [3.0, 4] equals
     [3, 4] in Python but is refused the first time, so it is refused after [3, 4] too."""
     server = server_factory()
-    sid = new_id()
-    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
-    plane = frames_to(_plane_port(server))
-    plane.call({"op": "hello", "version": 1})
+    sid, plane = _sgd_plane(server, frames_to)
     grads = _grads(0)
     for _ in range(2):
         head, _ = plane.call(_push_header(sid, grads), _body(grads))
