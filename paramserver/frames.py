@@ -216,6 +216,9 @@ def layout_of(specs: Any, *, field: str, limits: wire.DecodeLimits = _NO_LIMITS)
 
 #: Entries each cache below keeps (a connection or a client sees few layouts: its sessions').
 CACHED_LAYOUTS = 8
+#: The most bytes of packed ``tensors`` lists a :class:`LayoutCache` holds (a server keeps
+#: one per data-plane connection): a longer list is checked each time instead.
+CACHED_SPECS_BYTES = 64 * 1024
 
 
 class LayoutCache:
@@ -229,6 +232,7 @@ class LayoutCache:
         self.field = field
         self.limits = limits
         self._layouts: dict[bytes, Layout] = {}
+        self._bytes = 0  # of the keys held
 
     def get(self, specs: Any) -> Layout:
         """The layout of ``specs``; raises :class:`wire.TensorError` as :func:`layout_of`."""
@@ -239,9 +243,13 @@ class LayoutCache:
         layout = self._layouts.get(key)
         if layout is None:
             layout = layout_of(specs, field=self.field, limits=self.limits)
-            if len(self._layouts) >= CACHED_LAYOUTS:
+            if len(key) > CACHED_SPECS_BYTES:  # a huge model's list: checked each time
+                return layout
+            if len(self._layouts) >= CACHED_LAYOUTS or self._bytes + len(key) > CACHED_SPECS_BYTES:
                 self._layouts.clear()
+                self._bytes = 0
             self._layouts[key] = layout
+            self._bytes += len(key)
         return layout
 
 

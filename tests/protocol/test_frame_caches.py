@@ -55,3 +55,18 @@ def test_a_map_put_together_from_packed_fields_is_msgpack_of_the_map(count):
     fields = {f"k{i}": [i, "v" * i, {"n": i}] for i in range(count)}
     parts = [msgpack.packb(k) + msgpack.packb(v) for k, v in fields.items()]
     assert frames.pack_map(parts) == msgpack.packb(fields)
+
+
+def test_the_layout_cache_holds_at_most_its_bytes():
+    """A server keeps one cache per connection: long lists are checked each time, not kept."""
+    cache = frames.LayoutCache(field="tensors")
+    long = [[f"{i:04d}" + "n" * 250, "float32", [2]] for i in range(300)]  # ~80 KiB packed
+    assert len(msgpack.packb(long)) > frames.CACHED_SPECS_BYTES
+    assert cache.get(long).nbytes == 300 * 8
+    assert cache._layouts == {} and cache._bytes == 0
+    medium = [[f"{i:04d}" + "n" * 250, "float32", [2]] for i in range(100)]  # ~26 KiB
+    for width in range(1, 2 * frames.CACHED_LAYOUTS):
+        specs = [[name, dtype, [width]] for name, dtype, _ in medium]
+        assert cache.get(specs).nbytes == 100 * 4 * width
+        assert cache._bytes <= frames.CACHED_SPECS_BYTES
+        assert cache._bytes == sum(map(len, cache._layouts))
