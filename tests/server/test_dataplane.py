@@ -512,3 +512,85 @@ def test_a_header_longer_than_the_read_ahead_is_read_whole(server_factory, frame
     name = next(iter(weights))
     lr = np.float32(0.01)  # sgd's default: two steps of lr * 1 from zero
     assert got[name].tobytes() == np.full(2, (np.float32(0) - lr) - lr, np.float32).tobytes()
+
+
+# A model of several tensors: a large one (800 KB), a float64 one, one without elements, a
+# small one.
+MIXED = {
+    "kernel": np.linspace(-1, 1, 5 * 40001, dtype=np.float32).reshape(-1, 5),
+    "wide": np.linspace(2, 3, 70001, dtype=np.float64),
+    "empty": np.zeros((0, 3), np.float32),
+    "bias": np.full(4, 0.5, np.float32),
+}
+
+
+def _mixed_grads(step: int, model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(100 + step)
+    return {name: rng.normal(size=w.shape).astype(w.dtype) for name, w in model.items()}
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "adam",
+        "nadam",
+        {"class_name": "SGD", "config": {"momentum": 0.9, "nesterov": True, "clipnorm": 1.0}},
+    ],
+    ids=["adam", "nadam", "sgd"],
+)
+def test_the_answer_of_a_model_of_several_dtypes_is_the_rest_answer_bit_for_bit(
+    server_factory, frames_to, optimizer
+):
+    """A large model of mixed dtypes, a tensor without elements among them: the answer's
+    weights, iterations and layout are those of the same step over REST, push after push."""
+    server = server_factory()
+    over_rest, over_plane = new_id("rest"), new_id("plane")
+    for sid in (over_rest, over_plane):
+        create_session(server.url, optimizer, MIXED, session_id=sid)
+    plane = frames_to(_plane_port(server))
+    plane.call({"op": "hello", "version": 1})
+    for step in range(3):
+        grads = _mixed_grads(step, MIXED)
+        assert push(server.url, over_rest, grads).status_code == 200
+        _, expected = pull(server.url, over_rest)
+        key = f"k{step}" if step % 2 else None
+        extra = {} if key is None else {"key": key}
+        head, body = plane.call(_push_header(over_plane, grads, **extra), _body(grads))
+        assert head["status"] == 200 and head["iterations"] == step + 1
+        assert [name for name, _, _ in head["tensors"]] == list(MIXED)
+        got = _weights(head, body)
+        for name, weight in MIXED.items():
+            assert got[name].shape == weight.shape
+            assert got[name].tobytes() == expected[name].tobytes(), (step, name)
+
+
+def test_a_worker_that_does_not_read_its_answer_does_not_hold_the_session(
+    server_factory, frames_to
+):
+    """An answer larger than the sockets' buffers, not read: the rest of it is copied once
+    the step is done and the session goes on (another worker's push is answered); read
+    later, it holds the weights of its own step, not of the steps after it."""
+    model = {"big": np.zeros(6 * 1024 * 1024, np.float32), "bias": np.zeros(3, np.float32)}
+    server = server_factory()
+    sid, twin = new_id("slow"), new_id("twin")
+    for session in (sid, twin):
+        create_session(server.url, "adam", model, session_id=session)
+    slow = frames_to(_plane_port(server), timeout=30)
+    slow.call({"op": "hello", "version": 1})
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    other = frames_to(_plane_port(server), timeout=30)
+    other.call({"op": "hello", "version": 1})
+    first, second = _mixed_grads(0, model), _mixed_grads(1, model)
+    slow.send(_push_header(sid, first, key="first"), _body(first))  # its answer waits
+    head, body = other.call(_push_header(sid, second, key="second"), _body(second))
+    assert head["status"] == 200 and head["iterations"] == 2
+    assert push(server.url, twin, first).status_code == 200
+    _, after_first = pull(server.url, twin)
+    assert push(server.url, twin, second).status_code == 200
+    _, after_second = pull(server.url, twin)
+    assert _weights(head, body)["big"].tobytes() == after_second["big"].tobytes()
+    _, head, body = slow.answer()
+    assert head["status"] == 200 and head["iterations"] == 1
+    got = _weights(head, body)
+    assert got["big"].tobytes() == after_first["big"].tobytes()
+    assert got["bias"].tobytes() == after_first["bias"].tobytes()
