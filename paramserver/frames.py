@@ -299,7 +299,11 @@ def buffers_of(arrays: Sequence[np.ndarray]) -> list[memoryview]:
     for array in arrays:
         if not array.size:
             continue
-        if array.dtype.byteorder not in _LITTLE or not array.flags.c_contiguous:
+        if (
+            array.dtype.byteorder not in _LITTLE
+            or not array.flags.c_contiguous
+            or type(array) is not np.ndarray  # a subclass (np.matrix) may not flatten
+        ):
             array = np.ascontiguousarray(array, array.dtype.newbyteorder("<"))
         out.append(byte_view(array))
     return out

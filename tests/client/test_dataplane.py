@@ -264,6 +264,26 @@ def test_scalars_empty_tensors_every_dtype_and_big_endian_gradients_match_http(
         assert a.pull()["scalar"].tobytes() == b.pull()["scalar"].tobytes()
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself
+def test_gradients_of_an_ndarray_subclass_push_as_over_http(server_factory):
+    """An ``np.matrix`` does not flatten to one dimension: its bytes go out as a plain
+    array's, and the push is the one HTTP makes."""
+    server = server_factory()
+    weights = {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(3, np.float32)}
+    grads = {
+        "kernel": np.matrix(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        "bias": np.ones(3, np.float32),
+    }
+    with Client(server.url) as lean, Client(server.url, data_plane=False) as plain:
+        a = lean.create_session(weights, "adam")
+        b = plain.create_session(weights, "adam")
+        got, expected = a.push(grads), b.push(grads)
+        assert isinstance(lean._plane, DataPlaneChannel)
+        for name in weights:
+            assert got[name].tobytes() == expected[name].tobytes()
+        assert a.pull()["kernel"].tobytes() == b.pull()["kernel"].tobytes()
+
+
 def test_an_out_that_does_not_fit_is_a_value_error_after_the_push_was_applied(server_factory):
     server = server_factory()
     with Client(server.url) as client:
