@@ -295,7 +295,8 @@ class _Connection:
             if self._start == self._end:
                 self._start = self._end = 0
                 got = self._recv_some(
-                    memoryview(self._ahead), time.monotonic() + settings.idle_timeout_seconds
+                    memoryview(self._ahead)[: len(self._ahead) if self._authenticated else size],
+                    time.monotonic() + settings.idle_timeout_seconds,
                 )
                 if got == 0:
                     raise _Closed
@@ -339,7 +340,11 @@ class _Connection:
             kept = self._end - self._start
             self._ahead[:kept] = self._ahead[self._start : self._end]
             self._start, self._end = 0, kept
-        view = memoryview(self._ahead)
+        # Before the hello has passed, nothing beyond what is asked for: no body byte of an
+        # unauthenticated request is received.
+        view = memoryview(self._ahead)[
+            : len(self._ahead) if self._authenticated else self._start + least
+        ]
         while self._end - self._start < least:
             if self._evicted:
                 raise _Closed

@@ -259,6 +259,43 @@ def test_tokens_are_checked_in_the_hello_before_any_body(server_factory, frames_
     assert writer.call(_push_header(sid, grads), _body(grads))[0]["iterations"] == 1
 
 
+def test_before_its_hello_a_connection_receives_no_byte_beyond_a_header(
+    server_factory, frames_to, monkeypatch
+):
+    """A push written whole, body and all, before any hello: when it is refused (401) the
+    server has received its prefix and header only (the read-ahead waits for the hello)."""
+    from paramserver.server import dataplane
+
+    received: list[int] = []  # bytes held beyond the header when each request is handled
+    handle = dataplane._Connection._handle
+
+    def spy(self: Any, prefix: Any, header: Any, request_id: int) -> bool:
+        received.append(self._end - self._start)
+        return handle(self, prefix, header, request_id)
+
+    monkeypatch.setattr(dataplane._Connection, "_handle", spy)
+    server = server_factory(tokens="writer")
+    port = _plane_port(server, "writer")
+    grads = {"kernel": np.ones(4000, np.float32)}
+    anonymous = frames_to(port)
+    anonymous.send(_push_header(new_id(), grads), _body(grads))  # 16,000 bytes of body
+    time.sleep(0.2)  # all of it on the server's side of the socket
+    _, head, _ = anonymous.answer()
+    assert head["status"] == 401 and anonymous.closed_within(5)
+    assert received == [0]
+    # after the hello, the same frame's first bytes of body come with its header
+    writer = frames_to(port)
+    writer.call({"op": "hello", "version": 1, "token": "writer"})
+    sid = new_id()
+    with httpx.Client(base_url=server.url, headers={"Authorization": "Bearer writer"}) as http:
+        create_session(http, "sgd", grads, session_id=sid)
+    header = msgpack.packb(_push_header(sid, grads))
+    frame = PREFIX.pack(b"PSDP", 1, 1, 0, 9, len(header), 16000) + header + _body(grads)
+    writer.sock.sendall(frame)
+    _, head, _ = writer.answer()
+    assert head["status"] == 200 and received[-1] > 0
+
+
 def test_half_sent_frames_are_answered_408_at_the_header_timeout(server_factory, frames_to):
     server = server_factory(header_timeout_seconds=0.5, idle_timeout_seconds=30)
     port = _plane_port(server)
