@@ -43,7 +43,7 @@ from paramserver.sharding import decode_round_order, decode_sum_squares
 from .auth import TokenTable
 from .connections import ConnectionGuard
 from .errors import ServiceError
-from .idempotency import check_key
+from .idempotency import DeferredDigest, check_key
 from .rounds import Ticket
 from .service import SessionService
 from .settings import Settings
@@ -556,19 +556,31 @@ class _Connection:
             answer = self._copy_weights
         else:
             answer = _iterations_only
-        outcome = service.push_gradients(
-            session,
-            grads,
-            journal_body=lambda: messages.encode_push(grads, base, squares, order),
-            idempotency_key=key,
-            answer=answer,
-            remember=_nothing,
-            base_iterations=base,
-            sum_squares=squares,
-            round_order=order,
-            metrics=reported,
-            wait=settings.request_timeout_seconds,
+        # A large keyed push's digest (a pass over its bytes) is left for after its answer,
+        # where nothing waits on it: the body stays in this connection's buffer until then.
+        later = (
+            DeferredDigest(grads)
+            if direct and key is not None and prefix.body_len > messages.DIGEST_JOIN_BYTES
+            else None
         )
+        try:
+            outcome = service.push_gradients(
+                session,
+                grads,
+                journal_body=lambda: messages.encode_push(grads, base, squares, order),
+                idempotency_key=key,
+                answer=answer,
+                remember=_nothing,
+                base_iterations=base,
+                sum_squares=squares,
+                round_order=order,
+                metrics=reported,
+                wait=settings.request_timeout_seconds,
+                digest_later=later,
+            )
+        finally:
+            if later is not None:
+                later.settle()  # before a slow reader is waited on
         if isinstance(outcome, Ticket):
             # A sync round: this connection's thread waits for it (its body buffer holds
             # nothing the round needs: the gradient was copied into the round's rows).

@@ -18,6 +18,9 @@ A key remembers the :func:`push_digest` of its push: a repeat whose gradients di
 retry but a client reusing a key for another push, refused (``idempotency_key_reused``) rather
 than answered with the first push's result. The digest is of the decoded gradients (names,
 dtypes, shapes, bytes), not of the request body, so a retry framed differently still matches.
+A large push on the data plane has its key remembered with the digest pending, computed right
+after its answer has left (:class:`DeferredDigest`); whatever meets the key before that waits
+for it, and nothing ever takes a pending digest for a missing one.
 
 Snapshots and the journal carry a session's keys across a restart (:meth:`export_session`,
 :meth:`restore`): restored keys keep their iterations, digest and expiry but not the answer's
@@ -32,11 +35,22 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from paramserver.messages import push_digest
 
-__all__ = ["IdempotencyCache", "KeysExhausted", "Remembered", "check_key", "push_digest"]
+__all__ = [
+    "DIGEST_WAIT_SECONDS",
+    "DeferredDigest",
+    "DigestPending",
+    "IdempotencyCache",
+    "KeysExhausted",
+    "Remembered",
+    "check_key",
+    "push_digest",
+]
 
 _MAX_KEY_LENGTH = 255
 
@@ -46,15 +60,63 @@ def check_key(key: str) -> bool:
     return 0 < len(key) <= _MAX_KEY_LENGTH and key.isascii() and key.isprintable()
 
 
+#: How long a retry (or a snapshot) waits for the digest of a key whose push has just been
+#: applied (:class:`DeferredDigest`: computed by that push's connection right after its
+#: answer left, in milliseconds); past it the retry is answered 503 ``session_busy``.
+DIGEST_WAIT_SECONDS = 5.0
+
+
+class DigestPending(Exception):
+    """The digest of a remembered key did not come within :data:`DIGEST_WAIT_SECONDS`."""
+
+
 @dataclass(slots=True)
 class Remembered:
     iterations: int
     body: bytes | None
     expires: float
     digest: bytes | None = None  # None: restored from a snapshot of format <= 2
+    #: Set once the digest is known, for a key remembered before it (:class:`DeferredDigest`).
+    pending: threading.Event | None = None
+
+    def known_digest(self) -> bytes | None:
+        """The digest, once known (waits for a deferred one; :class:`DigestPending`)."""
+        pending = self.pending
+        if pending is not None and not pending.wait(DIGEST_WAIT_SECONDS):
+            raise DigestPending("the first push with this key is still being recorded")
+        return self.digest
 
     def matches(self, digest: bytes) -> bool:
-        return self.digest is None or self.digest == digest
+        known = self.known_digest()
+        return known is None or known == digest
+
+
+class DeferredDigest:
+    """The digest of a keyed push, computed after its answer has left.
+
+    The digest is compared only when the same key comes again, so a transport whose
+    gradients stay valid after the step (the data plane's receive buffer, until the
+    connection's next request) hands one of these to the step: the key is remembered with
+    its digest pending, and :meth:`settle`, called by the transport as soon as the session's
+    lock is released (before it waits on a slow reader), computes it. A retry or a snapshot
+    that meets the key meanwhile waits for it (:meth:`Remembered.known_digest`).
+    """
+
+    def __init__(self, gradients: Mapping[str, Any]) -> None:
+        self.gradients = gradients
+        self.entry: Remembered | None = None  # set under the session's lock by remember()
+
+    def settle(self) -> None:
+        entry, self.entry = self.entry, None
+        if entry is None:
+            return
+        assert entry.pending is not None
+        try:
+            entry.digest = push_digest(self.gradients)
+        finally:
+            # (should the digest fail, the key matches any push, as a key restored without
+            # one does: a retry is answered, never applied twice)
+            entry.pending.set()
 
 
 class KeysExhausted(Exception):
@@ -146,8 +208,11 @@ class IdempotencyCache:
         iterations: int,
         body: bytes | None,
         digest: bytes | None = None,
+        *,
+        later: DeferredDigest | None = None,
     ) -> None:
-        """Remember a key whose push was applied (after :meth:`check_room` said yes)."""
+        """Remember a key whose push was applied (after :meth:`check_room` said yes), with
+        its ``digest``, or with the digest that ``later`` will settle."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -155,6 +220,9 @@ class IdempotencyCache:
             self._drop(session_id, key)
             keep = body if body is not None and len(body) <= self.max_body_bytes else None
             entry = Remembered(iterations, keep, now + self.window, digest)
+            if later is not None and digest is None:
+                entry.pending = threading.Event()
+                later.entry = entry
             self._add(session_id, key, entry)
             if keep is not None:
                 self._body_bytes += len(keep)
@@ -192,11 +260,13 @@ class IdempotencyCache:
         wall = time.time()
         with self._lock:
             entries = list(self._sessions.get(session_id, {}).items())
-        return [
-            (k, e.iterations, wall + e.expires - now, None if e.digest is None else e.digest.hex())
-            for k, e in entries
-            if e.expires > now
-        ]
+        out = []
+        for k, e in entries:
+            if e.expires > now:
+                digest = e.known_digest()  # a deferred one is waited for, never saved as None
+                hexed = None if digest is None else digest.hex()
+                out.append((k, e.iterations, wall + e.expires - now, hexed))
+        return out
 
     def forget_session(self, session_id: str) -> None:
         with self._lock:

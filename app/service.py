@@ -45,7 +45,13 @@ from .errors import (
     SessionNotFound,
     StaleGradient,
 )
-from .idempotency import IdempotencyCache, KeysExhausted, push_digest
+from .idempotency import (
+    DeferredDigest,
+    DigestPending,
+    IdempotencyCache,
+    KeysExhausted,
+    push_digest,
+)
 from .optim import GradientError, PreparedGradients, SparseGradient, StateError
 from .persistence import Durability, Journal, SnapshotInfo
 from .protocol import decode_limits
@@ -329,6 +335,7 @@ class SessionService:
         round_order: str | None = None,
         metrics: Mapping[str, float] | None = None,
         wait: float | None = None,
+        digest_later: DeferredDigest | None = None,
     ) -> PushOutcome[T] | Ticket:
         """One step of decoded gradients, for every transport: checks, idempotency, journal.
 
@@ -350,6 +357,12 @@ class SessionService:
         key a sync round orders this gradient by (a sharded push's whole digest), by default
         its own digest. ``metrics``: what the worker reports with the push, recorded once the
         push is applied (:class:`~paramserver.server.observability.WorkerPoints`).
+
+        ``digest_later``: a keyed push whose key may be remembered before its digest (see
+        :class:`~paramserver.server.idempotency.DeferredDigest`: the transport settles it as
+        soon as this returns or raises, and the gradients stay valid until then). Taken only
+        where nothing needs the digest before the answer: no journal, no sync round, no
+        earlier push with the key.
         """
         started = time.monotonic()
         nbytes = sum(g.nbytes for g in grads.values())
@@ -369,6 +382,7 @@ class SessionService:
                 wait=wait,
                 started=started,
                 nbytes=nbytes,
+                digest_later=digest_later,
             )
         except StaleGradient:
             session.stats.refused_stale()
@@ -405,8 +419,10 @@ class SessionService:
         wait: float | None,
         started: float,
         nbytes: int,
+        digest_later: DeferredDigest | None,
     ) -> PushOutcome[T] | Ticket:
-        digest = None if idempotency_key is None else push_digest(grads)
+        later = digest_later if self.journal is None else None  # the journal records it
+        digest = None if idempotency_key is None or later is not None else push_digest(grads)
         if not session.persisted.is_set():
             # Created a moment ago and its create record is being written: a push journaled
             # before that record could be acknowledged and then lost with the session.
@@ -425,13 +441,24 @@ class SessionService:
                 # A failed journal acknowledges nothing, replays included: the first answer of
                 # a replayed key may be one whose fsync failed.
                 self.journal.check()
-            if idempotency_key is not None and digest is not None:
+            current = session.round
+            if idempotency_key is not None:
                 seen = self.idempotency.get(session.id, idempotency_key)
+                if digest is None and (seen is not None or current is not None):
+                    digest, later = push_digest(grads), None  # wanted now
                 if seen is not None:
-                    if not seen.matches(digest):
+                    assert digest is not None
+                    try:
+                        matched = seen.matches(digest)
+                    except DigestPending as exc:
+                        raise ServiceUnavailable(
+                            f"{exc}; retry",
+                            code=ErrorCode.SESSION_BUSY,
+                            headers={"Retry-After": "1"},
+                        ) from None
+                    if not matched:
                         raise _key_reused(session, idempotency_key, seen.iterations)
                     return PushOutcome(None, seen.iterations, True, seen.body)
-            current = session.round
             if current is not None and idempotency_key is not None:
                 waiting = current.waiting(idempotency_key)
                 if waiting is not None:  # a retry of a push waiting in the open round
@@ -495,7 +522,12 @@ class SessionService:
                 iterations = trainer.iterations
                 if idempotency_key is not None:
                     self.idempotency.remember(
-                        session.id, idempotency_key, iterations, remember(value), digest
+                        session.id,
+                        idempotency_key,
+                        iterations,
+                        remember(value),
+                        digest,
+                        later=later,
                     )
         if completing is not None:
             entries, result, lsn = completing

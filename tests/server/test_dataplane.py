@@ -631,3 +631,26 @@ def test_a_worker_that_does_not_read_its_answer_does_not_hold_the_session(
     got = _weights(head, body)
     assert got["big"].tobytes() == after_first["big"].tobytes()
     assert got["bias"].tobytes() == after_first["bias"].tobytes()
+
+
+def test_a_large_keyed_push_is_applied_once_and_its_key_refused_for_another_body(
+    server_factory, frames_to
+):
+    """Over 64 KiB, a push's digest is computed after its answer has left: a retry on
+    another connection still replays it, another body with its key is still refused."""
+    model = {"big": np.zeros(50_000, np.float32)}
+    server = server_factory()
+    sid = new_id()
+    create_session(server.url, "sgd", model, session_id=sid)
+    first, second = frames_to(_plane_port(server)), frames_to(_plane_port(server))
+    for conn in (first, second):
+        conn.call({"op": "hello", "version": 1})
+    grads = {"big": np.ones(50_000, np.float32)}
+    head, body = first.call(_push_header(sid, grads, key="big-k"), _body(grads))
+    assert head["status"] == 200 and head["iterations"] == 1
+    head, _ = second.call(_push_header(sid, grads, key="big-k"), _body(grads))
+    assert head == {"status": 200, "iterations": 1, "replayed": True}
+    other = {"big": np.full(50_000, 2.0, np.float32)}
+    head, _ = first.call(_push_header(sid, other, key="big-k"), _body(other))
+    assert head["status"] == 422 and head["error"]["code"] == "idempotency_key_reused"
+    assert pull(server.url, sid)[0] == 1
