@@ -215,6 +215,10 @@ class _Connection:
         self._sent_locked = 0  # the body bytes of the last answer sent under the lock
         self._direct_send = plane.tls is None  # a TLS socket has no non-blocking sendmsg
         self._layouts = frames.LayoutCache(field="tensors", limits=plane.service.limits)
+        most = plane.service.limits.max_tensors
+        self._containers = (
+            frames.MAX_HEADER_CONTAINERS if most is None else frames.header_containers(most)
+        )
 
     # -- the guard's side ----------------------------------------------------------------------
 
@@ -312,6 +316,15 @@ class _Connection:
             self._send_error(0, ErrorCode.BAD_REQUEST, str(exc))
             raise _Closed from None
         self._start += size
+        if not self._authenticated and prefix.header_len > frames.HELLO_HEADER_BYTES:
+            # not a hello, whatever it says: none of its header is received
+            self._send_error(
+                prefix.request_id,
+                ErrorCode.UNAUTHORIZED,
+                "a valid token is required: the first request is a hello, its header at most "
+                f"{frames.HELLO_HEADER_BYTES} bytes",
+            )
+            raise _Closed
         if prefix.header_len <= len(self._ahead):
             self._buffer(prefix.header_len, deadline, started=True)
             header_bytes = memoryview(self._ahead)[self._start : self._start + prefix.header_len]
@@ -323,7 +336,7 @@ class _Connection:
             header_bytes = np.empty(prefix.header_len, np.uint8).data
             self._recv_exact(header_bytes, self._take_ahead(header_bytes), deadline, started=True)
         try:
-            header = frames.unpack_header(header_bytes)
+            header = frames.unpack_header(header_bytes, max_containers=self._containers)
         except frames.FrameError as exc:
             self._send_error(prefix.request_id, ErrorCode.BAD_REQUEST, str(exc))
             raise _Closed from None

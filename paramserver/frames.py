@@ -41,7 +41,9 @@ from . import wire
 
 __all__ = [
     "MAGIC",
+    "HELLO_HEADER_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_HEADER_CONTAINERS",
     "OPS",
     "PREFIX",
     "REQUEST",
@@ -55,6 +57,7 @@ __all__ = [
     "layout_of",
     "buffers_of",
     "byte_view",
+    "header_containers",
     "pack_header",
     "pack_map",
     "pack_prefix",
@@ -72,6 +75,19 @@ RESPONSE = 2
 PREFIX = struct.Struct("<4sBBHIIQ")
 #: A header lists at most ``max_tensors`` (4096) tensors of names up to 256 characters.
 MAX_HEADER_BYTES = 4 * 1024 * 1024
+#: The most bytes of a header a server reads before the hello has passed (when it has
+#: tokens): a hello's header, whose token is at most 4 KiB, fits with room to spare.
+HELLO_HEADER_BYTES = 8 * 1024
+#: The most lists and maps a header may hold, by default: a push's header is one map, its
+#: ``tensors`` list and two lists per tensor (the entry and its shape), and a few more. Each
+#: costs tens of bytes of memory from one byte of msgpack, so a bound on the header's bytes
+#: alone would let a 4 MiB header become hundreds of MB of Python objects.
+MAX_HEADER_CONTAINERS = 2 * 100_000 + 64
+
+
+def header_containers(max_tensors: int) -> int:
+    """The lists and maps a request header of at most ``max_tensors`` tensors may hold."""
+    return 2 * max_tensors + 64
 
 #: The request header's fields, per op (``op`` itself aside). ``hello`` opens a connection
 #: (``token`` when the server has tokens); ``push`` carries its tensors in the body; ``pull``
@@ -103,10 +119,36 @@ def pack_header(header: Mapping[str, Any]) -> bytes:
     return msgpack.packb(header)
 
 
-def unpack_header(data: bytes | bytearray | memoryview) -> Any:
+class _Containers:
+    """Counts the lists and maps msgpack builds (its ``list_hook`` and ``object_hook``)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, most: int) -> None:
+        self.left = most
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("too many lists and maps")
+        return obj
+
+
+def unpack_header(
+    data: bytes | bytearray | memoryview, *, max_containers: int = MAX_HEADER_CONTAINERS
+) -> Any:
     """A frame header, read by msgpack's C unpacker within tight bounds: no bins, no
     extension types, strings up to 4 KiB, maps up to 64 entries, lists up to 100,000 items
-    (the tensors of a push), at most MAX_HEADER_BYTES in all. Raises :class:`FrameError`."""
+    (the tensors of a push), at most ``max_containers`` lists and maps, at most
+    MAX_HEADER_BYTES in all. Raises :class:`FrameError`.
+
+    Each list or map is counted as it is built only in a header longer than
+    ``max_containers`` bytes (a shorter one cannot hold more, one byte each): a small push's
+    header is read at full speed."""
+    hooks: dict[str, Any] = {}
+    if len(data) > max_containers:
+        count = _Containers(max_containers)
+        hooks = {"list_hook": count, "object_hook": count}
     try:
         return msgpack.unpackb(
             data,
@@ -117,6 +159,7 @@ def unpack_header(data: bytes | bytearray | memoryview) -> Any:
             max_str_len=4096,
             max_map_len=64,
             max_array_len=100_000,
+            **hooks,
         )
     except (
         ValueError,

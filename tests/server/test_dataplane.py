@@ -296,6 +296,55 @@ def test_before_its_hello_a_connection_receives_no_byte_beyond_a_header(
     assert head["status"] == 200 and received[-1] > 0
 
 
+def test_before_its_hello_a_header_longer_than_a_hello_is_refused_unread(
+    server_factory, frames_to
+):
+    """With tokens, a first frame whose header could not be a hello (over 8 KiB) is answered
+    401 from its prefix alone: the server waits for none of the header's bytes."""
+    server = server_factory(tokens="writer", header_timeout_seconds=30)
+    port = _plane_port(server, "writer")
+    anonymous = frames_to(port)
+    anonymous.sock.sendall(PREFIX.pack(b"PSDP", 1, 1, 0, 3, 8 * 1024 + 1, 0))  # no header
+    request_id, head, _ = anonymous.answer()
+    assert (request_id, head["status"], head["error"]["code"]) == (3, 401, "unauthorized")
+    assert anonymous.closed_within(5)
+    # a hello with a token of 4,000 characters is read (and its token checked: unknown)
+    hello = frames_to(port)
+    head, _ = hello.call({"op": "hello", "version": 1, "token": "x" * 4000})
+    assert (head["status"], head["error"]["message"]) == (
+        401,
+        "a valid bearer token is required in the hello",
+    )
+    header = msgpack.packb({"op": "hello", "version": 1, "token": "writer"})
+    writer = frames_to(port)
+    writer.sock.sendall(PREFIX.pack(b"PSDP", 1, 1, 0, 1, len(header), 0) + header)
+    assert writer.answer()[1]["status"] == 200
+
+
+def test_a_header_of_too_many_lists_is_refused_and_the_server_goes_on(
+    server_factory, frames_to
+):
+    """A 4 MiB header of empty lists (about 280 MB as Python objects) is refused once it
+    holds more lists and maps than a push of max_tensors tensors (400, closed)."""
+    server = server_factory()
+    port = _plane_port(server)
+    inner = b"\xdc" + (60_000).to_bytes(2, "big") + b"\x90" * 60_000
+    count = (4 * 1024 * 1024 - 16) // len(inner)
+    header = b"\xdc" + count.to_bytes(2, "big") + inner * count
+    hostile = frames_to(port, timeout=60)
+    hostile.call({"op": "hello", "version": 1})
+    hostile.sock.sendall(PREFIX.pack(b"PSDP", 1, 1, 0, 5, len(header), 0) + header)
+    _, head, _ = hostile.answer()
+    assert head["status"] == 400 and "too many lists and maps" in head["error"]["message"]
+    assert hostile.closed_within(5)
+    sid = new_id()
+    create_session(server.url, "sgd", WEIGHTS, session_id=sid)
+    plane = frames_to(port)
+    plane.call({"op": "hello", "version": 1})
+    grads = _grads(0)
+    assert plane.call(_push_header(sid, grads), _body(grads))[0]["iterations"] == 1
+
+
 def test_half_sent_frames_are_answered_408_at_the_header_timeout(server_factory, frames_to):
     server = server_factory(header_timeout_seconds=0.5, idle_timeout_seconds=30)
     port = _plane_port(server)
