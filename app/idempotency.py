@@ -170,6 +170,14 @@ class IdempotencyCache:
                 return None
             return entry
 
+    def pending(self, session_id: str, key: str) -> bool:
+        """Whether ``key`` is remembered with its digest still being computed (a push on the
+        event loop that meets it goes to a worker thread: it would wait for the digest)."""
+        with self._lock:
+            keys = self._sessions.get(session_id)
+            entry = None if keys is None else keys.get(key)
+        return entry is not None and entry.pending is not None and not entry.pending.is_set()
+
     def check_room(self, session_id: str) -> None:
         """Raise :class:`KeysExhausted` unless a new key of ``session_id`` can be remembered
         without forgetting a live one. Call under the session's lock, before applying."""

@@ -822,6 +822,12 @@ class SessionService:
             raise SnapshotsDisabled("this server keeps no snapshots: start it with --snapshot-dir")
         try:
             info: SnapshotInfo | None = self.durability.snapshot(session)
+        except DigestPending as exc:  # a key whose digest has not come in DIGEST_WAIT_SECONDS
+            raise ServiceUnavailable(
+                f"{exc}; the session is unchanged: retry the snapshot",
+                code=ErrorCode.SESSION_BUSY,
+                headers={"Retry-After": "1"},
+            ) from None
         except OSError as exc:
             # The disk failed (ENOSPC, EIO, a read-only remount): nothing was saved, the session
             # is unchanged, and the periodic pass retries. 503: the request was not carried out.

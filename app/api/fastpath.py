@@ -157,8 +157,13 @@ class SmallPushes:
             async with turn(session, service):
                 # Its lock held by a data-plane connection or a threaded request (a snapshot,
                 # an export): wait for it in a worker thread, never on the loop. Or a state
-                # put while the body arrived made the session large: step it there too.
-                if session.lock.locked() or not _small(session):
+                # put while the body arrived made the session large: step it there too. So
+                # does a retry of a data-plane push whose digest is still being computed.
+                if (
+                    session.lock.locked()
+                    or not _small(session)
+                    or (key is not None and service.idempotency.pending(session.id, key))
+                ):
                     outcome = await run_in_threadpool(
                         service.push,
                         session,

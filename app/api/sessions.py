@@ -152,10 +152,16 @@ class SnapshotTaken(BaseModel):
     summary="Snapshot a session now",
     description="Write the session's whole state to the snapshot directory (crash-safely) "
     "and answer once it is on disk. 409 `snapshots_disabled` if the server was started "
-    "without --snapshot-dir.",
+    "without --snapshot-dir. 503 `snapshot_failed` / `journal_failed` when the disk failed; "
+    "503 `session_busy` (Retry-After) when a push's idempotency digest is still not recorded "
+    "after 5 s: nothing was saved, retry.",
     responses={
         **schemas.error_responses(404),
         409: {"model": schemas.ErrorBody, "description": "The server keeps no snapshots."},
+        503: {
+            "model": schemas.ErrorBody,
+            "description": "Nothing was saved: the disk failed, or the session is busy.",
+        },
     },
 )
 async def snapshot_session(session: SessionDep, service: ServiceDep) -> dict[str, Any]:

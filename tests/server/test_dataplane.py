@@ -296,9 +296,7 @@ def test_before_its_hello_a_connection_receives_no_byte_beyond_a_header(
     assert head["status"] == 200 and received[-1] > 0
 
 
-def test_before_its_hello_a_header_longer_than_a_hello_is_refused_unread(
-    server_factory, frames_to
-):
+def test_before_its_hello_a_header_longer_than_a_hello_is_refused_unread(server_factory, frames_to):
     """With tokens, a first frame whose header could not be a hello (over 8 KiB) is answered
     401 from its prefix alone: the server waits for none of the header's bytes."""
     server = server_factory(tokens="writer", header_timeout_seconds=30)
@@ -321,9 +319,7 @@ def test_before_its_hello_a_header_longer_than_a_hello_is_refused_unread(
     assert writer.answer()[1]["status"] == 200
 
 
-def test_a_header_of_too_many_lists_is_refused_and_the_server_goes_on(
-    server_factory, frames_to
-):
+def test_a_header_of_too_many_lists_is_refused_and_the_server_goes_on(server_factory, frames_to):
     """A 4 MiB header of empty lists (about 280 MB as Python objects) is refused once it
     holds more lists and maps than a push of max_tensors tensors (400, closed)."""
     server = server_factory()

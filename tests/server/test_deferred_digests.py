@@ -177,3 +177,31 @@ def test_what_a_restart_keeps_is_the_digest(
     assert info.value.code is ErrorCode.IDEMPOTENCY_KEY_REUSED
     answer, replayed = second.push("s", grads, key="k")
     assert replayed and answer == {"iterations": 1}
+
+
+def test_a_snapshot_asked_while_a_digest_never_comes_is_503_and_saves_nothing(
+    durable_services: Callable[..., DurableService], monkeypatch: pytest.MonkeyPatch
+):
+    """``POST /sessions/{id}/snapshot`` meeting a key whose digest is not in within
+    DIGEST_WAIT_SECONDS: 503 ``session_busy`` (retry), no snapshot without the digest; once
+    the digest is in, the snapshot holds it."""
+    monkeypatch.setattr(idempotency, "DIGEST_WAIT_SECONDS", 0.05)
+    durable = durable_services(durability="snapshot")
+    durable.create("s", "sgd", WEIGHTS)
+    session = durable.service.store.get("s")
+    grads = _grads(1.0)
+    later = DeferredDigest(grads)
+    _push(durable.service, session, grads, "k", later)
+    directory = Path(durable.settings.snapshot_dir)  # type: ignore[arg-type]
+    before = sorted(directory.glob("*.snapshot"))
+    with pytest.raises(ServiceError) as info:
+        durable.service.snapshot(session)
+    assert info.value.code is ErrorCode.SESSION_BUSY and info.value.status == 503
+    assert info.value.headers == {"Retry-After": "1"}
+    assert sorted(directory.glob("*.snapshot")) == before
+    later.settle()
+    saved = durable.service.snapshot(session)
+    assert saved["iterations"] == 1
+    header, _ = decode_snapshot(sorted(directory.glob("*.snapshot"))[-1].read_bytes())
+    (entry,) = header["idempotency"]
+    assert entry[0] == "k" and entry[3] == push_digest(grads).hex()

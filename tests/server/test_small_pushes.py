@@ -21,6 +21,7 @@ import pytest
 
 from paramserver import wire
 from paramserver.server.api import fastpath
+from paramserver.server.idempotency import DeferredDigest
 from paramserver.server.main import create_app
 from paramserver.server.optim import default_backend
 from paramserver.server.settings import Settings
@@ -218,6 +219,50 @@ def test_the_loop_keeps_serving_while_another_thread_holds_the_session(
         assert not answered
     pusher.join(60)
     assert [r.status_code for r in answered] == [200]
+    assert _on_the_loop(threads) == [False]
+
+
+def test_a_retry_meeting_a_digest_still_computed_waits_in_a_worker_thread(
+    srv: ServerThread, threads: list[str]
+) -> None:
+    """A data-plane push's key is remembered before its digest (``DeferredDigest``, settled
+    once its answer has left): an HTTP retry that meets the key meanwhile waits for the
+    digest in a worker thread, not on the loop, and is answered as a replay."""
+    sid = _session(srv.url)
+    service = srv.app.state.service
+    session = service.store.get(sid)
+    later = DeferredDigest(GRADS)
+    service.push_gradients(  # what the data plane does, its digest left unsettled
+        session,
+        GRADS,
+        journal_body=lambda: gradients_body(GRADS),
+        idempotency_key="k-later",
+        answer=lambda trainer: trainer.iterations,
+        remember=lambda value: None,
+        digest_later=later,
+    )
+    assert service.idempotency.pending(sid, "k-later")
+    answered: list[httpx.Response] = []
+    retry = threading.Thread(
+        target=lambda: answered.append(
+            _push(srv.url, sid, gradients_body(GRADS), "", {"Idempotency-Key": "k-later"})
+        )
+    )
+    retry.start()
+    for _ in range(200):  # the retry reached the service (in a worker thread) or not yet
+        if threads:
+            break
+        threading.Event().wait(0.01)
+    # the loop is free while the retry waits (holding the session): another session answers
+    other = _session(srv.url)
+    assert httpx.get(f"{srv.url}/sessions/{other}", timeout=30).status_code == 200
+    assert not answered
+    later.settle()
+    retry.join(60)
+    assert [r.status_code for r in answered] == [200]
+    assert answered[0].headers["idempotent-replayed"] == "true"
+    assert not service.idempotency.pending(sid, "k-later")
+    assert _iterations(srv.url, sid) == 1
     assert _on_the_loop(threads) == [False]
 
 
