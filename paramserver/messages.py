@@ -259,9 +259,21 @@ def _load(body: Body, kind: BodyKind, limits: wire.DecodeLimits) -> Any:
             raise MessageError(
                 f"malformed msgpack body: {exc}", code=ErrorCode.BAD_REQUEST
             ) from None
+    raw = bytes(body) if isinstance(body, memoryview) else body
+    # An empty list or object is two bytes of JSON and tens of bytes of Python object, and
+    # json.loads builds them all before anything is checked: counted first (an upper bound,
+    # brackets inside strings included), as the msgpack decoder counts against its budget.
+    containers = raw.count(b"[") + raw.count(b"{")
+    if containers > limits.max_objects:
+        raise MessageError(
+            f"the request exceeds this server's limits: the JSON body holds {containers} "
+            f"lists and objects, at most {limits.max_objects} (max_tensors="
+            f"{limits.max_tensors}); send large models as msgpack",
+            code=ErrorCode.BAD_REQUEST,
+        )
     try:
         return json.loads(
-            bytes(body) if isinstance(body, memoryview) else body,
+            raw,
             object_pairs_hook=_reject_duplicates,
             parse_constant=_reject_constant,
         )

@@ -89,3 +89,39 @@ def test_map_heavy_bodies_cost_at_most_the_object_budget() -> None:
         tracemalloc.stop()
     print(f"many-keys: {len(body)} bytes, peak {peak} B, budget {LIMITS.max_objects} values")
     assert peak <= LIMITS.max_objects * 160
+
+
+def _json_create(items: bytes, count: int) -> bytes:
+    return b'{"optimizer": "sgd", "weights": {"w": [' + b",".join([items] * count) + b"]}}"
+
+
+@pytest.mark.parametrize("items", [b"[]", b"{}", b"[[]]"], ids=["lists", "objects", "nested"])
+def test_a_json_body_of_empty_containers_is_refused_before_it_is_parsed(items: bytes) -> None:
+    """16 MiB of ``[],`` would be about 360 MiB of Python lists once ``json.loads`` built them:
+    the body's lists and objects are counted first, against the same budget as msgpack's."""
+    from paramserver import messages
+
+    body = _json_create(items, (16 * 1024 * 1024) // (len(items) + 1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(messages.MessageError, match="lists and objects") as refused:
+            messages.decode_create(body, "json", LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.code == "bad_request"
+    assert peak < 64 * 1024 * 1024  # the body's one copy as bytes, nothing built from it
+
+
+def test_a_json_body_within_the_budget_is_parsed_as_before() -> None:
+    from paramserver import messages
+
+    body = (
+        b'{"optimizer": {"class_name": "SGD", "config": {"lr": 0.1}}, "weights": '
+        b'{"w": {"dtype": "float32", "shape": [2, 2], "data": [1, 2, 3, 4]}}}'
+    )
+    message = messages.decode_create(body, "json", LIMITS)
+    assert message.weights["w"].tolist() == [[1, 2], [3, 4]]
+    crowded = _json_create(b"[]", LIMITS.max_objects)  # one more container: the outer map's
+    with pytest.raises(messages.MessageError, match="lists and objects"):
+        messages.decode_create(crowded, "json", LIMITS)

@@ -57,3 +57,19 @@ def test_hostile_body_is_refused_quickly_and_changes_nothing(
     limit = 5.0 if len(body) >= FIFTY_MB else 3.0 if name in OBJECT_HEAVY else 1.0
     assert elapsed < limit, f"{name}: {elapsed:.3f} s"
     assert observed(url) == before
+
+
+def test_a_json_body_of_empty_lists_is_refused_and_changes_nothing(
+    hostile_server: ServerThread, http: httpx.Client
+) -> None:
+    """16 MiB of ``[],`` (the JSON limit) would be some 360 MiB of Python lists: refused
+    from the count of its brackets (400), before any of them is built."""
+    url = hostile_server.url
+    body = b'{"optimizer": "sgd", "weights": {"w": [' + b"[]," * 5_592_000 + b"[]]}}"
+    assert len(body) <= 16 * 1024 * 1024
+    before = observed(url)
+    r = http.post(url + "/sessions", content=body, headers={"Content-Type": "application/json"})
+    assert_error(r, {400})
+    assert r.json()["error"]["code"] == "bad_request"
+    assert "lists and objects" in r.json()["error"]["message"]
+    assert observed(url) == before
