@@ -40,6 +40,15 @@ log = logging.getLogger("paramserver.connections")
 
 #: How often, at most, the guard logs a summary of what it closed or refused.
 REPORT_INTERVAL_SECONDS = 10.0
+#: The most bytes of a request's line and header fields (its chunked trailers included), and
+#: the most fields: each field costs about a hundred bytes of Python objects from four bytes
+#: on the wire, and the header timeout alone bounds only how long they may keep coming.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADER_FIELDS = 256
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools stops and uvicorn answers 400."""
 
 
 class Evictable(Protocol):
@@ -184,6 +193,11 @@ class GuardedConnection(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._request_started = False
         self._refused = False
+        self._head_bytes = 0
+        self._head_fields = 0
+        self._head_too_large = False
+        self._in_head = False  # from a request's first byte to the end of its header fields
+        self._head_chunks = 0  # bytes of the chunks that came whole inside the current head
 
     # -- the guard's side ----------------------------------------------------------------------
 
@@ -271,12 +285,59 @@ class GuardedConnection(HttpToolsProtocol):
             self.guard.waiting(self)
             self._start_header_timer()
         self._request_started = True
+        in_head = self._in_head
         super().data_received(data)
+        if in_head and self._in_head and not self._head_too_large:
+            # A chunk that came whole inside one head: a field too long to be handed to
+            # on_header yet (httptools keeps it, and copies it for every piece) is bounded
+            # here. (The chunk that began the request is not counted: at most one read.)
+            self._head_chunks += len(data)
+            if self._head_chunks > MAX_HEAD_BYTES:
+                self._head_too_large = True
+                self.send_400_response("")
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = self._head_fields = self._head_chunks = 0
+        self._in_head = True
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4, 1)  # ": " and CRLF
+        super().on_header(name, value)
+
+    def _count_head(self, size: int, fields: int) -> None:
+        self._head_bytes += size
+        self._head_fields += fields
+        if self._head_bytes > MAX_HEAD_BYTES or self._head_fields > MAX_HEADER_FIELDS:
+            self._head_too_large = True
+            raise _HeadTooLarge
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self._head_too_large = False
+            self.transport.write(
+                _raw_response(
+                    400,
+                    "Bad Request",
+                    ErrorCode.BAD_REQUEST,
+                    f"the request line and header fields exceed {MAX_HEAD_BYTES} bytes or "
+                    f"{MAX_HEADER_FIELDS} fields",
+                    b"",
+                )
+            )
+            self.transport.close()
+            return
+        super().send_400_response(msg)
 
     def _is_idle(self) -> bool:
         return self.cycle is None or (self.cycle.response_complete and not self.pipeline)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._cancel_header_timer()
         self.guard.busy(self)
         super().on_headers_complete()

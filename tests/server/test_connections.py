@@ -9,6 +9,7 @@ and are driven with raw sockets, so that every byte the attacker sends is ours t
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -100,6 +101,40 @@ def test_half_sent_headers_are_answered_408_and_closed_at_the_header_timeout(
     body = json.loads(received.split(b"\r\n\r\n", 1)[1])
     assert body["error"]["code"] == "request_timeout"
     assert "headers did not arrive within 0.5 s" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "flood",
+    [b"a:\r\n" * 300, b"x-big: " + b"v" * (70 * 1024) + b"\r\n"],
+    ids=["300 empty fields", "one 70 KiB field"],
+)
+def test_headers_past_their_bound_are_answered_400_and_closed(server_factory, sockets, flood):
+    """An empty header field is four bytes on the wire and ~100 bytes of Python objects:
+    past 256 fields or 64 KiB of line and fields, 400 and closed, the route never run."""
+    port = _port(server_factory(header_timeout_seconds=30))
+    sock = _connect(port, b"GET /health HTTP/1.1\r\nHost: test\r\n")
+    sockets.append(sock)
+    for start in range(0, len(flood), 8 * 1024):  # as an attacker streams it, piece by piece
+        time.sleep(0.02)
+        if select.select([sock], [], [], 0)[0]:
+            break  # answered: the rest would only meet a reset
+        try:
+            sock.sendall(flood[start : start + 8 * 1024])
+        except (BrokenPipeError, ConnectionResetError):
+            break  # refused already
+    closed, received = _closed_within(sock, 10)
+    assert closed and received.startswith(b"HTTP/1.1 400 ")
+    body = json.loads(received.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "bad_request"
+    assert "exceed 65536 bytes or 256 fields" in body["error"]["message"]
+    # within the bounds: a 60 KiB field and 250 fields are served, and the connection goes on
+    ok = _connect(port)
+    sockets.append(ok)
+    fields = b"".join(b"x-%d: 1\r\n" % i for i in range(248))
+    for head in (b"x-big: " + b"v" * (60 * 1024) + b"\r\n", fields):
+        ok.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n" + head + b"\r\n")
+        status, _, _ = _read_response(ok)
+        assert status == 200
 
 
 def test_the_header_timeout_runs_from_the_accept_even_while_bytes_trickle_in(
