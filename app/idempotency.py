@@ -235,7 +235,7 @@ class IdempotencyCache:
             if keep is not None:
                 self._body_bytes += len(keep)
                 self._with_body.append(entry)
-            self._shrink_bodies()
+            self._shrink_bodies(now)
 
     def restore(
         self,
@@ -321,9 +321,15 @@ class IdempotencyCache:
             self._drop(session_id, key)
             keys = self._sessions.get(session_id)
 
-    def _shrink_bodies(self) -> None:
-        while self._with_body and self._with_body[0].body is None:
-            self._with_body.popleft()  # dropped or expired: forget them in order
+    def _shrink_bodies(self, now: float) -> None:
+        # Every entry here was remembered for one window, in order: the deque is in expiry
+        # order, so an expired head goes with its body even while its session's keys are
+        # not swept (a session that pushes no more would otherwise keep every later entry
+        # of every other session behind it here, bodiless, for good).
+        while self._with_body and (
+            self._with_body[0].body is None or self._with_body[0].expires <= now
+        ):
+            self._release_body(self._with_body.popleft())  # dropped, expired: in order
         while self._body_bytes > self.max_body_bytes and self._with_body:
             entry = self._with_body.popleft()
             if entry.body is not None:  # None: dropped or already shrunk
