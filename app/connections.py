@@ -287,7 +287,7 @@ class GuardedConnection(HttpToolsProtocol):
         self._request_started = True
         in_head = self._in_head
         super().data_received(data)
-        if in_head and self._in_head and not self._head_too_large:
+        if in_head and self._in_head and not self.transport.is_closing():
             # A chunk that came whole inside one head: a field too long to be handed to
             # on_header yet (httptools keeps it, and copies it for every piece) is bounded
             # here. (The chunk that began the request is not counted: at most one read.)
