@@ -196,6 +196,27 @@ def test_the_metrics_count_a_small_push_under_its_route(
     assert _on_the_loop(threads) == [True] * 3
 
 
+def _push_while_the_loop_answers(
+    srv: ServerThread, threads: list[str], sid: str, headers: dict[str, str]
+) -> tuple[threading.Thread, list[httpx.Response]]:
+    """Start a push of GRADS to ``sid`` in a thread, let it reach the service (in a worker
+    thread), then check that the loop is free meanwhile: another session's read answers and
+    the push has not. Returns the thread and the list its answer will be put in."""
+    answered: list[httpx.Response] = []
+    pusher = threading.Thread(
+        target=lambda: answered.append(_push(srv.url, sid, gradients_body(GRADS), "", headers))
+    )
+    pusher.start()
+    for _ in range(200):  # the push reached the service (in a worker thread) or not yet
+        if threads:
+            break
+        threading.Event().wait(0.01)
+    other = _session(srv.url)
+    assert httpx.get(f"{srv.url}/sessions/{other}", timeout=30).status_code == 200
+    assert not answered
+    return pusher, answered
+
+
 def test_the_loop_keeps_serving_while_another_thread_holds_the_session(
     srv: ServerThread, threads: list[str]
 ) -> None:
@@ -203,20 +224,8 @@ def test_the_loop_keeps_serving_while_another_thread_holds_the_session(
     export) waits in a worker thread: the loop answers other requests meanwhile."""
     sid = _session(srv.url)
     session = srv.app.state.service.store.get(sid)
-    answered: list[httpx.Response] = []
-    pusher = threading.Thread(
-        target=lambda: answered.append(_push(srv.url, sid, gradients_body(GRADS), ""))
-    )
     with session.lock:
-        pusher.start()
-        for _ in range(200):  # the push reached the service (in a worker thread) or not yet
-            if threads:
-                break
-            threading.Event().wait(0.01)
-        # the loop is free: a read of another session answers while the lock is still held
-        other = _session(srv.url)
-        assert httpx.get(f"{srv.url}/sessions/{other}", timeout=30).status_code == 200
-        assert not answered
+        pusher, answered = _push_while_the_loop_answers(srv, threads, sid, {})
     pusher.join(60)
     assert [r.status_code for r in answered] == [200]
     assert _on_the_loop(threads) == [False]
@@ -242,21 +251,9 @@ def test_a_retry_meeting_a_digest_still_computed_waits_in_a_worker_thread(
         digest_later=later,
     )
     assert service.idempotency.pending(sid, "k-later")
-    answered: list[httpx.Response] = []
-    retry = threading.Thread(
-        target=lambda: answered.append(
-            _push(srv.url, sid, gradients_body(GRADS), "", {"Idempotency-Key": "k-later"})
-        )
+    retry, answered = _push_while_the_loop_answers(
+        srv, threads, sid, {"Idempotency-Key": "k-later"}
     )
-    retry.start()
-    for _ in range(200):  # the retry reached the service (in a worker thread) or not yet
-        if threads:
-            break
-        threading.Event().wait(0.01)
-    # the loop is free while the retry waits (holding the session): another session answers
-    other = _session(srv.url)
-    assert httpx.get(f"{srv.url}/sessions/{other}", timeout=30).status_code == 200
-    assert not answered
     later.settle()
     retry.join(60)
     assert [r.status_code for r in answered] == [200]
