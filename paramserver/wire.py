@@ -564,11 +564,15 @@ def _rows_chunks(rows: Any, out: list[Any], key: str | None = None) -> None:
 
 
 def _chunks(obj: Any, out: list[Any]) -> None:
-    if isinstance(obj, np.ndarray):
+    # scalars and dicts first, by their exact type (a Mapping check costs an ABC lookup)
+    kind = type(obj)
+    if kind is int or kind is str or kind is float or obj is None or kind is bool:
+        out.append(_packb(obj))
+    elif isinstance(obj, np.ndarray):
         _tensor_chunks(obj, out)
     elif isinstance(obj, Rows):
         _rows_chunks(obj, out)
-    elif isinstance(obj, Mapping):
+    elif kind is dict or isinstance(obj, Mapping):
         out.append(_map_header(len(obj)))
         for key, value in obj.items():
             if not isinstance(key, str):

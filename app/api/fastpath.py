@@ -38,7 +38,9 @@ concurrency limit) wrap this as they wrap the routes, so they see the push as th
 
 from __future__ import annotations
 
+import asyncio
 import re
+import sys
 from typing import Any
 
 import anyio
@@ -204,19 +206,17 @@ def _small(session: Session) -> bool:
 async def _read(receive: Receive, size: int, timeout: float) -> bytearray:
     """The body of ``size`` bytes (its ``Content-Length``) within ``timeout`` seconds: the
     same errors as :func:`.bodies.read_body` (400 for a short, long or abandoned body, 408
-    past the timeout)."""
-    body = bytearray()
+    past the timeout).
+
+    The deadline is asyncio's own (``asyncio.timeout``, 3.11+): 5 us where anyio's cancel
+    scope costs 10 us, a tenth of a small push's request on the loop; on 3.10 anyio's."""
     try:
-        with anyio.fail_after(timeout):
-            while True:
-                message: dict[str, Any] = await receive()  # type: ignore[assignment]
-                if message["type"] == "http.disconnect":
-                    raise BadRequest("the client disconnected before the body was complete")
-                body += message.get("body", b"")
-                if len(body) > size:
-                    raise BadRequest("the body is longer than its Content-Length")
-                if not message.get("more_body", False):
-                    break
+        if _timeout is not None:
+            async with _timeout(timeout):
+                body = await _receive(receive, size)
+        else:  # pragma: no cover - Python 3.10
+            with anyio.fail_after(timeout):
+                body = await _receive(receive, size)
     except TimeoutError:
         raise RequestTimeout(
             f"the request body did not arrive within {timeout:g} s",
@@ -225,3 +225,19 @@ async def _read(receive: Receive, size: int, timeout: float) -> bytearray:
     if len(body) != size:
         raise BadRequest("the body is shorter than its Content-Length")
     return body
+
+
+_timeout = getattr(asyncio, "timeout", None) if sys.version_info >= (3, 11) else None
+
+
+async def _receive(receive: Receive, size: int) -> bytearray:
+    body = bytearray()
+    while True:
+        message: dict[str, Any] = await receive()  # type: ignore[assignment]
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client disconnected before the body was complete")
+        body += message.get("body", b"")
+        if len(body) > size:
+            raise BadRequest("the body is longer than its Content-Length")
+        if not message.get("more_body", False):
+            return body

@@ -11,6 +11,7 @@ takes, so it sends the same push through the route).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -513,3 +514,78 @@ def test_a_session_made_large_while_its_body_arrives_steps_in_a_worker_thread(
     assert sent[0]["status"] == 200, sent
     assert service.store.get(sid).trainer.nbytes() > fastpath.MAX_SESSION_BYTES
     assert len(seen) == 1 and seen[0] != threading.current_thread().name
+
+
+# --- the body's read on the loop -----------------------------------------------------------
+
+
+def _read_on_the_loop(
+    parts: list[bytes], *, hang: bool = False, timeout: float = 120.0, declared: int | None = None
+) -> tuple[list[dict[str, Any]], int, int]:
+    """A push whose body comes in ``parts`` (then, with ``hang``, nothing more) through the
+    middleware of an app with ``request_timeout_seconds=timeout``: what it sent, the calls
+    that reached the route and the session's iterations after it."""
+    _loaded()
+    app = create_app(
+        Settings(warm_up_kernels=False, data_plane_port=None, request_timeout_seconds=timeout)
+    )
+    loop = asyncio.new_event_loop()
+    lifespan = app.router.lifespan_context(app)
+    loop.run_until_complete(lifespan.__aenter__())
+    try:
+        sid = _create(app, WEIGHTS)
+        size = sum(map(len, parts)) if declared is None else declared
+        headers = [(b"content-type", b"application/msgpack"), (b"content-length", b"%d" % size)]
+        pending = list(parts)
+
+        async def receive() -> dict[str, Any]:
+            if pending:
+                part = pending.pop(0)
+                return {"type": "http.request", "body": part, "more_body": bool(pending) or hang}
+            await asyncio.sleep(3600)  # the rest never comes
+            raise AssertionError("the body's timeout did not fire")
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        recorder = _Recorder()
+        middleware = fastpath.SmallPushes(recorder, fastapi=app)
+        scope = _scope(f"/sessions/{sid}/gradients", headers)
+        loop.run_until_complete(asyncio.wait_for(middleware(scope, receive, send), 30))
+        return sent, recorder.calls, app.state.service.store.get(sid).trainer.iterations
+    finally:
+        loop.run_until_complete(lifespan.__aexit__(None, None, None))
+        loop.close()
+
+
+def _error_of(sent: list[dict[str, Any]]) -> tuple[int, str, dict[bytes, bytes]]:
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    return int(sent[0]["status"]), body["error"]["code"], dict(sent[0]["headers"])
+
+
+def test_a_body_in_several_parts_is_stepped_on_the_loop() -> None:
+    body = gradients_body(GRADS)
+    sent, routed, iterations = _read_on_the_loop([body[:3], body[3:20], body[20:]])
+    assert sent[0]["status"] == 200 and routed == 0 and iterations == 1
+    assert unpackb(sent[1]["body"])["iterations"] == 1
+
+
+def test_a_body_that_stops_coming_gets_408_on_the_loop_and_changes_nothing() -> None:
+    body = gradients_body(GRADS)
+    sent, routed, iterations = _read_on_the_loop([body[:5]], hang=True, timeout=0.2)
+    status, code, headers = _error_of(sent)
+    assert (status, code, routed, iterations) == (408, "request_timeout", 0, 0)
+    assert headers[b"connection"] == b"close"
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"), [(-3, "longer than its Content-Length"), (+3, "shorter")]
+)
+def test_a_body_unlike_its_content_length_gets_400_on_the_loop(declared: int, message: str) -> None:
+    body = gradients_body(GRADS)
+    sent, routed, iterations = _read_on_the_loop([body], declared=len(body) + declared)
+    status, code, _ = _error_of(sent)
+    assert (status, code, routed, iterations) == (400, "bad_request", 0, 0)
+    assert message in b"".join(m.get("body", b"") for m in sent[1:]).decode()
