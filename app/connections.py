@@ -11,6 +11,11 @@ them lock every other client out. This module adds what servers such as nginx
   headers must arrive within ``header_timeout``; else the connection is closed (with a 408 when
   part of a request had arrived);
 * **idle timeout**: uvicorn's keep-alive timeout, between two requests;
+* **send timeout**: an answer handed to the transport whole (uvicorn's ``send`` waits for a
+  drain only before the next message) must keep being taken by the peer: when none of what
+  is left of it leaves for ``send_timeout`` seconds, the connection is aborted. A close (the
+  idle timeout's, or ``Connection: close``) waits for the buffer to drain, so a peer that
+  stops reading would otherwise hold the answer's memory for as long as it likes;
 * **connection cap**: at ``max_connections`` open connections a new one first closes the
   oldest connection that has not finished its headers, then the oldest idle kept-alive one;
   only when every connection is busy with a request is the new one refused (503, or a reset
@@ -45,6 +50,8 @@ REPORT_INTERVAL_SECONDS = 10.0
 #: on the wire, and the header timeout alone bounds only how long they may keep coming.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_FIELDS = 256
+#: How often, at most, a connection whose answer is still in its buffer looks at the buffer.
+SEND_CHECK_SECONDS = 1.0
 
 
 class _HeadTooLarge(Exception):
@@ -71,17 +78,21 @@ class ConnectionGuard:
         *,
         max_connections: int,
         header_timeout: float,
+        send_timeout: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1; got {max_connections}")
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.send_timeout = send_timeout
         self._waiting: dict[Evictable, None] = {}
         self._idle: dict[Evictable, None] = {}
         self._busy: dict[Evictable, None] = {}
         self._clock = clock
-        self._counts = {"header_timeouts": 0, "evicted_waiting": 0, "evicted_idle": 0, "refused": 0}
+        self._counts = dict.fromkeys(
+            ("header_timeouts", "send_timeouts", "evicted_waiting", "evicted_idle", "refused"), 0
+        )
         self._last_report = clock()
 
     @property
@@ -130,6 +141,9 @@ class ConnectionGuard:
     def header_timed_out(self) -> None:
         self._note("header_timeouts")
 
+    def send_timed_out(self) -> None:
+        self._note("send_timeouts")
+
     def _move(self, connection: Evictable, target: dict[Evictable, None]) -> None:
         if not self.is_open(connection):
             return  # closed (evicted) meanwhile
@@ -147,13 +161,16 @@ class ConnectionGuard:
         self._last_report = now
         log.warning(
             "connection guard (cap %d, %d open): in the last %.0f s closed %d connections whose "
-            "headers took over %g s, closed %d waiting and %d idle connections to make room, "
-            "refused %d new ones (every connection busy)",
+            "headers took over %g s and %d whose peer took no byte of an answer for %g s, "
+            "closed %d waiting and %d idle connections to make room, refused %d new ones "
+            "(every connection busy)",
             self.max_connections,
             self.open_connections,
             REPORT_INTERVAL_SECONDS,
             counts["header_timeouts"],
             self.header_timeout,
+            counts["send_timeouts"],
+            self.send_timeout,
             counts["evicted_waiting"],
             counts["evicted_idle"],
             counts["refused"],
@@ -198,6 +215,10 @@ class GuardedConnection(HttpToolsProtocol):
         self._head_too_large = False
         self._in_head = False  # from a request's first byte to the end of its header fields
         self._head_chunks = 0  # bytes of the chunks that came whole inside the current head
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_left = 0  # bytes of answers still in the transport's buffer at the last look
+        self._send_since = 0.0  # when the buffer last shrank (loop time)
+        self._lost = False
 
     # -- the guard's side ----------------------------------------------------------------------
 
@@ -250,8 +271,44 @@ class GuardedConnection(HttpToolsProtocol):
             self._raw_transport.abort()  # type: ignore[attr-defined]
 
     def tcp_lost(self) -> None:
+        self._lost = True
         self._cancel_header_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         self.guard.forget(self)
+
+    def _watch_send(self) -> None:
+        """An answer is complete but not all sent: look at the buffer until it drains, and
+        abort the connection once none of it has left for the guard's ``send_timeout``."""
+        if self._send_timer is not None or self._lost or self.transport is None:
+            return
+        left = self.transport.get_write_buffer_size()
+        if not left:
+            return
+        self._send_left, self._send_since = left, self.loop.time()
+        self._send_timer = self.loop.call_later(self._send_interval(), self._check_send)
+
+    def _send_interval(self) -> float:
+        return min(SEND_CHECK_SECONDS, self.guard.send_timeout)
+
+    def _check_send(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if self._lost or transport is None:
+            return
+        left = transport.get_write_buffer_size()
+        if not left:
+            return  # drained: uvicorn's own close or keep-alive timer goes on from here
+        now = self.loop.time()
+        if left < self._send_left:
+            self._send_left, self._send_since = left, now
+        elif now - self._send_since >= self.guard.send_timeout:
+            self.guard.send_timed_out()
+            self.guard.forget(self)
+            transport.abort()
+            return
+        self._send_timer = self.loop.call_later(self._send_interval(), self._check_send)
 
     # -- uvicorn's protocol, extended ----------------------------------------------------------
 
@@ -347,6 +404,8 @@ class GuardedConnection(HttpToolsProtocol):
         if self.timeout_keep_alive_task is not None:
             # Nothing pipelined: idle until the next request (uvicorn's keep-alive timeout).
             self.guard.idle(self)
+        if self.transport.get_write_buffer_size():
+            self._watch_send()  # also when closing: a close waits for the buffer to drain
 
 
 class GuardedTLSProtocol(sslproto.SSLProtocol):

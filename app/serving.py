@@ -204,7 +204,9 @@ def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
         tls = tls_context(settings)
         http_cap = connection_caps(settings)[0]
     guard = ConnectionGuard(
-        max_connections=http_cap, header_timeout=settings.header_timeout_seconds
+        max_connections=http_cap,
+        header_timeout=settings.header_timeout_seconds,
+        send_timeout=settings.request_timeout_seconds,
     )
     options: dict[str, Any] = {
         "host": settings.host,

@@ -321,3 +321,101 @@ def test_the_guard_evicts_waiting_then_idle_connections_oldest_first_and_never_b
     assert guard.open_connections == 3
     guard.forget(b)  # type: ignore[arg-type]
     assert guard.admit(f)  # type: ignore[arg-type]
+
+
+# --- answers a peer does not take -------------------------------------------------------------
+
+
+def _big_session(server: ServerThread, elements: int) -> str:
+    sid = f"big-{elements}"
+    with Client(server.url, data_plane=False) as client:
+        client.create_session({"w": np.zeros(elements, np.float32)}, "sgd", session_id=sid)
+    return sid
+
+
+def _ask_weights(port: int, sid: str, close: bool = False) -> socket.socket:
+    """A connection with a small receive buffer that asks for the session's weights."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((HOST, port))
+    connection = "Connection: close\r\n" if close else ""
+    sock.sendall(f"GET /sessions/{sid}/weights HTTP/1.1\r\nHost: t\r\n{connection}\r\n".encode())
+    return sock
+
+
+def _wait_until(condition, seconds: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["kept-alive", "connection-close"])
+def test_a_peer_that_never_reads_its_answer_is_cut_off_at_the_send_timeout(
+    server_factory, sockets, close
+):
+    """The answer (24 MB) is handed to the transport whole: without the send timeout a peer
+    that never reads it held the connection and the answer's memory for good (the idle
+    timeout's close, like Connection: close, waits for the buffer to drain)."""
+    server = server_factory(
+        request_timeout_seconds=1.0, idle_timeout_seconds=0.5, header_timeout_seconds=30
+    )
+    guard = server.server.connection_guard  # type: ignore[attr-defined]
+    sid = _big_session(server, 6_000_000)
+    sock = _ask_weights(_port(server), sid, close)
+    sockets.append(sock)
+    assert _wait_until(lambda: guard.open_connections == 1, 10)
+    started = time.monotonic()
+    assert _wait_until(lambda: guard.open_connections == 0, 20), "the connection stayed open"
+    assert time.monotonic() - started >= 0.5  # not at once: after a second without progress
+    received = 0  # what the kernel's buffers still held; the rest of the answer was dropped
+    try:
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+    except ConnectionResetError:
+        pass
+    assert received < 6_000_000 * 4 // 2, received
+    health = _connect(_port(server), HEALTH)
+    sockets.append(health)
+    assert _read_response(health)[0] == 200
+
+
+def test_a_peer_that_reads_slowly_gets_its_whole_answer_past_the_send_timeout(
+    server_factory, sockets
+):
+    """Only an answer of which nothing leaves for the send timeout is cut: one read in bursts
+    with pauses shorter than the timeout, taking longer than it in all, arrives whole."""
+    server = server_factory(
+        request_timeout_seconds=1.0, idle_timeout_seconds=0.5, header_timeout_seconds=30
+    )
+    sid = _big_session(server, 4_000_000)
+    sock = socket.create_connection((HOST, _port(server)), timeout=10)
+    sockets.append(sock)
+    sock.sendall(f"GET /sessions/{sid}/weights HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    received = bytearray()
+    started = time.monotonic()
+    while len(received) < 12_000_000:  # of 16 MB
+        time.sleep(0.5)  # a pause shorter than the send timeout, then 2 MB
+        burst = len(received) + 2_000_000
+        while len(received) < burst:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {len(received)} bytes"
+            received += chunk
+    elapsed = time.monotonic() - started
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(
+        next(
+            v
+            for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:])
+            if k.lower() == b"content-length"
+        )
+    )
+    while len(body) < length:
+        chunk = sock.recv(1 << 20)
+        assert chunk, f"closed {length - len(body)} bytes before the end"
+        body += chunk
+    assert len(body) == length
+    assert elapsed > 2.0, f"read in {elapsed:.2f} s: not slower than the send timeout"
