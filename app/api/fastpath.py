@@ -177,6 +177,7 @@ class SmallPushes:
                     outcome = service.push(
                         session, body, return_weights=return_weights, idempotency_key=key
                     )
+            del body  # not kept while the push waits in a sync round (as in the route)
             content, replayed = await push_answer(session, outcome, return_weights)
         except (ServiceError, MessageError) as exc:
             if isinstance(exc, ServiceError):

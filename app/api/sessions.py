@@ -212,10 +212,15 @@ async def push_gradients(
     body = await body_of(request, service)
     async with turn(session, service):
         outcome = await run_in_threadpool(
-            lambda: service.push(
-                session, body, return_weights=return_weights, idempotency_key=idempotency_key
-            )
+            service.push,
+            session,
+            body,
+            return_weights=return_weights,
+            idempotency_key=idempotency_key,
         )
+    # A push waiting in a sync round needs its body no more (its gradient is in the round's
+    # rows): not kept for the round's whole wait, by each of its retries neither.
+    del body
     content, replayed = await push_answer(session, outcome, return_weights)
     return MsgpackResponse(content, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
