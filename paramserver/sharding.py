@@ -173,6 +173,7 @@ def check_parts(shard: Shard, shapes: Mapping[str, tuple[int, ...]], *, slices: 
             "shard: 'parts' must name the session's parameters, in their order "
             f"(got {names[:5]}..., parameters {list(shapes)[:5]}...)"[:400]
         )
+    _check_claims(shard.parts)
     for name, part in shard.parts:
         if part.rows is None:
             continue
@@ -188,6 +189,35 @@ def check_parts(shard: Shard, shapes: Mapping[str, tuple[int, ...]], *, slices: 
                 f"shard: parts[{name!r}] holds rows {list(part.rows)} of {part.source!r}, "
                 f"but the parameter has shape {list(shape)}"[:400]
             )
+
+
+def _check_claims(parts: tuple[tuple[str, Part], ...]) -> None:
+    """No two parts claim the same piece of a source tensor: a whole tensor once, slices of
+    one tensor without overlap and never beside it whole; a source has one position, and two
+    sources never share one (a joining client places tensors by it)."""
+    spans: dict[str, list[tuple[int, int] | None]] = {}
+    source_at: dict[int, str] = {}
+    position_of: dict[str, int] = {}
+    for name, part in parts:
+        other = source_at.setdefault(part.position, part.source)
+        position = position_of.setdefault(part.source, part.position)
+        if other != part.source or position != part.position:
+            raise _error(
+                f"shard: parts[{name!r}] gives {part.source!r} position {part.position}; "
+                f"position {part.position} is {other!r}'s, {part.source!r} is at {position}"[:400]
+            )
+        claimed = spans.setdefault(part.source, [])
+        for span in claimed:
+            if (
+                span is None
+                or part.rows is None
+                or (span[0] < part.rows[1] and part.rows[0] < span[1])
+            ):
+                raise _error(
+                    f"shard: parts[{name!r}] claims rows of {part.source!r} that another part "
+                    "of this shard holds already"[:400]
+                )
+        claimed.append(part.rows)
 
 
 _ORDER = re.compile(r"[0-9a-f]{1,128}")

@@ -224,6 +224,10 @@ def _parts(**rows: Any) -> dict[str, Any]:
     }
 
 
+def _twice(kernel: dict[str, Any], bias: dict[str, Any]) -> dict[str, Any]:
+    return {**shard_of(0), "parts": {"dense/kernel": kernel, "dense/bias": bias}}
+
+
 def test_a_shards_parts_are_checked_against_its_parameters(api):
     part = {k: WEIGHTS[k] for k in ("dense/kernel", "dense/bias")}
     r = create(api, part, "adam", shard=_parts(rows=[40, 60]))  # 20 rows of a larger tensor
@@ -249,6 +253,25 @@ def test_a_shards_parts_are_checked_against_its_parameters(api):
         (_parts(rows=[0, 20], extra=1), "adam", "source"),
         ({**shard_of(0), "parts": []}, "adam", "non-empty map"),
         (_parts(rows=[0, 20]), tf_adam, "cannot be split"),
+        # two parts claiming one source: whole twice, overlapping slices, a position twice
+        (_twice({"source": "a", "position": 0}, {"source": "a", "position": 0}), "adam", "holds"),
+        (
+            _twice(
+                {"source": "a", "position": 0, "rows": [0, 20]},
+                {"source": "a", "position": 0, "rows": [10, 13]},
+            ),
+            "adam",
+            "holds already",
+        ),
+        (_twice({"source": "a", "position": 0}, {"source": "b", "position": 0}), "adam", "'a''s"),
+        (
+            _twice(
+                {"source": "a", "position": 0, "rows": [0, 20]},
+                {"source": "a", "position": 1, "rows": [20, 23]},
+            ),
+            "adam",
+            "is at 0",
+        ),
     ):
         r = create(api, part, optimizer, shard=shard)
         assert r.status_code == 422, r.text
