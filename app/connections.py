@@ -402,8 +402,17 @@ class GuardedConnection(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if self.timeout_keep_alive_task is not None:
-            # Nothing pipelined: idle until the next request (uvicorn's keep-alive timeout).
-            self.guard.idle(self)
+            if self._in_head:
+                # The next request began with this one's bytes and its headers are not all
+                # in: it is timed by the header timeout (408), not closed silently as idle.
+                self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = None
+                self.guard.waiting(self)
+                self._start_header_timer()
+                self._request_started = True
+            else:
+                # Nothing pipelined: idle until the next request (uvicorn's keep-alive timeout).
+                self.guard.idle(self)
         if self.transport.get_write_buffer_size():
             self._watch_send()  # also when closing: a close waits for the buffer to drain
 

@@ -193,6 +193,29 @@ def test_the_next_request_on_a_kept_alive_connection_gets_its_own_header_timeout
     assert closed and received.startswith(b"HTTP/1.1 408 ")
 
 
+def test_a_request_begun_behind_a_complete_one_gets_the_header_timeouts_408(
+    server_factory, sockets
+):
+    """Half a request pipelined in the same write as a whole one: once the first is answered
+    the connection is not idle (closed without a word at the idle timeout) but waiting for
+    headers, and answered 408 at the header timeout."""
+    port = _port(server_factory(header_timeout_seconds=1.0, idle_timeout_seconds=0.3))
+    sock = _connect(port, HEALTH + b"GET /hea")
+    sockets.append(sock)
+    assert _read_response(sock)[0] == 200
+    started = time.monotonic()
+    closed, received = _closed_within(sock, 10)
+    assert closed and received.startswith(b"HTTP/1.1 408 "), received
+    assert time.monotonic() - started > 0.5  # the header timeout (1 s), not the idle (0.3 s)
+    # its rest coming later than the idle timeout but within the header timeout: answered
+    sock = _connect(port, HEALTH + b"GET /hea")
+    sockets.append(sock)
+    assert _read_response(sock)[0] == 200
+    time.sleep(0.6)
+    sock.sendall(b"lth HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert _read_response(sock)[0] == 200
+
+
 def test_a_slow_but_complete_request_is_not_cut_by_the_header_timeout(server_factory, sockets):
     port = _port(server_factory(header_timeout_seconds=1.0, idle_timeout_seconds=30))
     sock = _connect(port, HEALTH[:10])
