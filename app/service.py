@@ -29,7 +29,6 @@ from paramserver.messages import (
     MAX_ITERATIONS,
     BodyKind,
     decode_create,
-    decode_push_message,
     decode_query_message,
     decode_state,
     encode_state,
@@ -281,7 +280,7 @@ class SessionService:
         the open round: a :class:`Ticket` is returned, whose result :func:`round_answer`
         turns into the answer.
         """
-        message = _decoded(decode_push_message, body, self.limits)
+        message = _decoded(session.push_layouts.decode, body, self.limits)
         grads = message.gradients
         returns = message.returns
         if returns is not None:
@@ -292,7 +291,9 @@ class SessionService:
                 return encode_selection(
                     trainer.iterations, select_weights(trainer.weights(), returns)
                 )
-            return encode_weights(trainer.iterations, trainer.weights() if return_weights else None)
+            if return_weights:
+                return session.answers.encode(trainer.iterations, trainer.weights())
+            return encode_weights(trainer.iterations, None)
 
         outcome = self.push_gradients(
             session,

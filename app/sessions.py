@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from paramserver.codes import SESSION_ID_RULE, ErrorCode, is_session_id
+from paramserver.messages import PushLayouts, WeightsAnswers
 from paramserver.training import Sync
 
 from .errors import (
@@ -74,6 +75,10 @@ class Session:
         #: Counters for /metrics and /stats, and the points workers report with pushes.
         self.stats = SessionStats()
         self.points = WorkerPoints()
+        #: The layouts of its workers' plain pushes and of its answers, kept to decode and
+        #: encode the next ones fast.
+        self.push_layouts = PushLayouts()
+        self.answers = WeightsAnswers()
 
     def held_bytes(self) -> int:
         """What the session holds: weights, slots, a sync round's rows, reported points."""

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgpack
 import numpy as np
 import xxhash
 
@@ -55,8 +56,10 @@ __all__ = [
     "MAX_ITERATIONS",
     "BodyKind",
     "CreateMessage",
+    "PushLayouts",
     "PushMessage",
     "SessionState",
+    "WeightsAnswers",
     "decode_create",
     "decode_optimizer",
     "decode_push",
@@ -413,6 +416,91 @@ def decode_push_message(body: Body, limits: wire.DecodeLimits) -> PushMessage:
     return PushMessage(gradients, base, squares, order, metrics, returns)
 
 
+#: The most bytes outside the tensors' data that a :class:`PushLayouts` keeps for a layout.
+MAX_LAYOUT_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class _PushLayout:
+    """Where a plain push's tensors lie in its body, and the bytes around them."""
+
+    size: int
+    #: (start, bytes) of every stretch of the body outside the tensors' data.
+    pieces: tuple[tuple[int, bytes], ...]
+    #: (name, dtype, element count, offset, shape) in the body's order.
+    tensors: tuple[tuple[str, np.dtype, int, int, tuple[int, ...]], ...]
+    limits: wire.DecodeLimits
+
+
+class PushLayouts:
+    """:func:`decode_push_message` for the pushes one session receives again and again.
+
+    A worker's pushes to one session differ only in their tensors' bytes: the same names,
+    dtypes and shapes, packed the same way. Once a plain push (gradients only, every tensor
+    dense and non-empty) has been decoded, its layout is kept: the body's size, the bytes
+    outside the tensors' data, and where each tensor's data lies. A body of that size whose
+    bytes outside those stretches are the same is the same msgpack (a ``bin``'s payload is
+    opaque to the parse), so it decodes to the same map with the tensors at the same
+    offsets: the tensors are viewed there, as the full decode views them, and nothing else
+    is parsed. Anything else is decoded in full (and its layout kept when it is plain).
+
+    One per session; shared by threads (a layout is immutable and replaced whole).
+    """
+
+    __slots__ = ("_layout",)
+
+    def __init__(self) -> None:
+        self._layout: _PushLayout | None = None
+
+    def decode(self, body: Body, limits: wire.DecodeLimits) -> PushMessage:
+        layout = self._layout
+        if layout is not None and layout.size == len(body) and layout.limits is limits:
+            for start, piece in layout.pieces:
+                if body[start : start + len(piece)] != piece:
+                    break
+            else:
+                return PushMessage(
+                    {
+                        name: np.frombuffer(body, dtype, count, offset).reshape(shape)
+                        for name, dtype, count, offset, shape in layout.tensors
+                    }
+                )
+        message = decode_push_message(body, limits)
+        self._layout = _layout_of(body, message, limits)
+        return message
+
+
+def _layout_of(body: Body, message: PushMessage, limits: wire.DecodeLimits) -> _PushLayout | None:
+    """The layout of a plain push's body, or None (not plain, or too much around its data)."""
+    if (
+        message.base_iterations is not None
+        or message.sum_squares is not None
+        or message.round_order is not None
+        or message.metrics is not None
+        or message.returns is not None
+    ):
+        return None
+    base = np.frombuffer(body, np.uint8).__array_interface__["data"][0]
+    tensors = []
+    for name, array in message.gradients.items():
+        if type(array) is not np.ndarray or not array.size:
+            return None
+        offset = array.__array_interface__["data"][0] - base
+        if not 0 <= offset <= len(body) - array.nbytes:  # not a view of the body: never guess
+            return None
+        tensors.append((name, array.dtype, array.size, offset, array.shape))
+    pieces, at = [], 0
+    for _, dtype, count, offset, _ in sorted(tensors, key=lambda t: t[3]):
+        if offset < at:  # overlapping views cannot come from one body's bins: never guess
+            return None
+        pieces.append((at, bytes(body[at:offset])))
+        at = offset + count * dtype.itemsize
+    pieces.append((at, bytes(body[at:])))
+    if sum(len(piece) for _, piece in pieces) > MAX_LAYOUT_BYTES:
+        return None
+    return _PushLayout(len(body), tuple(p for p in pieces if p[1]), tuple(tensors), limits)
+
+
 def decode_query_message(body: Body, limits: wire.DecodeLimits) -> dict[str, np.ndarray | None]:
     """``POST /sessions/{id}/weights/query``: msgpack ``{"tensors": {name: {"rows"?: bin}}}``."""
     obj = _top_level(_load(body, "msgpack", limits), required=frozenset({"tensors"}))
@@ -669,6 +757,80 @@ def encode_weights(iterations: int, weights: Mapping[str, np.ndarray] | None) ->
     if weights is None:
         return wire.pack({"iterations": iterations})
     return wire.pack({"iterations": iterations, "weights": weights})
+
+
+class WeightsAnswers:
+    """:func:`encode_weights` for the answers one session sends again and again: the same
+    names, dtypes and shapes each time, only the iteration count and the weights' bytes
+    change. The bytes around them are packed once (by :func:`wire.pack`, so they are its
+    bytes) and kept; an answer is then those pieces, the count and each array's memory,
+    joined. Weights of another layout are packed in full (and their layout kept when every
+    array is a non-empty, C-contiguous float16/32/64 in the machine's little-endian order).
+
+    One per session; shared by threads (a layout is immutable and replaced whole)."""
+
+    __slots__ = ("_layout",)
+
+    def __init__(self) -> None:
+        self._layout: _AnswerLayout | None = None
+
+    def encode(self, iterations: int, weights: Mapping[str, np.ndarray]) -> bytes:
+        layout = self._layout
+        if layout is not None and type(iterations) is int:
+            specs, head, pieces = layout
+            if len(specs) == len(weights):
+                parts: list[Any] = [head, msgpack.packb(iterations)]
+                for (name, dtype, shape), piece, (key, array) in zip(
+                    specs, pieces, weights.items(), strict=False
+                ):
+                    if (
+                        key != name
+                        or array.dtype != dtype
+                        or array.shape != shape
+                        or not array.flags.c_contiguous
+                    ):
+                        break
+                    parts += (piece, array)
+                else:
+                    parts.append(pieces[-1])
+                    return b"".join(parts)
+        self._layout = _answer_layout(weights)
+        return encode_weights(iterations, weights)
+
+
+_PLAIN_FLOATS = frozenset(np.dtype(t) for t in ("<f2", "<f4", "<f8"))
+#: Each tensor's (name, dtype, shape); the bytes before the count; the bytes before each
+#: array's memory, and after the last.
+_AnswerLayout = tuple[tuple[tuple[str, np.dtype, tuple[int, ...]], ...], bytes, tuple[bytes, ...]]
+
+
+def _answer_layout(weights: Mapping[str, np.ndarray]) -> _AnswerLayout | None:
+    """The layout :class:`WeightsAnswers` keeps for ``weights``, or None."""
+    specs = []
+    for name, array in weights.items():
+        if (
+            type(array) is not np.ndarray
+            or array.dtype not in _PLAIN_FLOATS
+            or not array.flags.c_contiguous
+            or not array.size
+        ):
+            return None
+        specs.append((name, array.dtype, array.shape))
+    if not specs:
+        return None
+    chunks = list(wire.pack_chunks({"iterations": 0, "weights": weights}))
+    head = bytes(chunks[0]) + bytes(chunks[1])  # the map's header and "iterations"
+    pieces, piece = [], bytearray()
+    for chunk in chunks[3:]:  # after the count: bytes, and each array's memory
+        if isinstance(chunk, memoryview):
+            pieces.append(bytes(piece))
+            piece = bytearray()
+        else:
+            piece += chunk
+    pieces.append(bytes(piece))
+    if len(pieces) != len(specs) + 1:
+        return None
+    return tuple(specs), head, tuple(pieces)
 
 
 def encode_state(state: SessionState) -> bytes:
