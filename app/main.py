@@ -31,7 +31,7 @@ from .auth import AuthMiddleware, load_tokens
 from .backpressure import ConcurrencyLimitMiddleware
 from .dataplane import DataPlane
 from .errors import install_error_handlers
-from .observability import RequestMetrics, ServerMetrics
+from .observability import RequestMetrics, RequestRecord, ServerMetrics
 from .optim import default_backend
 from .persistence import Durability, FinalSnapshotsFailed
 from .service import SessionService
@@ -154,6 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.connection_caps = caps
     app.state.tls_context = tls
     app.state.data_plane = None
+    app.state.tokens = tokens
     metrics = app.state.metrics = ServerMetrics(lambda: getattr(app.state, "service", None))
     install_error_handlers(app)
     app.include_router(health.router)
@@ -167,7 +168,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if tokens:
         app.add_middleware(AuthMiddleware, tokens=tokens, metrics_public=settings.metrics_public)
     # outermost: counts and logs every answer, the middlewares' refusals included
-    app.add_middleware(RequestMetrics, metrics=metrics, access_log=settings.log_format == "json")
+    record = app.state.request_record = RequestRecord(
+        metrics, access_log=settings.log_format == "json"
+    )
+    app.add_middleware(RequestMetrics, record=record)
     return app
 
 
