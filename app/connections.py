@@ -36,7 +36,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 from uvicorn.server import ServerState
 
 from paramserver.codes import ErrorCode, error_json
@@ -56,6 +61,24 @@ SEND_CHECK_SECONDS = 1.0
 
 class _HeadTooLarge(Exception):
     """Raised from a parser callback: httptools stops and uvicorn answers 400."""
+
+
+class Direct(Protocol):
+    """What serves a request on the connection itself, without the ASGI app
+    (:class:`paramserver.server.api.fastpath.DirectPushes`)."""
+
+    def plan(self, scope: Any) -> Any | None:
+        """Once the headers are in: a plan to serve it directly, or None (the ASGI way)."""
+
+    def serve(self, scope: Any, plan: Any, body: bytearray) -> Any | None:
+        """Once the body is in: ``(status, fields, body)``, a coroutine giving them, or None
+        (nothing done: the ASGI way)."""
+
+    def body_timeout(self) -> float:
+        """Seconds a planned request's body may take to arrive."""
+
+    def late(self, scope: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """The answer to a planned request whose body did not arrive in time."""
 
 
 class Evictable(Protocol):
@@ -89,6 +112,7 @@ class ConnectionGuard:
         self._waiting: dict[Evictable, None] = {}
         self._idle: dict[Evictable, None] = {}
         self._busy: dict[Evictable, None] = {}
+        self._where: dict[Evictable, dict[Evictable, None]] = {}  # each one's state
         self._clock = clock
         self._counts = dict.fromkeys(
             ("header_timeouts", "send_timeouts", "evicted_waiting", "evicted_idle", "refused"), 0
@@ -97,7 +121,7 @@ class ConnectionGuard:
 
     @property
     def open_connections(self) -> int:
-        return len(self._waiting) + len(self._idle) + len(self._busy)
+        return len(self._where)
 
     def admit(self, connection: Evictable) -> bool:
         """Make room for a new connection; False when every open connection is busy."""
@@ -114,6 +138,7 @@ class ConnectionGuard:
             victim.evict()
             self._note(kind)
         self._waiting[connection] = None
+        self._where[connection] = self._waiting
         return True
 
     def waiting(self, connection: Evictable) -> None:
@@ -126,17 +151,21 @@ class ConnectionGuard:
         self._move(connection, self._idle)
 
     def is_waiting(self, connection: Evictable) -> bool:
-        return connection in self._waiting
+        return self._where.get(connection) is self._waiting
 
     def is_busy(self, connection: Evictable) -> bool:
-        return connection in self._busy
+        return self._where.get(connection) is self._busy
+
+    def is_idle(self, connection: Evictable) -> bool:
+        return self._where.get(connection) is self._idle
 
     def is_open(self, connection: Evictable) -> bool:
-        return connection in self._waiting or connection in self._idle or connection in self._busy
+        return connection in self._where
 
     def forget(self, connection: Evictable) -> None:
-        for group in (self._waiting, self._idle, self._busy):
-            group.pop(connection, None)
+        group = self._where.pop(connection, None)
+        if group is not None:
+            del group[connection]
 
     def header_timed_out(self) -> None:
         self._note("header_timeouts")
@@ -145,10 +174,12 @@ class ConnectionGuard:
         self._note("send_timeouts")
 
     def _move(self, connection: Evictable, target: dict[Evictable, None]) -> None:
-        if not self.is_open(connection):
+        group = self._where.get(connection)
+        if group is None:
             return  # closed (evicted) meanwhile
-        self.forget(connection)
+        del group[connection]
         target[connection] = None
+        self._where[connection] = target
 
     def _note(self, event: str) -> None:
         self._counts[event] += 1
@@ -197,6 +228,7 @@ class GuardedConnection(HttpToolsProtocol):
     """
 
     guard: ConnectionGuard  # set on the subclass made by :func:`protocol_factory`
+    direct: Direct | None = None  # likewise
 
     def __init__(
         self,
@@ -219,6 +251,9 @@ class GuardedConnection(HttpToolsProtocol):
         self._send_left = 0  # bytes of answers still in the transport's buffer at the last look
         self._send_since = 0.0  # when the buffer last shrank (loop time)
         self._lost = False
+        self._taking = False  # in on_headers_complete: a request direct may take
+        self._direct_plan: tuple[RequestResponseCycle, Any] | None = None
+        self._body_timer: asyncio.TimerHandle | None = None  # its body's deadline
 
     # -- the guard's side ----------------------------------------------------------------------
 
@@ -273,6 +308,7 @@ class GuardedConnection(HttpToolsProtocol):
     def tcp_lost(self) -> None:
         self._lost = True
         self._cancel_header_timer()
+        self._cancel_body_timer()
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
@@ -344,6 +380,10 @@ class GuardedConnection(HttpToolsProtocol):
         self._request_started = True
         in_head = self._in_head
         super().data_received(data)
+        if self._direct_plan is not None and self._body_timer is None and self.direct is not None:
+            # A direct request whose body is still coming: it has the app's body timeout
+            # (most come whole in the read that brought their headers, and need no timer).
+            self._body_timer = self.loop.call_later(self.direct.body_timeout(), self._body_late)
         if in_head and self._in_head and not self.transport.is_closing():
             # A chunk that came whole inside one head: a field too long to be handed to
             # on_header yet (httptools keeps it, and copies it for every piece) is bounded
@@ -356,6 +396,13 @@ class GuardedConnection(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         self._head_bytes = self._head_fields = self._head_chunks = 0
         self._in_head = True
+        if self.guard.is_idle(self):
+            # The next request, pipelined behind one answered directly (inside this same
+            # read, so data_received saw the connection busy): timed as a new request's head.
+            self._unset_keepalive_if_required()
+            self.guard.waiting(self)
+            self._start_header_timer()
+            self._request_started = True
         super().on_message_begin()
 
     def on_url(self, url: bytes) -> None:
@@ -397,7 +444,121 @@ class GuardedConnection(HttpToolsProtocol):
         self._in_head = False
         self._cancel_header_timer()
         self.guard.busy(self)
-        super().on_headers_complete()
+        self._taking = self.direct is not None and not self.expect_100_continue
+        try:
+            super().on_headers_complete()
+        finally:
+            self._taking = False
+
+    # -- requests served directly (``direct``), without the ASGI app ---------------------------
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # uvicorn calls this from on_headers_complete for a request it starts at once (not one
+        # queued behind another, nor one refused by its own concurrency limit): the direct
+        # server may take it, and then the ASGI task is never started.
+        if self._taking and app is self.app and self.direct is not None:
+            if not (cycle.access_log and _forwarded(cycle.scope)):
+                plan = self.direct.plan(cycle.scope)
+                if plan is not None:
+                    self._direct_plan = (cycle, plan)
+                    return
+        super()._start_asgi_task(cycle, app)
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_late(self) -> None:
+        """The body of a direct request did not arrive in time: 408 and close, as the app
+        answers one (nothing was done with it)."""
+        self._body_timer = None
+        pending, self._direct_plan = self._direct_plan, None
+        if pending is None or self.direct is None:
+            return
+        cycle, _ = pending
+        if cycle is self.cycle and not cycle.disconnected and not cycle.response_complete:
+            self._answer_directly(cycle, *self.direct.late(cycle.scope))
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        pending = self._direct_plan
+        if pending is None:
+            return
+        self._direct_plan = None
+        self._cancel_body_timer()
+        cycle, plan = pending
+        if cycle is not self.cycle or cycle.disconnected or cycle.response_complete:
+            return
+        assert self.direct is not None
+        try:
+            answer = self.direct.serve(cycle.scope, plan, cycle.body)
+        except Exception:  # a bug must not surface as httptools' "invalid request" 400
+            self.logger.error("Exception in the direct push", exc_info=True)
+            answer = (
+                500,
+                [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", b"21"),
+                    (b"connection", b"close"),
+                ],
+                b"Internal Server Error",
+            )
+        if answer is None:  # the ASGI way after all: its body is in the cycle already
+            super()._start_asgi_task(cycle, self.app)
+            return
+        cycle.body = bytearray()
+        if isinstance(answer, tuple):
+            self._answer_directly(cycle, *answer)
+            return
+        task = self.loop.create_task(self._answer_later(cycle, answer))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _answer_later(self, cycle: RequestResponseCycle, answer: Any) -> None:
+        status, fields, body = await answer
+        if not cycle.disconnected:
+            self._answer_directly(cycle, status, fields, body)
+
+    def _answer_directly(
+        self,
+        cycle: RequestResponseCycle,
+        status: int,
+        fields: list[tuple[bytes, bytes]],
+        body: bytes,
+    ) -> None:
+        """Write the whole answer at once, as uvicorn's ``send`` writes an ASGI one (its
+        default fields first, ``connection: close`` when the connection will close), then
+        finish the cycle as uvicorn does."""
+        parts = [STATUS_LINE[status]]
+        for name, value in cycle.default_headers:
+            parts += (name, b": ", value, b"\r\n")
+        closing = False
+        for name, value in fields:
+            if name == b"connection" and b"close" in value.lower():
+                cycle.keep_alive = False
+                closing = True
+            parts += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive and not closing:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", body)
+        if cycle.access_log:
+            scope = cycle.scope
+            cycle.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(scope),
+                scope["method"],
+                get_path_with_query_string(scope),
+                scope["http_version"],
+                status,
+            )
+        cycle.response_started = cycle.response_complete = True
+        cycle.waiting_for_100_continue = False
+        cycle.message_event.set()
+        self.transport.write(b"".join(parts))
+        if not cycle.keep_alive:
+            self.transport.close()
+        cycle.on_response()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -451,11 +612,18 @@ class GuardedTLSProtocol(sslproto.SSLProtocol):
         super().connection_lost(exc)
 
 
+def _forwarded(scope: Any) -> bool:
+    """An ``X-Forwarded-For`` field: uvicorn's proxy middleware may change the client that its
+    access line names; such a request goes the ASGI way when the access log is on."""
+    return any(name == b"x-forwarded-for" for name, _ in scope["headers"])
+
+
 def protocol_factory(
-    guard: ConnectionGuard, tls: ssl.SSLContext | None
+    guard: ConnectionGuard, tls: ssl.SSLContext | None, direct: Direct | None = None
 ) -> Callable[..., asyncio.BaseProtocol]:
-    """What uvicorn's ``Config(http=...)`` calls for every accepted connection."""
-    protocol = type("GuardedConnection", (GuardedConnection,), {"guard": guard})
+    """What uvicorn's ``Config(http=...)`` calls for every accepted connection; ``direct``
+    serves what it plans to on the connection itself (:class:`Direct`)."""
+    protocol = type("GuardedConnection", (GuardedConnection,), {"guard": guard, "direct": direct})
 
     def create(
         config: Config,

@@ -197,9 +197,13 @@ def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
     timeouts and cap and TLS when configured; ``config`` adds uvicorn options (log_level,
     access_log, port, ...)."""
     state = getattr(app, "state", None)
+    direct = None
     if state is not None and hasattr(state, "tls_context"):  # create_app's: loaded once
         tls = state.tls_context
         http_cap = state.connection_caps[0]
+        from .api.fastpath import DirectPushes  # the app's modules: not for a bare app
+
+        direct = DirectPushes(app)
     else:
         tls = tls_context(settings)
         http_cap = connection_caps(settings)[0]
@@ -219,7 +223,7 @@ def http_server(app: Any, settings: Settings, **config: Any) -> uvicorn.Server:
     options.update(config)
     uvicorn_config = uvicorn.Config(
         app,
-        http=protocol_factory(guard, tls),  # type: ignore[arg-type]
+        http=protocol_factory(guard, tls, direct),  # type: ignore[arg-type]
         timeout_keep_alive=settings.idle_timeout_seconds,  # type: ignore[arg-type]
         **options,
     )
