@@ -138,6 +138,7 @@ class KerasTrainer:
             name: np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
             for name, value in weights.items()
         }
+        self._weights_nbytes = sum(w.nbytes for w in self._weights.values())
         self.optimizer = optimizer
         self.engine = KerasOptimizer(optimizer, self._weights)
         self._refuse_non_finite = refuse_non_finite
@@ -231,7 +232,7 @@ class KerasTrainer:
         )
 
     def nbytes(self) -> int:
-        held = sum(w.nbytes for w in self._weights.values()) + self.engine.state_nbytes
+        held = self._weights_nbytes + self.engine.state_nbytes
         if self._refuse_non_finite:  # the saved copy of weights and slots
             held *= 2
         return held
