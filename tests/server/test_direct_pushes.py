@@ -361,6 +361,48 @@ def test_with_a_concurrency_limit_pushes_go_the_apps_way(routed: list[str]) -> N
         server.stop()
 
 
+def test_tokens_are_checked_as_the_apps_middleware_checks_them(routed: list[str]) -> None:
+    """With tokens, a push with a token that may write is served directly; any other is left
+    to the app, whose middleware answers 401 or 403 before a byte of it is applied. The first
+    ``Authorization`` field counts, as in the middleware."""
+    warm_up = getattr(default_backend(), "warm_up", None)
+    if warm_up is not None:
+        warm_up()  # the direct path serves only once every kernel is loaded
+    server = start_server_thread(tokens="writer:rw,reader:ro")
+    answers = Answers(server.url)
+    writer = {"Authorization": "Bearer writer"}
+    try:
+        sid = new_id("dp")
+        r = httpx.post(
+            f"{server.url}/sessions",
+            content=create_body(sid, "adam", WEIGHTS),
+            headers={**MSGPACK, **writer},
+        )
+        assert r.status_code == 201, r.text
+        body = gradients_body(GRADS)
+        refused = {
+            "Authorization: Bearer reader": (403, "forbidden"),
+            "Authorization: Bearer nobody": (401, "unauthorized"),
+            "Authorization: Basic d3JpdGVyOg==": (401, "unauthorized"),
+            "Authorization: Bearer ": (401, "unauthorized"),
+            "Accept: */*": (401, "unauthorized"),
+            "Authorization: Bearer reader\r\nAuthorization: Bearer writer": (403, "forbidden"),
+        }
+        for extra, (expected, code) in refused.items():
+            answers.send(_push_request(sid, body, extra))
+            status, _, content = answers.next()
+            assert (status, json.loads(content)["error"]["code"]) == (expected, code), extra
+        answers.send(_push_request(sid, body, "Authorization: bearer  writer "))
+        status, _, content = answers.next()
+        assert status == 200 and unpackb(content)["iterations"] == 1
+        assert routed == [], "the push with a writing token went through the ASGI app"
+        r = httpx.get(f"{server.url}/sessions/{sid}", headers=writer)
+        assert r.json()["iterations"] == 1  # none of the refused pushes was applied
+    finally:
+        answers.close()
+        server.stop()
+
+
 def test_many_connections_pushing_at_once_lose_no_step(srv: ServerThread) -> None:
     sid = _session(srv.url)
     body = gradients_body(GRADS)

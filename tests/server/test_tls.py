@@ -297,3 +297,39 @@ def test_the_data_plane_speaks_tls_too_and_the_client_takes_it(
     with Client(tls_server.url, token="tls-secret", retries=0) as untrusting:
         with pytest.raises(errors.TransportError):  # default roots: the CA is not trusted
             untrusting.health()
+
+
+def test_small_http_pushes_served_by_the_connection_speak_tls(
+    certs: Certificates, tmp_path: Path
+) -> None:
+    """With the kernels warm, a small HTTP push is answered by the connection itself (below
+    ASGI): over TLS its answers are the data plane's, bit for bit, and a read-only token is
+    refused without a step."""
+    server = start_paramserver(
+        tmp_path,
+        tls=certs.client_context(),
+        tokens="tls-secret,tls-reader:ro",
+        warm_up_kernels=True,
+        **certs.server_options(),
+    )
+    try:
+        with (
+            Client(server.url, token="tls-secret", verify=certs.ca_pem, data_plane=False) as http,
+            Client(server.url, token="tls-secret", verify=certs.ca_pem) as plane,
+        ):
+            over_http = http.create_session(WEIGHTS, "adam")
+            over_plane = plane.create_session(WEIGHTS, "adam")
+            for step in range(1, 21):
+                grads = [g * np.float32(step) for g in GRADS]
+                a, b = over_http.push(grads), over_plane.push(grads)
+                for x, y in zip(a, b, strict=True):
+                    np.testing.assert_array_equal(x, y)
+            assert over_http.last_iterations == 20 == over_plane.last_iterations
+            with Client(
+                server.url, token="tls-reader", verify=certs.ca_pem, data_plane=False, retries=0
+            ) as reader:
+                with pytest.raises(errors.Forbidden):
+                    reader.session(over_http.id).push(GRADS)
+            assert over_http.info().iterations == 20
+    finally:
+        server.stop()
