@@ -319,9 +319,8 @@ class KerasOptimizer:
             k: self.compute_dtype.type(v) for k, v in self.rule.initial_scalars.items()
         }
         self._cast_buffers: dict[str, np.ndarray] = {}
-        # What state_nbytes answers, kept: asked of every small push before its step.
+        # The slots' bytes, kept (their arrays are never replaced): asked of every small push.
         self._slot_nbytes = sum(a.nbytes for per in self.slots.values() for a in per.values())
-        self._cast_nbytes = 0
         #: "exact": a row-sparse gradient updates every row (Keras 2.2's dense semantics, the
         #: untouched rows with a zero gradient); "lazy": only its rows (LazyAdam).
         self.sparse_updates = sparse_updates
@@ -455,11 +454,8 @@ class KerasOptimizer:
             return g
         buf = self._cast_buffers.get(name)
         if buf is None or buf.dtype != dtype:
-            if buf is not None:
-                self._cast_nbytes -= buf.nbytes
             buf = np.empty(g.size, dtype)
             self._cast_buffers[name] = buf
-            self._cast_nbytes += buf.nbytes
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused after
             np.copyto(buf, g, casting="unsafe")
         return buf
@@ -534,7 +530,7 @@ class KerasOptimizer:
     def state_nbytes(self) -> int:
         """Bytes held by the slots and by the buffers that gradients of another dtype are cast
         into (made on the first such push, one per parameter, kept for the next)."""
-        return self._slot_nbytes + self._cast_nbytes
+        return self._slot_nbytes + sum(b.nbytes for b in self._cast_buffers.values())
 
 
 def _flat(a: np.ndarray) -> np.ndarray:

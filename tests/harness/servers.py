@@ -32,6 +32,7 @@ import httpx
 import uvicorn
 
 from paramserver.server.main import create_app
+from paramserver.server.optim import default_backend
 from paramserver.server.serving import http_server
 from paramserver.server.settings import Settings
 
@@ -44,11 +45,20 @@ __all__ = [
     "settings_options",
     "start_paramserver",
     "start_server_thread",
+    "warm_kernels",
 ]
 
 HOST = "127.0.0.1"
 #: The repository's root: the working directory of child processes (``python -m benchmarks...``).
 REPO = Path(__file__).resolve().parents[2]
+
+
+def warm_kernels() -> None:
+    """Load every kernel in this process: servers in its threads share the backend, and serve
+    small pushes on the loop only once the kernels are loaded."""
+    warm_up = getattr(default_backend(), "warm_up", None)
+    if warm_up is not None:
+        warm_up()
 
 
 def free_port() -> int:
@@ -131,8 +141,8 @@ def settings_options(**settings: Any) -> list[str]:
     return options
 
 
-def _is_up(port: int, http: bool, tls: ssl.SSLContext | None = None) -> bool:
-    """Whether 127.0.0.1:``port`` accepts a connection (and answers ``GET /health`` with 200,
+def _is_up(port: int, http: bool, tls: ssl.SSLContext | None = None, path: str = "/health") -> bool:
+    """Whether 127.0.0.1:``port`` accepts a connection (and answers ``GET path`` with 200,
     over TLS with ``tls``)."""
     try:
         with contextlib.ExitStack() as stack:
@@ -141,7 +151,7 @@ def _is_up(port: int, http: bool, tls: ssl.SSLContext | None = None) -> bool:
                 return True
             if tls is not None:
                 sock = stack.enter_context(tls.wrap_socket(sock, server_hostname=HOST))
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
             head = b""
             while b"\r\n" not in head:
                 chunk = sock.recv(1024)
@@ -286,6 +296,15 @@ class ServerProcess:
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"{self.command} did not become ready; its output:\n{self.log}")
+
+    def wait_warm(self, timeout: float = 180.0) -> None:
+        """Wait until ``GET /ready`` answers 200: the kernels warmed up (``warm_up_kernels``),
+        from when on small pushes are served on the loop."""
+        deadline = time.monotonic() + timeout
+        while not _is_up(self.port, True, self.tls, path="/ready"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.command} was not ready in {timeout:g} s:\n{self.log}")
+            time.sleep(0.05)
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         """The exit code, once it has exited."""

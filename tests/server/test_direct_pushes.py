@@ -24,9 +24,8 @@ import pytest
 
 from paramserver import wire
 from paramserver.server.api import fastpath
-from paramserver.server.optim import default_backend
 from tests.harness.http_api import MSGPACK, create_body, gradients_body, new_id, unpackb
-from tests.harness.servers import ServerThread, start_server_thread
+from tests.harness.servers import ServerThread, start_server_thread, warm_kernels
 
 WEIGHTS = {"w": np.linspace(-1, 1, 10, dtype=np.float32)}
 GRADS = {"w": np.full(10, 0.5, dtype=np.float32)}
@@ -34,9 +33,7 @@ GRADS = {"w": np.full(10, 0.5, dtype=np.float32)}
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[ServerThread]:
-    warm_up = getattr(default_backend(), "warm_up", None)
-    if warm_up is not None:
-        warm_up()  # the direct path serves only once every kernel is loaded
+    warm_kernels()  # the direct path serves only once every kernel is loaded
     server = start_server_thread(header_timeout_seconds=1.0, idle_timeout_seconds=30.0)
     yield server
     server.stop()
@@ -57,9 +54,13 @@ def routed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-def _session(url: str) -> str:
+def _session(url: str, headers: dict[str, str] | None = None) -> str:
     sid = new_id("dp")
-    r = httpx.post(f"{url}/sessions", content=create_body(sid, "adam", WEIGHTS), headers=MSGPACK)
+    r = httpx.post(
+        f"{url}/sessions",
+        content=create_body(sid, "adam", WEIGHTS),
+        headers={**MSGPACK, **(headers or {})},
+    )
     assert r.status_code == 201, r.text
     return sid
 
@@ -310,9 +311,7 @@ def test_a_push_while_another_thread_holds_the_session_goes_the_apps_way(
 
 
 def test_the_json_access_log_has_a_line_per_direct_push(caplog: pytest.LogCaptureFixture) -> None:
-    warm_up = getattr(default_backend(), "warm_up", None)
-    if warm_up is not None:
-        warm_up()
+    warm_kernels()
     server = start_server_thread(log_format="json")
     answers = Answers(server.url)
     try:
@@ -365,20 +364,12 @@ def test_tokens_are_checked_as_the_apps_middleware_checks_them(routed: list[str]
     """With tokens, a push with a token that may write is served directly; any other is left
     to the app, whose middleware answers 401 or 403 before a byte of it is applied. The first
     ``Authorization`` field counts, as in the middleware."""
-    warm_up = getattr(default_backend(), "warm_up", None)
-    if warm_up is not None:
-        warm_up()  # the direct path serves only once every kernel is loaded
+    warm_kernels()
     server = start_server_thread(tokens="writer:rw,reader:ro")
     answers = Answers(server.url)
     writer = {"Authorization": "Bearer writer"}
     try:
-        sid = new_id("dp")
-        r = httpx.post(
-            f"{server.url}/sessions",
-            content=create_body(sid, "adam", WEIGHTS),
-            headers={**MSGPACK, **writer},
-        )
-        assert r.status_code == 201, r.text
+        sid = _session(server.url, writer)
         body = gradients_body(GRADS)
         refused = {
             "Authorization: Bearer reader": (403, "forbidden"),

@@ -24,27 +24,19 @@ from paramserver import wire
 from paramserver.server.api import fastpath
 from paramserver.server.idempotency import DeferredDigest
 from paramserver.server.main import create_app
-from paramserver.server.optim import default_backend
 from paramserver.server.settings import Settings
 from paramserver.sparse import Rows
 from tests.harness.http_api import MSGPACK, create_body, gradients_body, new_id, unpackb
-from tests.harness.servers import ServerThread, start_server_thread
+from tests.harness.servers import ServerThread, start_server_thread, warm_kernels
 
 RW, RO = "fast-rw-token", "fast-ro-token"
 WEIGHTS = {"w": np.linspace(-1, 1, 10, dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 GRADS = {"w": np.full(10, 0.25, dtype=np.float32), "b": np.array([1, -2, 3], dtype=np.float32)}
 
 
-def _loaded() -> None:
-    """Load every kernel in this process (the servers of this module share the backend)."""
-    warm_up = getattr(default_backend(), "warm_up", None)
-    if warm_up is not None:
-        warm_up()
-
-
 @pytest.fixture(scope="module")
 def srv() -> Iterator[ServerThread]:
-    _loaded()
+    warm_kernels()
     server = start_server_thread()
     yield server
     server.stop()
@@ -265,7 +257,7 @@ def test_a_retry_meeting_a_digest_still_computed_waits_in_a_worker_thread(
 
 
 def test_tokens_are_checked_before_a_small_push() -> None:
-    _loaded()
+    warm_kernels()
     server = start_server_thread(tokens=f"{RW}:rw,{RO}:ro")
     try:
         rw = {"Authorization": f"Bearer {RW}"}
@@ -375,7 +367,7 @@ ROUTED: dict[str, Callable[[str, bytes], tuple[str, list[tuple[bytes, bytes]], b
 
 @pytest.fixture(scope="module")
 def in_process() -> Iterator[tuple[Any, asyncio.AbstractEventLoop]]:
-    _loaded()
+    warm_kernels()
     app = create_app(Settings(warm_up_kernels=False, data_plane_port=None))
     loop = asyncio.new_event_loop()
     lifespan = app.router.lifespan_context(app)
@@ -437,7 +429,7 @@ def test_a_large_session_goes_to_the_route(in_process: Any) -> None:
 
 def test_with_a_journal_every_push_goes_to_the_route(tmp_path: Any) -> None:
     """A journal append and its fsync never run on the loop."""
-    _loaded()
+    warm_kernels()
     app = create_app(
         Settings(warm_up_kernels=False, data_plane_port=None, snapshot_dir=str(tmp_path))
     )
@@ -525,7 +517,7 @@ def _read_on_the_loop(
     """A push whose body comes in ``parts`` (then, with ``hang``, nothing more) through the
     middleware of an app with ``request_timeout_seconds=timeout``: what it sent, the calls
     that reached the route and the session's iterations after it."""
-    _loaded()
+    warm_kernels()
     app = create_app(
         Settings(warm_up_kernels=False, data_plane_port=None, request_timeout_seconds=timeout)
     )

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import trustme
@@ -314,12 +313,7 @@ def test_small_http_pushes_served_by_the_connection_speak_tls(
         **certs.server_options(),
     )
     try:
-        # ready once the kernels are warm: only then are small pushes served below ASGI
-        deadline = time.monotonic() + 180
-        with httpx.Client(verify=certs.client_context()) as probe:
-            while probe.get(f"{server.url}/ready").status_code != 200:
-                assert time.monotonic() < deadline, "the kernels did not warm up"
-                time.sleep(0.05)
+        server.wait_warm()  # only then are small pushes served below ASGI
         with (
             Client(server.url, token="tls-secret", verify=certs.ca_pem, data_plane=False) as http,
             Client(server.url, token="tls-secret", verify=certs.ca_pem) as plane,
