@@ -43,7 +43,9 @@ HTTP_FUZZ = settings(FUZZ, max_examples=150)
 
 @pytest.fixture(scope="module")
 def fuzz_server() -> Iterator[ServerThread]:
-    srv = start_server_thread()
+    # A waiting pull may wait up to the request timeout (wait_seconds is bounded by it): kept
+    # well under the fuzzer's own read timeout (30 s), so a valid long wait is not a failure.
+    srv = start_server_thread(request_timeout_seconds=2.0)
     yield srv
     srv.stop()
 
