@@ -7,7 +7,8 @@ the iteration counter, Nadam's ``m_schedule``) and applies one step at a time:
 1. check the gradients (names, shapes, supported float dtypes) and take the sum of squares of
    every gradient in float64: a non-finite sum means a NaN or inf element, and the step is
    refused before anything changes; the same sums give Keras 2.2's global ``clipnorm`` norm;
-2. compute the step's coefficients in the compute dtype (:mod:`paramserver.server.optim.rules`);
+2. compute the step's coefficients in the compute dtype (:mod:`paramserver.server.optim.rules`;
+   for every rule but Nadam, the next :data:`SCHEDULE_STEPS` steps' at once);
 3. run each parameter's update kernel, in place: the fused numba kernel where it is available,
    else the chunked numpy kernel with fixed-size scratch buffers (chosen once per parameter,
    when the optimizer is bound to its parameters);
@@ -40,7 +41,7 @@ from .kernels import (
     RowsKernel,
     UpdateKernel,
 )
-from .rules import RULES
+from .rules import RULES, Coefficients, CoefficientSchedule
 
 #: What a gradient may be: a parameter's dtype, or bfloat16 (mixed precision), cast to the
 #: parameter's dtype before the step.
@@ -62,6 +63,9 @@ __all__ = [
     "prepare_gradients",
 ]
 
+
+#: Steps whose coefficients a :class:`~.rules.CoefficientSchedule` computes at once.
+SCHEDULE_STEPS = 32
 
 #: Elements per chunk of an exact sparse step: a 256 KiB float32 gradient buffer, in cache.
 SPARSE_CHUNK_ELEMENTS = 1 << 16
@@ -319,6 +323,10 @@ class KerasOptimizer:
             k: self.compute_dtype.type(v) for k, v in self.rule.initial_scalars.items()
         }
         self._cast_buffers: dict[str, np.ndarray] = {}
+        #: The coefficients of the coming steps (rules whose coefficients depend on the
+        #: iteration count alone): a step's dozen numpy scalar operations cost more than its
+        #: whole kernel on a small model.
+        self._schedule: CoefficientSchedule | None = None
         # The slots' bytes, kept (their arrays are never replaced): asked of every small push.
         self._slot_nbytes = sum(a.nbytes for per in self.slots.values() for a in per.values())
         #: "exact": a row-sparse gradient updates every row (Keras 2.2's dense semantics, the
@@ -377,9 +385,7 @@ class KerasOptimizer:
         flat_grads, sum_sq = prepared.flat, prepared.sum_squares
         cfg = self._cfg
         dt = self.compute_dtype.type
-        coeffs, new_scalars = self.rule.coefficients(
-            cfg, self.iterations, self.scalars, self.compute_dtype
-        )
+        coeffs, new_scalars = self._coefficients()
         grad_scale_c: Any = None
         clipnorm = cfg.get("clipnorm")
         if clipnorm is not None:
@@ -407,6 +413,19 @@ class KerasOptimizer:
             self.kernels[name](p, g, slots, kcoeffs, scale, clip)
         self.iterations += 1
         self.scalars.update(new_scalars)
+
+    def _coefficients(self) -> tuple[Coefficients, dict[str, Any]]:
+        """This step's coefficients and new scalar state; from the rule's schedule when it
+        has one (its next :data:`SCHEDULE_STEPS` steps computed at once)."""
+        rule = self.rule
+        if not rule.iterations_only:
+            return rule.coefficients(self._cfg, self.iterations, self.scalars, self.compute_dtype)
+        schedule = self._schedule
+        if schedule is None or not schedule.covers(self.iterations):
+            schedule = self._schedule = CoefficientSchedule(
+                rule, self._cfg, self.iterations, SCHEDULE_STEPS, self.compute_dtype
+            )
+        return schedule.at(self.iterations), {}
 
     def _apply_exact(
         self,
