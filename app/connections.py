@@ -457,7 +457,7 @@ class GuardedConnection(HttpToolsProtocol):
         # queued behind another, nor one refused by its own concurrency limit): the direct
         # server may take it, and then the ASGI task is never started.
         if self._taking and app is self.app and self.direct is not None:
-            if not (cycle.access_log and _forwarded(cycle.scope)):
+            if not (_access_line(cycle) and _forwarded(cycle.scope)):
                 plan = self.direct.plan(cycle.scope)
                 if plan is not None:
                     self._direct_plan = (cycle, plan)
@@ -542,7 +542,7 @@ class GuardedConnection(HttpToolsProtocol):
         if not cycle.keep_alive and not closing:
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", body)
-        if cycle.access_log:
+        if _access_line(cycle):
             scope = cycle.scope
             cycle.access_logger.info(
                 '%s - "%s %s HTTP/%s" %d',
@@ -610,6 +610,12 @@ class GuardedTLSProtocol(sslproto.SSLProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._app.tcp_lost()
         super().connection_lost(exc)
+
+
+def _access_line(cycle: RequestResponseCycle) -> bool:
+    """Whether uvicorn's access logger writes this request's line (``access_log`` on and the
+    logger enabled for INFO): its fields are not even gathered otherwise."""
+    return bool(cycle.access_log) and cycle.access_logger.isEnabledFor(logging.INFO)
 
 
 def _forwarded(scope: Any) -> bool:

@@ -49,6 +49,30 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class _Locked:
+    """:meth:`Session.locked`: a class, not a generator (one per push)."""
+
+    __slots__ = ("session", "wait")
+
+    def __init__(self, session: Session, wait: float | None) -> None:
+        self.session, self.wait = session, wait
+
+    def __enter__(self) -> Trainer:
+        session, wait = self.session, self.wait
+        if wait is None:
+            session.lock.acquire()
+        elif not session.lock.acquire(timeout=wait):
+            raise ServiceUnavailable(
+                f"session {session.id!r} stayed busy for {wait:g} s; retry",
+                code=ErrorCode.SESSION_BUSY,
+                headers={"Retry-After": "1"},
+            )
+        return session.trainer
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.lock.release()
+
+
 class Session:
     """One named trainer, its lock and its timestamps."""
 
@@ -60,7 +84,8 @@ class Session:
         # session then holds one thread, not one per waiting request, and turns are FIFO.
         self.turn = asyncio.Lock()
         self.created_at = _now()
-        self.updated_at = self.created_at
+        self._touched = 0.0
+        self._updated_at: datetime | None = self.created_at
         self.deleted = False
         #: Set once the session is durable (its create record written, with the journal): a
         #: push journaled before that record could be acknowledged and then lost with it.
@@ -163,25 +188,28 @@ class Session:
             with self._watch_lock:
                 self._watchers.discard(wake)
 
-    @contextmanager
-    def locked(self, wait: float | None = None) -> Iterator[Trainer]:
-        """Hold the session's lock; yields the current trainer. With ``wait``, a lock not
-        free within that many seconds is 503 ``session_busy`` (nothing done)."""
-        if wait is None:
-            self.lock.acquire()
-        elif not self.lock.acquire(timeout=wait):
-            raise ServiceUnavailable(
-                f"session {self.id!r} stayed busy for {wait:g} s; retry",
-                code=ErrorCode.SESSION_BUSY,
-                headers={"Retry-After": "1"},
-            )
-        try:
-            yield self.trainer
-        finally:
-            self.lock.release()
+    def locked(self, wait: float | None = None) -> _Locked:
+        """Hold the session's lock (``with session.locked() as trainer``): yields the current
+        trainer. With ``wait``, a lock not free within that many seconds is 503
+        ``session_busy`` (nothing done)."""
+        return _Locked(self, wait)
+
+    @property
+    def updated_at(self) -> datetime:
+        """When the session last changed (UTC); a step stores only the time, made a datetime
+        when asked (a datetime per step costs a small push a few microseconds)."""
+        at = self._updated_at
+        if at is None:
+            at = self._updated_at = datetime.fromtimestamp(self._touched, timezone.utc)
+        return at
+
+    @updated_at.setter
+    def updated_at(self, value: datetime) -> None:
+        self._updated_at = value
 
     def touch(self) -> None:
-        self.updated_at = _now()
+        self._touched = time.time()
+        self._updated_at = None
 
     def summary(self, *, timestamps: bool = True) -> dict[str, Any]:
         """The JSON summary of the protocol (call with the lock held or accept a racy read)."""
