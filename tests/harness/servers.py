@@ -279,15 +279,16 @@ class ServerProcess:
                 return self
         raise RuntimeError(f"no free port found; the last output:\n{self.log}")
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until it serves: ``True``; ``False`` if its port was taken meanwhile.
+    def wait_ready(self, timeout: float | None = None, path: str = "/health") -> bool:
+        """Wait until it serves (``GET path`` answers 200): ``True``; ``False`` if its port was
+        taken meanwhile.
 
         Raises (with the server's output) if it exits otherwise or is not ready in time.
         """
         assert self.proc is not None, "not launched"
         deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
-            if _is_up(self.port, self.http, self.tls):
+            if _is_up(self.port, self.http, self.tls, path):
                 return True
             if self.proc.poll() is not None:
                 if "address already in use" in self.log.lower():
@@ -300,11 +301,7 @@ class ServerProcess:
     def wait_warm(self, timeout: float = 180.0) -> None:
         """Wait until ``GET /ready`` answers 200: the kernels warmed up (``warm_up_kernels``),
         from when on small pushes are served on the loop."""
-        deadline = time.monotonic() + timeout
-        while not _is_up(self.port, True, self.tls, path="/ready"):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.command} was not ready in {timeout:g} s:\n{self.log}")
-            time.sleep(0.05)
+        self.wait_ready(timeout, path="/ready")
 
     def wait_exit(self, timeout: float = 60.0) -> int:
         """The exit code, once it has exited."""
